@@ -1,0 +1,162 @@
+"""In-process key cache: hash → key record, with a separate negative cache.
+
+Anyone can forge a key with a valid checksum, so unknown hashes live in their
+own bounded cache and can never push real keys out. Changes made by any
+process reach the cache through the store's change feed; while the feed is
+unreachable, entries older than one second are looked up again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from gateway.config import KeySettings
+from gateway.models import KeyRecord
+from gateway.storage import StorageError, Store
+
+__all__ = ["KeyCache"]
+
+log = logging.getLogger("gateway.keycache")
+_UNFOLLOWED_TTL = 1.0
+
+
+def _retrieve(task: asyncio.Task[KeyRecord | None]) -> None:
+    # Every waiter may have left; read the exception so asyncio does not warn about it.
+    if not task.cancelled():
+        task.exception()
+
+
+class KeyCache:
+    def __init__(
+        self,
+        store: Store,
+        settings: KeySettings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._settings = settings
+        self._clock = clock
+        self._positive: dict[str, tuple[KeyRecord, float]] = {}
+        self._negative: dict[str, float] = {}
+        self._inflight: dict[str, asyncio.Task[KeyRecord | None]] = {}
+        self._generation = 0
+        self._seq = 0
+        self.following = False
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._positive)
+
+    async def lookup(self, key_hash: str) -> KeyRecord | None:
+        """The key's record, or ``None`` if no such key exists.
+
+        Raises :class:`StorageError` only when the store is down and nothing
+        (not even a stale entry) is known about this hash.
+        """
+        now = self._clock()
+        entry = self._positive.get(key_hash)
+        ttl = self._settings.cache_ttl_seconds if self.following else _UNFOLLOWED_TTL
+        if entry is not None and now - entry[1] < ttl:
+            self.hits += 1
+            return entry[0]
+        if entry is None:
+            until = self._negative.get(key_hash)
+            if until is not None and now < until:
+                self.hits += 1
+                return None
+        self.misses += 1
+        try:
+            return await self._fetch(key_hash)
+        except StorageError:
+            if entry is not None:  # stale-if-error: cached keys keep working
+                return entry[0]
+            raise
+
+    async def _fetch(self, key_hash: str) -> KeyRecord | None:
+        # One lookup per hash however many requests wait for it, in a task of its
+        # own so that a caller that goes away cannot cancel it for the others.
+        task = self._inflight.get(key_hash)
+        if task is None:
+            task = asyncio.create_task(self._load(key_hash))
+            task.add_done_callback(_retrieve)
+            self._inflight[key_hash] = task
+        return await asyncio.shield(task)
+
+    async def _load(self, key_hash: str) -> KeyRecord | None:
+        generation = self._generation
+        try:
+            record = await self._store.find_key(key_hash)
+        finally:
+            self._inflight.pop(key_hash, None)
+        if generation == self._generation:  # no invalidation raced this lookup
+            self._remember(key_hash, record)
+        return record
+
+    def _remember(self, key_hash: str, record: KeyRecord | None) -> None:
+        now = self._clock()
+        if record is None:
+            negative = self._negative
+            if len(negative) >= self._settings.negative_cache_size:
+                negative.pop(next(iter(negative)))
+            negative[key_hash] = now + self._settings.negative_cache_ttl_seconds
+            return
+        positive = self._positive
+        positive.pop(key_hash, None)
+        if len(positive) >= self._settings.cache_size:
+            positive.pop(next(iter(positive)))
+        positive[key_hash] = (record, now)
+
+    def invalidate(self, key_hash: str) -> None:
+        self._generation += 1
+        self._positive.pop(key_hash, None)
+        self._negative.pop(key_hash, None)
+
+    def invalidate_team(self, team_id: str) -> None:
+        self._generation += 1
+        for key_hash in [h for h, (r, _) in self._positive.items() if r.team_id == team_id]:
+            del self._positive[key_hash]
+
+    def clear(self) -> None:
+        self._generation += 1
+        self._positive.clear()
+        self._negative.clear()
+
+    async def start_following(self) -> None:
+        """Remember where the change feed is now; call before serving."""
+        self._seq = await self._store.latest_key_change()
+        self.following = True
+
+    async def poll_once(self) -> int:
+        """Apply the changes since the last poll; returns how many there were."""
+        seq, changes, gap = await self._store.key_changes_since(self._seq)
+        if gap:
+            self.clear()
+        for change in changes:
+            if change.key_hash is not None:
+                self.invalidate(change.key_hash)
+            if change.team_id is not None:
+                self.invalidate_team(change.team_id)
+        self._seq = seq
+        return len(changes)
+
+    async def follow(self) -> None:
+        """Poll the change feed forever (SQLite); cancel to stop."""
+        interval = self._settings.invalidation_poll_seconds
+        while True:
+            try:
+                if not self.following:
+                    # After an outage notifications may have been missed: start clean.
+                    await self.start_following()
+                    self.clear()
+                await self.poll_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.following:
+                    log.warning("key change feed unreachable, re-checking keys every 1 s: %s", exc)
+                self.following = False
+            await asyncio.sleep(interval)

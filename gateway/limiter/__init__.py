@@ -1,0 +1,115 @@
+"""Rate limiting: the ``Limiter`` protocol and the GCRA arithmetic every backend shares."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["Decision", "Limit", "Limiter", "gcra_step"]
+
+_EPS = 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One bucket: ``burst`` requests at once, refilled at ``per_minute``."""
+
+    bucket: str
+    per_minute: int
+    burst: int
+
+    @property
+    def interval(self) -> float:
+        return 60.0 / self.per_minute
+
+    @property
+    def capacity(self) -> float:
+        return self.burst * self.interval
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of one all-or-nothing decision across a request's limits.
+
+    ``limit``, ``remaining``, ``reset_after`` and ``next_after`` describe the
+    first limit (the key's own), which is what the response headers show.
+    On rejection ``retry_after`` is the longest wait among the rejecting
+    limits and ``rejected_limit`` is that limit's per-minute figure.
+    """
+
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_after: float
+    next_after: float
+    retry_after: float = 0.0
+    rejected_limit: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    allowed: bool
+    new_tat: float
+    remaining: int
+    reset_after: float
+    wait: float
+    # The bucket as it stands without this request (what a refusal reports).
+    remaining_before: int
+    reset_before: float
+
+
+def gcra_step(limit: Limit, tat: float | None, now: float) -> _Step:
+    """One GCRA decision for one bucket, given its theoretical arrival time."""
+    interval = limit.interval
+    base = now if tat is None or tat < now else tat
+    new_tat = base + interval
+    ahead = new_tat - now
+    remaining_before = max(0, int((limit.capacity - (base - now)) / interval + _EPS))
+    if ahead <= limit.capacity + _EPS:
+        remaining = int((limit.capacity - ahead) / interval + _EPS)
+        wait = max(0.0, new_tat + interval - limit.capacity - now)
+        return _Step(True, new_tat, remaining, ahead, wait, remaining_before, base - now)
+    return _Step(False, base, 0, base - now, ahead - limit.capacity, 0, base - now)
+
+
+def decide(
+    limits: Sequence[Limit], tats: Sequence[float | None], now: float
+) -> tuple[Decision, list[float]]:
+    """All-or-nothing across ``limits``; returns the decision and the new TATs.
+
+    When rejected the returned TATs are the old ones (nothing is charged).
+    """
+    steps = [gcra_step(limit, tat, now) for limit, tat in zip(limits, tats, strict=True)]
+    own = steps[0]
+    if all(s.allowed for s in steps):
+        next_after = max(s.wait for s in steps)
+        return (
+            Decision(True, limits[0].per_minute, own.remaining, own.reset_after, next_after),
+            [s.new_tat for s in steps],
+        )
+    worst_index = max(
+        (i for i, s in enumerate(steps) if not s.allowed), key=lambda i: steps[i].wait
+    )
+    worst = steps[worst_index]
+    unchanged = [now if t is None else t for t in tats]
+    return (
+        Decision(
+            False,
+            limits[0].per_minute,
+            own.remaining_before,
+            own.reset_before,
+            worst.wait,
+            retry_after=worst.wait,
+            rejected_limit=limits[worst_index].per_minute,
+        ),
+        unchanged,
+    )
+
+
+class Limiter(Protocol):
+    """One atomic decision per request across all of its limits."""
+
+    async def check(self, limits: Sequence[Limit]) -> Decision: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,74 @@
+"""Logging: one setup for every logger, JSON lines or logfmt, key material redacted.
+
+Anything shaped like a key or a management token is cut to its display prefix
+wherever it appears in a message or a field, query strings included.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from typing import Any
+
+import orjson
+
+from gateway.config import LoggingSettings
+
+__all__ = ["configure_logging", "redact"]
+
+_SECRET = re.compile(r"(ckiq_(?:live|test|mgmt)_[0-9A-Za-z]{4})[0-9A-Za-z]*")
+_BEARER = re.compile(r"(?i)(bearer\s+)(?!ckiq_)[^\s\"',;]+")
+
+
+def redact(text: str) -> str:
+    """Cut key-shaped strings to their display prefix, and hide other bearer tokens."""
+    return _BEARER.sub(r"\1[redacted]", _SECRET.sub(r"\1…", text))
+
+
+def _clean(value: Any) -> Any:
+    return redact(value) if isinstance(value, str) else value
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self._json = style == "json"
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": redact(record.getMessage()),
+        }
+        extra = getattr(record, "fields", None)
+        if isinstance(extra, dict):
+            fields.update({k: _clean(v) for k, v in extra.items()})
+        if record.exc_info:
+            fields["error"] = redact(self.formatException(record.exc_info))
+        if self._json:
+            return orjson.dumps(fields).decode()
+        return " ".join(f"{k}={_logfmt(v)}" for k, v in fields.items())
+
+
+def _logfmt(value: Any) -> str:
+    if value is None:
+        return ""
+    text = str(value)
+    if text == "" or any(c in text for c in ' "=\n\\'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
+
+
+def configure_logging(settings: LoggingSettings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(settings.format))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.level)
+    logging.getLogger("gateway.access").disabled = not settings.access_log
+    # aiohttp's own access log would repeat ours without the fields that matter.
+    logging.getLogger("aiohttp.access").disabled = True

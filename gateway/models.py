@@ -1,0 +1,91 @@
+"""Plain values shared by the pipeline, the backends, the admin API and the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Literal
+
+__all__ = [
+    "ApiKey",
+    "Environment",
+    "KeyRecord",
+    "LedgerEntry",
+    "Outcome",
+    "Team",
+]
+
+Environment = Literal["live", "test"]
+
+
+class Outcome(StrEnum):
+    """One per request, for metrics, usage and logs (contract §1)."""
+
+    OK = "ok"
+    CLIENT_ERROR = "client_error"
+    UPSTREAM_ERROR = "upstream_error"
+    UNAUTHORIZED = "unauthorized"
+    RATE_LIMITED = "rate_limited"
+    INSUFFICIENT_CREDITS = "insufficient_credits"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    BAD_REQUEST = "bad_request"
+    NOT_FOUND = "not_found"
+    REPLAYED = "replayed"
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class Team:
+    id: str
+    name: str
+    created_at: float
+    rate_limit_per_minute: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """What authentication needs about a key; cached in process."""
+
+    id: str
+    team_id: str
+    prefix: str
+    environment: Environment
+    rate_limit_per_minute: int | None
+    team_rate_limit_per_minute: int | None
+    disabled: bool
+    expires_at: float | None
+    revoked_at: float | None
+
+    def usable_at(self, now: float) -> bool:
+        if self.disabled or self.revoked_at is not None:
+            return False
+        return self.expires_at is None or now < self.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A key as listed to its owners: never the secret, never the hash."""
+
+    id: str
+    team_id: str
+    name: str
+    prefix: str
+    environment: Environment
+    rate_limit_per_minute: int | None
+    disabled: bool
+    created_at: float
+    last_used_at: float | None
+    expires_at: float | None
+    revoked_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    id: int
+    team_id: str
+    environment: Environment
+    kind: str
+    amount: int
+    reason: str | None
+    reservation_id: str | None
+    created_at: float

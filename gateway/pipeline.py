@@ -1,0 +1,564 @@
+"""The request pipeline: route → authenticate → rate limit → reserve → forward → settle.
+
+Read top to bottom: each stage either passes the request on or answers it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import math
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from aiohttp.streams import StreamReader
+
+from gateway import errors
+from gateway.config import Settings
+from gateway.credits import Credits
+from gateway.keycache import KeyCache
+from gateway.keys import display_prefix, hash_secret, parse_key
+from gateway.limiter import Decision, Limit, Limiter
+from gateway.metrics import Metrics
+from gateway.models import KeyRecord, Outcome
+from gateway.proxy import (
+    CHARGE_HEADER,
+    ClientAddress,
+    UpstreamPool,
+    request_headers,
+    response_headers,
+)
+from gateway.routing import BadPath, Route, Router, canonical_path, encode_path
+from gateway.storage import Ledger, StorageError
+
+__all__ = ["Exchange", "Pipeline"]
+
+log = logging.getLogger("gateway.pipeline")
+access_log = logging.getLogger("gateway.access")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_CREDITS_PATHS = frozenset({"/api/v1/credits", "/api/v1/credits/"})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class _BodyTooLarge(Exception):
+    """The upload passed the route's body limit mid-stream."""
+
+
+class _Relay(enum.Enum):
+    COMPLETE = "complete"
+    UPSTREAM_BROKE = "upstream_broke"
+    CLIENT_LEFT = "client_left"
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one request did, for metrics and the access log."""
+
+    request_id: str
+    method: str
+    started: float
+    route: str = "-"
+    status: int = 0
+    outcome: Outcome = Outcome.BAD_REQUEST
+    key: KeyRecord | None = None
+    credits: int = 0
+    upstream_seconds: float | None = None
+    rate_headers: dict[str, str] = field(default_factory=dict)
+
+    def reply(self, response: web.Response, outcome: Outcome) -> web.Response:
+        self.status = response.status
+        self.outcome = outcome
+        response.headers["X-Request-Id"] = self.request_id
+        if self.rate_headers:
+            response.headers.update(self.rate_headers)
+        return response
+
+
+@dataclass(slots=True)
+class _Reservation:
+    id: str
+    amount: int
+    available_after: int
+
+
+def _rate_headers(decision: Decision) -> dict[str, str]:
+    wait = decision.next_after if decision.allowed else decision.retry_after
+    t = max(0, math.ceil(wait - 1e-9))
+    if not decision.allowed:
+        t = max(1, t)
+    return {
+        "RateLimit-Policy": f'"default";q={decision.limit};w=60',
+        "RateLimit": f'"default";r={decision.remaining};t={t}',
+        "X-RateLimit-Limit": str(decision.limit),
+        "X-RateLimit-Remaining": str(decision.remaining),
+        "X-RateLimit-Reset": str(max(0, math.ceil(decision.reset_after - 1e-9))),
+    }
+
+
+def _outcome_for(status: int) -> Outcome:
+    if status < 400:
+        return Outcome.OK
+    if status < 500:
+        return Outcome.CLIENT_ERROR
+    return Outcome.UPSTREAM_ERROR
+
+
+def _upstream_charge(route_cost: int, header: str | None) -> int:
+    """The charge of a 2xx answer: the route's cost, lowered by ``X-Gateway-Charge``."""
+    if header is None:
+        return route_cost
+    value = header.strip()
+    if value.isdigit() and int(value) <= route_cost:
+        return int(value)
+    log.warning("ignoring an invalid %s header from the upstream", CHARGE_HEADER)
+    return route_cost
+
+
+async def _stream_body(content: StreamReader, limit: int) -> AsyncIterator[bytes]:
+    received = 0
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            return
+        received += len(chunk)
+        if received > limit:
+            raise _BodyTooLarge
+        yield chunk
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        router: Router,
+        keys: KeyCache,
+        limiter: Limiter,
+        credits: Credits,
+        ledger: Ledger,
+        upstreams: UpstreamPool,
+        metrics: Metrics,
+    ) -> None:
+        self._settings = settings
+        self._router = router
+        self._keys = keys
+        self._limiter = limiter
+        self._credits = credits
+        self._ledger = ledger
+        self._upstreams = upstreams
+        self._metrics = metrics
+        self._addresses = ClientAddress(settings.trusted_proxies)
+        pepper = settings.keys.pepper
+        self._pepper = pepper.get_secret_value().encode() if pepper else None
+        limits = settings.rate_limit
+        self._default_limit = limits.per_minute
+        self._default_burst = limits.burst or limits.per_minute
+        self._metered_test = settings.credits.test_environment == "metered"
+        self._identity = settings.identity_headers
+
+    # -- the handler ----------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        incoming_id = request.headers.get("X-Request-Id")
+        request_id = (
+            incoming_id
+            if incoming_id is not None and _REQUEST_ID.match(incoming_id)
+            else secrets.token_hex(16)
+        )
+        exchange = Exchange(request_id, request.method, time.monotonic())
+        self._metrics.in_flight.inc()
+        try:
+            return await self._handle(request, exchange)
+        finally:
+            self._metrics.in_flight.dec()
+            self._record(request, exchange)
+
+    async def _handle(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        try:
+            path = canonical_path(request.raw_path.partition("?")[0])
+        except BadPath as exc:
+            return ex.reply(
+                self._unread(request, errors.bad_request(str(exc))), Outcome.BAD_REQUEST
+            )
+
+        if path in _CREDITS_PATHS:
+            ex.route = "/api/v1/credits"
+            if request.method not in ("GET", "HEAD"):
+                return ex.reply(
+                    self._method_not_allowed(request, {"GET", "HEAD"}), Outcome.NOT_FOUND
+                )
+            return await self._credits_balance(request, ex)
+
+        match = self._router.match(request.method, path)
+        route = match.route
+        if route is None:
+            if match.allowed:
+                return ex.reply(self._method_not_allowed(request, match.allowed), Outcome.NOT_FOUND)
+            return ex.reply(
+                self._unread(request, errors.error_response(404, "Not found")), Outcome.NOT_FOUND
+            )
+        ex.route = route.label
+
+        if "Upgrade" in request.headers:
+            response = errors.error_response(501, "Protocol upgrades are not supported")
+            return ex.reply(self._unread(request, response), Outcome.BAD_REQUEST)
+        expect = request.headers.get("Expect")
+        if expect is not None and expect.lower() != "100-continue":
+            response = errors.error_response(417, f"Unsupported Expect value: {expect[:64]}")
+            return ex.reply(self._unread(request, response), Outcome.BAD_REQUEST)
+
+        if not route.auth or request.method == "OPTIONS":
+            return await self._forward(request, ex, route, path, None)
+
+        key = await self._authenticate(request, ex)
+        if isinstance(key, web.Response):
+            return key
+        refused = await self._rate_limit(request, ex, key)
+        if refused is not None:
+            return refused
+
+        declared = request.content_length
+        if declared is not None and declared > route.max_body_bytes:
+            return ex.reply(self._too_large(request, route), Outcome.PAYLOAD_TOO_LARGE)
+
+        reservation: _Reservation | None = None
+        cost = route.charges(request.method)
+        if cost and (key.environment == "live" or self._metered_test):
+            try:
+                reservation_id, result = await self._credits.reserve(
+                    key.team_id, key.environment, key.id, cost
+                )
+            except StorageError:
+                log.warning("credit reservation failed: database unavailable")
+                response = errors.error_response(503, "Service temporarily unavailable")
+                return ex.reply(self._unread(request, response), Outcome.UNAVAILABLE)
+            if not result.granted:
+                response = errors.insufficient_credits(cost, result.available)
+                return ex.reply(self._unread(request, response), Outcome.INSUFFICIENT_CREDITS)
+            reservation = _Reservation(reservation_id, cost, result.available)
+            self._metrics.credits.labels("reserved").inc(cost)
+
+        return await self._forward(request, ex, route, path, reservation)
+
+    # -- stages -----------------------------------------------------------------------
+
+    async def _authenticate(self, request: web.Request, ex: Exchange) -> KeyRecord | web.Response:
+        header = request.headers.get("Authorization")
+        if header is None:
+            return ex.reply(self._unread(request, errors.missing_key()), Outcome.UNAUTHORIZED)
+        scheme, _, token = header.partition(" ")
+        parsed = parse_key(token.strip()) if scheme.lower() == "bearer" else None
+        if parsed is None:
+            return self._invalid(request, ex, "malformed", token)
+        try:
+            record = await self._keys.lookup(hash_secret(parsed.text, self._pepper))
+        except StorageError:
+            response = errors.error_response(503, "Service temporarily unavailable")
+            return ex.reply(self._unread(request, response), Outcome.UNAVAILABLE)
+        self._metrics.key_cache.labels("hit" if record is not None else "miss").inc()
+        if record is None:
+            return self._invalid(request, ex, "unknown", parsed.text)
+        if not record.usable_at(time.time()):
+            ex.key = record  # logged as the key that was tried; the client learns nothing
+            return self._invalid(request, ex, "revoked_or_expired", parsed.text)
+        ex.key = record
+        return record
+
+    def _invalid(self, request: web.Request, ex: Exchange, reason: str, token: str) -> web.Response:
+        log.info(
+            "auth failure reason=%s prefix=%s client_ip=%s key_id=%s",
+            reason,
+            display_prefix(token) if token.startswith("ckiq_") else "-",
+            self._client_ip(request),
+            ex.key.id if ex.key else "-",
+        )
+        return ex.reply(self._unread(request, errors.invalid_key()), Outcome.UNAUTHORIZED)
+
+    def _limits(self, key: KeyRecord) -> list[Limit]:
+        if key.rate_limit_per_minute is not None:
+            own = Limit("k:" + key.id, key.rate_limit_per_minute, key.rate_limit_per_minute)
+        else:
+            own = Limit("k:" + key.id, self._default_limit, self._default_burst)
+        if key.team_rate_limit_per_minute is None:
+            return [own]
+        team = key.team_rate_limit_per_minute
+        return [own, Limit("t:" + key.team_id, team, team)]
+
+    async def _rate_limit(
+        self, request: web.Request, ex: Exchange, key: KeyRecord
+    ) -> web.Response | None:
+        decision = await self._limiter.check(self._limits(key))
+        ex.rate_headers = _rate_headers(decision)
+        if decision.allowed:
+            self._metrics.limiter_decisions.labels("allowed").inc()
+            return None
+        self._metrics.limiter_decisions.labels("rejected").inc()
+        response = errors.rate_limited(decision.retry_after, decision.rejected_limit)
+        return ex.reply(self._unread(request, response), Outcome.RATE_LIMITED)
+
+    async def _credits_balance(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        key = await self._authenticate(request, ex)
+        if isinstance(key, web.Response):
+            return key
+        refused = await self._rate_limit(request, ex, key)
+        if refused is not None:
+            return refused
+        if key.environment == "test" and not self._metered_test:
+            available: int | None = None
+        else:
+            try:
+                available = await self._ledger.balance(key.team_id, key.environment)
+            except StorageError:
+                response = errors.error_response(503, "Service temporarily unavailable")
+                return ex.reply(response, Outcome.UNAVAILABLE)
+        payload = {"credits_available": available, "environment": key.environment}
+        return ex.reply(errors.json_response(200, payload), Outcome.OK)
+
+    # -- forwarding and settlement ---------------------------------------------------
+
+    async def _forward(
+        self,
+        request: web.Request,
+        ex: Exchange,
+        route: Route,
+        path: str,
+        reservation: _Reservation | None,
+    ) -> web.StreamResponse:
+        key = ex.key
+        name = route.upstream
+        if key is not None and key.environment == "test" and route.test_upstream:
+            name = route.test_upstream
+        upstream = self._upstreams[name]
+        query = request.rel_url.raw_query_string
+        url = upstream.base_url + encode_path(path) + ("?" + query if query else "")
+        identity: dict[str, str] = {}
+        if key is not None:
+            ids = self._identity
+            identity = {ids.team: key.team_id, ids.key: key.id, ids.environment: key.environment}
+        peer = request.remote or ""
+        trusted = self._addresses.trusts(peer)
+        headers = request_headers(
+            request.headers,
+            identity=self._identity,
+            identity_values=identity,
+            extra=upstream.extra_headers,
+            peer=peer,
+            trusted=trusted,
+            scheme=request.scheme,
+            request_id=ex.request_id,
+        )
+        body = None
+        if request.body_exists:
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                await request.writer.write(_CONTINUE)
+            body = _stream_body(request.content, route.max_body_bytes)
+
+        # What to do with the reservation once the exchange is over:
+        # None = void; an int = post that charge.
+        charge: int | None = None
+        complete = client_left = False
+        upstream_response: aiohttp.ClientResponse | None = None
+        response: web.StreamResponse | None = None
+        try:
+            async with asyncio.timeout(route.max_duration_seconds):
+                sent = time.monotonic()
+                try:
+                    async with asyncio.timeout(upstream.settings.timeout_seconds):
+                        upstream_response = await upstream.session.request(
+                            request.method, url, headers=headers, data=body, allow_redirects=False
+                        )
+                except TimeoutError:
+                    return await self._fail(request, ex, reservation, 504, "Upstream timed out")
+                except (aiohttp.ClientError, OSError, _BodyTooLarge) as exc:
+                    if isinstance(exc, _BodyTooLarge) or isinstance(exc.__cause__, _BodyTooLarge):
+                        return await self._fail_too_large(request, ex, route, reservation)
+                    return await self._fail(request, ex, reservation, 502, "Upstream unavailable")
+                ex.upstream_seconds = time.monotonic() - sent
+                status = upstream_response.status
+                ex.status, ex.outcome = status, _outcome_for(status)
+                if reservation is not None:
+                    if 200 <= status < 300:
+                        charge = _upstream_charge(
+                            reservation.amount, upstream_response.headers.get(CHARGE_HEADER)
+                        )
+                    elif status not in route.refund_statuses:
+                        charge = reservation.amount
+                response = self._client_response(upstream_response, ex, reservation, charge)
+                relayed = await self._relay(request, upstream_response, response)
+                complete = relayed is _Relay.COMPLETE
+                client_left = relayed is _Relay.CLIENT_LEFT
+                if complete:
+                    with contextlib.suppress(ConnectionError):
+                        await response.write_eof()
+                return response
+        except TimeoutError:
+            # max_duration_seconds ran out: before the status line that is a 504,
+            # after it the client connection is cut (never a clean ending).
+            if response is None:
+                return await self._fail(request, ex, reservation, 504, "Upstream timed out")
+            self._abort(request)
+            return response
+        except asyncio.CancelledError:
+            client_left = True  # the client went away (handler cancellation)
+            raise
+        finally:
+            if upstream_response is not None:
+                upstream_response.release()
+            if reservation is not None and response is not None:
+                self._settle(ex, reservation, charge, complete or client_left)
+
+    def _client_response(
+        self,
+        upstream_response: aiohttp.ClientResponse,
+        ex: Exchange,
+        reservation: _Reservation | None,
+        charge: int | None,
+    ) -> web.StreamResponse:
+        headers = response_headers(upstream_response.headers)
+        headers["X-Request-Id"] = ex.request_id
+        if ex.rate_headers:
+            headers.update(ex.rate_headers)
+        status = upstream_response.status
+        if reservation is not None and charge is not None and 200 <= status < 300:
+            remaining = reservation.available_after + (reservation.amount - charge)
+            headers["X-Credits-Remaining"] = str(remaining)
+        response = web.StreamResponse(
+            status=status, reason=upstream_response.reason, headers=headers
+        )
+        if upstream_response.content_length is not None:
+            response.content_length = upstream_response.content_length
+        return response
+
+    async def _relay(
+        self,
+        request: web.Request,
+        upstream_response: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+    ) -> _Relay:
+        """Send the status line and copy the body until one side ends or breaks off."""
+        try:
+            await response.prepare(request)
+        except ConnectionError:
+            return _Relay.CLIENT_LEFT
+        read = upstream_response.content.readany
+        while True:
+            try:
+                chunk = await read()
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                # The upstream broke off after its status line: the client must
+                # not mistake what it got for a whole answer.
+                self._abort(request)
+                return _Relay.UPSTREAM_BROKE
+            if not chunk:
+                return _Relay.COMPLETE
+            try:
+                await response.write(chunk)
+            except ConnectionError:
+                upstream_response.close()
+                return _Relay.CLIENT_LEFT
+
+    def _settle(
+        self, ex: Exchange, reservation: _Reservation, charge: int | None, stands: bool
+    ) -> None:
+        """Post or void once the exchange is over; never awaits (runs in ``finally``)."""
+        if charge is not None and stands:
+            self._credits.post(reservation.id, charge)
+            ex.credits = charge
+            self._metrics.credits.labels("posted").inc(charge)
+            if charge < reservation.amount:
+                self._metrics.credits.labels("voided").inc(reservation.amount - charge)
+            return
+        self._credits.void_soon(reservation.id)
+        self._metrics.credits.labels("voided").inc(reservation.amount)
+
+    async def _fail(
+        self,
+        request: web.Request,
+        ex: Exchange,
+        reservation: _Reservation | None,
+        status: int,
+        message: str,
+    ) -> web.Response:
+        if reservation is not None:
+            await self._credits.void(reservation.id)
+            self._metrics.credits.labels("voided").inc(reservation.amount)
+        return ex.reply(
+            self._unread(request, errors.error_response(status, message)), Outcome.UPSTREAM_ERROR
+        )
+
+    async def _fail_too_large(
+        self, request: web.Request, ex: Exchange, route: Route, reservation: _Reservation | None
+    ) -> web.Response:
+        if reservation is not None:
+            await self._credits.void(reservation.id)
+            self._metrics.credits.labels("voided").inc(reservation.amount)
+        return ex.reply(self._too_large(request, route), Outcome.PAYLOAD_TOO_LARGE)
+
+    # -- small helpers ------------------------------------------------------------------
+
+    @staticmethod
+    def _abort(request: web.Request) -> None:
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+
+    @staticmethod
+    def _unread(request: web.Request, response: web.Response) -> web.Response:
+        # A body we will never read must not be drained from a keep-alive
+        # connection (with Expect: 100-continue the client never sends it).
+        if request.body_exists and not request.content.at_eof():
+            response.force_close()
+        return response
+
+    def _too_large(self, request: web.Request, route: Route) -> web.Response:
+        response = errors.error_response(
+            413, f"Request body is larger than this route's limit of {route.max_body_bytes} bytes"
+        )
+        response.force_close()
+        return response
+
+    def _method_not_allowed(
+        self, request: web.Request, allowed: set[str] | frozenset[str]
+    ) -> web.Response:
+        response = errors.error_response(405, "Method not allowed")
+        response.headers["Allow"] = ", ".join(sorted(allowed))
+        return self._unread(request, response)
+
+    def _client_ip(self, request: web.Request) -> str:
+        return self._addresses.client_ip(request.remote, request.headers.get("X-Forwarded-For"))
+
+    def _record(self, request: web.Request, ex: Exchange) -> None:
+        elapsed = time.monotonic() - ex.started
+        self._metrics.count_request(ex.route, ex.method, ex.status, ex.outcome.value)
+        self._metrics.request_duration.labels(ex.route).observe(elapsed)
+        if access_log.isEnabledFor(logging.INFO):
+            key = ex.key
+            access_log.info(
+                "request",
+                extra={
+                    "fields": {
+                        "request_id": ex.request_id,
+                        "method": ex.method,
+                        "route": ex.route,
+                        "status": ex.status,
+                        "outcome": ex.outcome.value,
+                        "team_id": key.team_id if key else None,
+                        "key_id": key.id if key else None,
+                        "key_prefix": key.prefix if key else None,
+                        "credits": ex.credits,
+                        "upstream_ms": round(ex.upstream_seconds * 1000, 3)
+                        if ex.upstream_seconds is not None
+                        else None,
+                        "total_ms": round(elapsed * 1000, 3),
+                        "client_ip": self._client_ip(request),
+                    }
+                },
+            )

@@ -1,0 +1,142 @@
+"""The command line, run as a separate process against the gateway's own database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .conftest import MakeGateway, bearer
+
+
+async def cli(config: Path, *args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        *args,
+        "--config",
+        str(config),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate(stdin)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def cli_config(tmp_path: Path) -> Path:
+    path = tmp_path / "cli.yaml"
+    # No admin token: management commands never open the admin listener.
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "storage": f"sqlite:///{tmp_path / 'gateway.db'}",
+                "admin": {"token": "${GATEWAY_ADMIN_TOKEN_UNSET_IN_TESTS}"},
+            }
+        )
+    )
+    return path
+
+
+async def test_manage_and_revoke_from_another_process(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    gw = await make_gateway()
+    config = cli_config(tmp_path)
+    code, out, err = await cli(config, "teams", "create", "cli-team", "--json")
+    assert code == 0, err
+    team = json.loads(out)
+    code, out, err = await cli(
+        config, "keys", "create", "--team", "cli-team", "--name", "prod", "--json"
+    )
+    assert code == 0, err
+    created = json.loads(out)
+    secret = created["key"]
+    assert secret.startswith("ckiq_live_") and created["prefix"] == secret[:14]
+    code, out, err = await cli(
+        config, "credits", "grant", "--team", "cli-team", "--amount", "3", "--reason", "trial"
+    )
+    assert code == 0, err
+    assert "3" in out
+
+    resp = await gw.client.post("/api/v1/assess", headers=bearer(secret))
+    assert resp.status == 200
+
+    code, out, err = await cli(config, "keys", "list", "--team", team["id"])
+    assert code == 0, err
+    assert created["id"] in out and "active" in out and secret not in out
+
+    code, out, err = await cli(config, "keys", "revoke", created["id"])
+    assert code == 0, err
+    revoked_at = time.monotonic()
+    while (await gw.client.post("/api/v1/assess", headers=bearer(secret))).status != 401:
+        assert time.monotonic() - revoked_at < 1.0, "revocation from another process took over 1 s"
+        await asyncio.sleep(0.02)
+    print(f"revocation visible after {time.monotonic() - revoked_at:.3f} s")
+
+    await gw.settle()
+    code, out, err = await cli(config, "credits", "balance", "--team", "cli-team", "--json")
+    assert code == 0, err
+    assert json.loads(out)["balances"] == {"live": 2, "test": 0}
+    code, out, err = await cli(config, "credits", "reconcile")
+    assert code == 0, err
+    assert out.startswith("OK")
+
+
+async def test_revoke_leaked_reads_stdin(make_gateway: MakeGateway, tmp_path: Path) -> None:
+    gw = await make_gateway()
+    secret = await gw.key()
+    config = cli_config(tmp_path)
+    code, out, err = await cli(config, "keys", "revoke-leaked", stdin=secret.encode() + b"\n")
+    assert code == 0, err
+    assert secret not in out and secret[:14] in out
+    code, _, err = await cli(config, "keys", "revoke-leaked", stdin=b"ckiq_live_nonsense\n")
+    assert code == 1 and "not a valid key" in err
+
+
+async def test_errors_are_one_sentence(tmp_path: Path) -> None:
+    config = cli_config(tmp_path)
+    code, _, err = await cli(config, "keys", "list", "--team", "nobody")
+    assert code == 1
+    assert err.strip() == "gateway: no team 'nobody'"
+    code, _, err = await cli(config, "teams", "create", "dup")
+    code, _, err = await cli(config, "teams", "create", "dup")
+    assert code == 1 and "already exists" in err and "Traceback" not in err
+    code, _, err = await cli(
+        config, "credits", "grant", "--team", "dup", "--amount", "-5", "--reason", "x"
+    )
+    assert code == 1 and "below zero" in err
+    code, _, err = await cli(tmp_path / "missing.yaml", "teams", "list")
+    assert code == 2 and "file not found" in err
+
+
+async def test_run_refuses_workers_on_embedded_backends(tmp_path: Path) -> None:
+    config = cli_config(tmp_path)
+    code, _, err = await cli(config, "run", "--workers", "2")
+    assert code in (1, 2)
+    assert "--workers above 1 needs limiter" in err or "admin.token" in err
+
+
+async def test_reconcile_detects_a_tampered_balance(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    gw = await make_gateway()
+    await gw.key(credits=5)
+    await gw.settle()
+    db = sqlite3.connect(tmp_path / "gateway.db")
+    db.execute("UPDATE balances SET available = available + 1")
+    db.commit()
+    db.close()
+    code, out, _ = await cli(cli_config(tmp_path), "credits", "reconcile", "--json")
+    assert code == 3
+    result = json.loads(out)
+    assert result["ok"] is False
+    assert result["mismatches"][0]["stored"] == 6 and result["mismatches"][0]["derived"] == 5
