@@ -81,7 +81,7 @@ def cmd_check_config(args: argparse.Namespace) -> None:
     settings = load_settings(args.path)
     print(
         f"{args.path}: OK ({len(settings.routes)} routes, {len(settings.upstreams)} upstreams, "
-        f"storage {settings.storage.split(':', 1)[0]}, limiter {settings.limiter.split(':', 1)[0]})"
+        f"storage {settings.storage_kind}, limiter {settings.limiter.kind})"
     )
 
 

@@ -29,8 +29,10 @@ __all__ = [
     "ConfigError",
     "CreditSettings",
     "KeySettings",
+    "LimiterSettings",
     "ListenAddress",
     "LoggingSettings",
+    "PostgresSettings",
     "RateLimitSettings",
     "RouteSettings",
     "Settings",
@@ -95,6 +97,47 @@ class AdminSettings(_Frozen):
         if len(value.get_secret_value()) < 16:
             raise ValueError("the admin token must be at least 16 characters long")
         return value
+
+
+class LimiterSettings(_Frozen):
+    """Where rate-limit state lives; ``limiter: "redis://..."`` is short for ``{url: ...}``."""
+
+    url: str = "memory"
+    cluster: bool = False
+    # Per-call budget for Redis: a slow Redis must not stall requests beyond it.
+    timeout_seconds: float = Field(default=0.05, gt=0, le=5)
+    # When Redis is unreachable: decide in process (and report degraded), refuse
+    # with 503, or let requests through unlimited.
+    on_unavailable: Literal["fallback", "fail_closed", "fail_open"] = "fallback"
+    # How often to try Redis again while falling back.
+    retry_interval_seconds: float = Field(default=0.5, gt=0, le=60)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value == "memory" or value.startswith(("redis://", "rediss://")):
+            return value
+        raise ValueError("expected 'memory', redis://... or rediss://...")
+
+    @property
+    def kind(self) -> Literal["memory", "redis"]:
+        return "memory" if self.url == "memory" else "redis"
+
+
+class PostgresSettings(_Frozen):
+    """Options for ``storage: postgresql://...``."""
+
+    pool_min_size: int = Field(default=2, ge=1, le=1000)
+    pool_max_size: int = Field(default=10, ge=1, le=1000)
+    # 0 turns asyncpg's prepared-statement cache off (PgBouncer in transaction mode).
+    statement_cache_size: int = Field(default=100, ge=0, le=100_000)
+    # LISTEN needs a session of its own: a direct DSN when the pool goes through PgBouncer.
+    listen_dsn: SecretStr | None = None
+    command_timeout_seconds: float = Field(default=5.0, gt=0, le=600)
+    # Reservations and resolutions older than this are rolled up into per-day rows.
+    retention_days: int = Field(default=30, ge=1, le=3650)
+    # Run `gateway migrate` at start (else only check the schema is current).
+    migrate_on_start: bool = True
 
 
 class RateLimitSettings(_Frozen):
@@ -208,7 +251,8 @@ class Settings(_Frozen):
     status: StatusSettings = StatusSettings()
     admin: AdminSettings = AdminSettings()
     storage: str = "sqlite:///gateway.db"
-    limiter: str = "memory"
+    limiter: LimiterSettings = LimiterSettings()
+    postgres: PostgresSettings = PostgresSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
     credits: CreditSettings = CreditSettings()
     keys: KeySettings = KeySettings()
@@ -232,12 +276,10 @@ class Settings(_Frozen):
             "expected sqlite:///relative.db, sqlite:////absolute.db or postgresql://..."
         )
 
-    @field_validator("limiter")
+    @field_validator("limiter", mode="before")
     @classmethod
-    def _limiter(cls, value: str) -> str:
-        if value == "memory" or value.startswith(("redis://", "rediss://")):
-            return value
-        raise ValueError("expected 'memory', redis://... or rediss://...")
+    def _limiter(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -279,6 +321,10 @@ class Settings(_Frozen):
                 "(set GATEWAY_ADMIN_TOKEN, or admin.enabled: false)"
             )
         return self
+
+    @property
+    def storage_kind(self) -> Literal["sqlite", "postgresql"]:
+        return "sqlite" if self.storage.startswith("sqlite:") else "postgresql"
 
     @property
     def longest_route_seconds(self) -> float:

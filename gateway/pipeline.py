@@ -295,7 +295,7 @@ class Pipeline:
     async def _rate_limit(
         self, request: web.Request, ex: Exchange, key: KeyRecord
     ) -> web.Response | None:
-        decision = await self._limiter.check(self._limits(key))
+        decision = await self._limiter.check(self._limits(key), key.team_id)
         ex.rate_headers = _rate_headers(decision)
         if decision.allowed:
             self._metrics.limiter_decisions.labels("allowed").inc()

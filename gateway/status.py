@@ -27,7 +27,7 @@ async def readyz(request: web.Request) -> web.Response:
             await gw.backend.ping()
     except Exception as exc:
         storage = {"ok": False, "error": type(exc).__name__}
-    limiter = {"ok": True, "kind": gw.settings.limiter.split(":", 1)[0]}
+    limiter = {"ok": True, "kind": gw.settings.limiter.kind}
     key_feed = {"ok": gw.keys.following}
     ready = gw.ready and bool(storage["ok"])
     body = {

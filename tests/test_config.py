@@ -29,7 +29,7 @@ def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings(ROOT / "config" / "gateway.yaml")
     route = settings.routes[0]
     assert (route.path, route.methods, route.cost) == ("/api/v1/assess", ("POST",), 1)
-    assert settings.storage.startswith("sqlite:///") and settings.limiter == "memory"
+    assert settings.storage_kind == "sqlite" and settings.limiter.kind == "memory"
 
 
 def test_interpolation_with_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,7 +40,7 @@ def test_interpolation_with_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyP
     )
     settings = load_settings(path)
     assert settings.listen == "127.0.0.1:9999"
-    assert settings.limiter == "memory"
+    assert settings.limiter.url == "memory"
 
 
 def test_unset_variable_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -57,7 +57,7 @@ def test_unset_variable_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     [
         ("rate_limit: {per_minute: 0}\n", "rate_limit.per_minute", "greater than or equal to 1"),
         ("storage: mysql://x\n", "storage", "expected sqlite"),
-        ("limiter: memcached\n", "limiter", "expected 'memory'"),
+        ("limiter: memcached\n", "limiter.url", "expected 'memory'"),
         ("listen: nowhere\n", "listen", "HOST:PORT"),
         ("colour: blue\n", "colour", "unknown field"),
         ("trusted_proxies: [not-an-ip]\n", "trusted_proxies", "not an IP"),

@@ -108,8 +108,13 @@ def decide(
 
 
 class Limiter(Protocol):
-    """One atomic decision per request across all of its limits."""
+    """One atomic decision per request across all of its limits.
 
-    async def check(self, limits: Sequence[Limit]) -> Decision: ...
+    ``group`` names what the limits have in common (the team): a distributed
+    backend keeps all of one decision's buckets together under it, so that the
+    decision stays one atomic step (one Redis Cluster slot).
+    """
+
+    async def check(self, limits: Sequence[Limit], group: str) -> Decision: ...
 
     async def close(self) -> None: ...

@@ -19,7 +19,7 @@ class MemoryLimiter:
         self._tats: dict[str, float] = {}
         self._calls = 0
 
-    async def check(self, limits: Sequence[Limit]) -> Decision:
+    async def check(self, limits: Sequence[Limit], group: str = "") -> Decision:
         return self.check_now(limits, time.monotonic())
 
     def check_now(self, limits: Sequence[Limit], now: float) -> Decision:
