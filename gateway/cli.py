@@ -104,7 +104,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     settings = _settings(args, serving=True)
     if args.workers < 1:
         raise CliError("--workers must be at least 1")
-    if args.workers > 1 and (settings.limiter == "memory" or settings.storage.startswith("sqlite")):
+    if args.workers > 1 and (
+        settings.limiter.kind == "memory" or settings.storage_kind == "sqlite"
+    ):
         raise CliError(
             "--workers above 1 needs limiter: redis://... and storage: postgresql://...; "
             "with the in-process limiter and SQLite every worker would enforce its own limits"
