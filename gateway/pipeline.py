@@ -87,6 +87,7 @@ class _Reservation:
     id: str
     amount: int
     available_after: int
+    settled: bool = False
 
 
 def _rate_headers(decision: Decision) -> dict[str, str]:
@@ -412,7 +413,9 @@ class Pipeline:
         finally:
             if upstream_response is not None:
                 upstream_response.release()
-            if reservation is not None and response is not None:
+            if reservation is not None and not reservation.settled:
+                # Also reached when the client left before the status line:
+                # charge is None then, so the reservation is voided.
                 self._settle(ex, reservation, charge, complete or client_left)
 
     def _client_response(
@@ -469,6 +472,7 @@ class Pipeline:
         self, ex: Exchange, reservation: _Reservation, charge: int | None, stands: bool
     ) -> None:
         """Post or void once the exchange is over; never awaits (runs in ``finally``)."""
+        reservation.settled = True
         if charge is not None and stands:
             self._credits.post(reservation.id, charge)
             ex.credits = charge
@@ -487,20 +491,23 @@ class Pipeline:
         status: int,
         message: str,
     ) -> web.Response:
-        if reservation is not None:
-            await self._credits.void(reservation.id)
-            self._metrics.credits.labels("voided").inc(reservation.amount)
-        return ex.reply(
-            self._unread(request, errors.error_response(status, message)), Outcome.UPSTREAM_ERROR
-        )
+        await self._void(reservation)
+        response = errors.error_response(status, message)
+        return ex.reply(self._unread(request, response), Outcome.UPSTREAM_ERROR)
 
     async def _fail_too_large(
         self, request: web.Request, ex: Exchange, route: Route, reservation: _Reservation | None
     ) -> web.Response:
-        if reservation is not None:
-            await self._credits.void(reservation.id)
-            self._metrics.credits.labels("voided").inc(reservation.amount)
+        await self._void(reservation)
         return ex.reply(self._too_large(request, route), Outcome.PAYLOAD_TOO_LARGE)
+
+    async def _void(self, reservation: _Reservation | None) -> None:
+        """Give the credit back before answering, so the client sees its balance whole."""
+        if reservation is None or reservation.settled:
+            return
+        reservation.settled = True
+        await self._credits.void(reservation.id)
+        self._metrics.credits.labels("voided").inc(reservation.amount)
 
     # -- small helpers ------------------------------------------------------------------
 
@@ -512,10 +519,13 @@ class Pipeline:
 
     @staticmethod
     def _unread(request: web.Request, response: web.Response) -> web.Response:
-        # A body we will never read must not be drained from a keep-alive
-        # connection (with Expect: 100-continue the client never sends it).
+        """Answer without reading the body; the connection then closes."""
         if request.body_exists and not request.content.at_eof():
             response.force_close()
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                # The client waits for 100 Continue and will never send the body:
+                # end it here instead of lingering for bytes that will not come.
+                request.content.feed_eof()
         return response
 
     def _too_large(self, request: web.Request, route: Route) -> web.Response:

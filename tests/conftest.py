@@ -150,7 +150,8 @@ async def make_gateway(
 ) -> MakeGateway:
     async def make(**overrides: Any) -> Harness:
         app = create_app(settings_for(**overrides))
-        client = await aiohttp_client(app)
+        # As in production (gateway.server): a client that goes away cancels its handler.
+        client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
         return Harness(client, app[GATEWAY], upstream)
 
     return make
