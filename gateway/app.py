@@ -31,11 +31,19 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(
+            team_labels=settings.metrics.team_labels,
+            team_label_limit=settings.metrics.team_label_limit,
+        )
         self.backend: Backend = open_backend(settings.storage, lease_seconds=settings.lease_seconds)
         self.limiter: Limiter = MemoryLimiter()
-        self.keys = KeyCache(self.backend, settings.keys)
-        self.credits = Credits(self.backend, settings.credits)
+        storage = settings.storage_kind
+        self.keys = KeyCache(
+            self.backend, settings.keys, metrics=self.metrics, backend_name=storage
+        )
+        self.credits = Credits(
+            self.backend, settings.credits, metrics=self.metrics, backend_name=storage
+        )
         self.router = Router(settings)
         self.upstreams = UpstreamPool(settings.upstreams)
         self.management = Management(self.backend, settings)

@@ -32,6 +32,7 @@ __all__ = [
     "LimiterSettings",
     "ListenAddress",
     "LoggingSettings",
+    "MetricsSettings",
     "PostgresSettings",
     "RateLimitSettings",
     "RouteSettings",
@@ -170,6 +171,13 @@ class IdentityHeaderSettings(_Frozen):
     environment: str = "X-Gateway-Environment"
 
 
+class MetricsSettings(_Frozen):
+    # Per-team series can take a Prometheus down (Kong's lesson): off unless asked,
+    # and capped; teams past the cap are counted as "other".
+    team_labels: bool = False
+    team_label_limit: int = Field(default=100, ge=1, le=10_000)
+
+
 class LoggingSettings(_Frozen):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "logfmt"] = "json"
@@ -259,6 +267,7 @@ class Settings(_Frozen):
     trusted_proxies: tuple[str, ...] = ()
     identity_headers: IdentityHeaderSettings = IdentityHeaderSettings()
     logging: LoggingSettings = LoggingSettings()
+    metrics: MetricsSettings = MetricsSettings()
     upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
     routes: tuple[RouteSettings, ...] = ()
     shutdown: ShutdownSettings = ShutdownSettings()

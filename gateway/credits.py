@@ -14,10 +14,12 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 from gateway.config import CreditSettings
+from gateway.metrics import Metrics
 from gateway.models import Environment
 from gateway.storage import Ledger, ReserveRequest, ReserveResult
 
@@ -67,18 +69,32 @@ class _Grouper(Generic[Req, Res]):
 class Credits:
     """The pipeline's view of the ledger."""
 
-    def __init__(self, ledger: Ledger, settings: CreditSettings) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        settings: CreditSettings,
+        metrics: Metrics | None = None,
+        backend_name: str = "ledger",
+    ) -> None:
         self._ledger = ledger
         self._settings = settings
-        self._reserves: _Grouper[ReserveRequest, ReserveResult] = _Grouper(ledger.reserve_batch)
+        self._metrics = metrics if metrics is not None else Metrics()
+        self._backend = backend_name
+        self._reserves: _Grouper[ReserveRequest, ReserveResult] = _Grouper(self._reserve_many)
         self._voids: _Grouper[str, int] = _Grouper(self._void_many)
         self._posts: list[tuple[str, int]] = []
         self._void_retry: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._oldest_post = 0.0
         self.late_resolutions = 0
 
+    async def _reserve_many(self, requests: Sequence[ReserveRequest]) -> list[ReserveResult]:
+        with self._metrics.backend_call(self._backend, "reserve"):
+            return await self._ledger.reserve_batch(requests)
+
     async def _void_many(self, ids: Sequence[str]) -> list[int]:
-        applied = await self._ledger.void_batch(ids)
+        with self._metrics.backend_call(self._backend, "void"):
+            applied = await self._ledger.void_batch(ids)
         # The batch result is a count; each caller only needs to know it was done.
         return [applied] * len(ids)
 
@@ -110,7 +126,14 @@ class Credits:
 
     def post(self, reservation_id: str, charged: int) -> None:
         """Make a reservation final for ``charged`` (≤ reserved); flushed in the background."""
+        if not self._posts:
+            self._oldest_post = time.monotonic()
         self._posts.append((reservation_id, charged))
+
+    @property
+    def flush_lag(self) -> float:
+        """How long the oldest unwritten post has waited."""
+        return time.monotonic() - self._oldest_post if self._posts else 0.0
 
     async def void(self, reservation_id: str) -> None:
         """Give a reservation back now; on failure it is retried in the background."""
@@ -133,17 +156,25 @@ class Credits:
         """Write buffered posts and retry failed voids (also called at shutdown)."""
         if self._posts:
             posts, self._posts = self._posts, []
+            oldest = self._oldest_post
             try:
-                applied = await self._ledger.post_batch(posts)
+                with self._metrics.backend_call(self._backend, "post"):
+                    applied = await self._ledger.post_batch(posts)
             except Exception as exc:
                 log.warning("posting %d reservations failed, will retry: %s", len(posts), exc)
                 self._posts[:0] = posts
+                self._oldest_post = oldest
             else:
-                self.late_resolutions += len(posts) - applied
+                late = len(posts) - applied
+                if late:
+                    # Already resolved (the sweeper got there first): never applied twice.
+                    self.late_resolutions += late
+                    self._metrics.late_resolutions.inc(late)
         if self._void_retry:
             ids = list(self._void_retry)
             try:
-                await self._ledger.void_batch(ids)
+                with self._metrics.backend_call(self._backend, "void"):
+                    await self._ledger.void_batch(ids)
             except Exception as exc:
                 log.warning("retrying %d voids failed: %s", len(ids), exc)
             else:
@@ -155,7 +186,10 @@ class Credits:
 
     async def sweep(self) -> int:
         """Resolve reservations whose lease ran out, by the configured policy."""
-        return await self._ledger.expire_reservations(self._settings.on_lease_expiry)
+        with self._metrics.backend_call(self._backend, "sweep"):
+            swept = await self._ledger.expire_reservations(self._settings.on_lease_expiry)
+            self._metrics.pending_reservations.set(await self._ledger.pending_count())
+        return swept
 
     async def run(self) -> None:
         """Background loop: flush often, sweep now and then. Cancel to stop."""

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from gateway.config import KeySettings
+from gateway.metrics import Metrics
 from gateway.models import KeyRecord
 from gateway.storage import StorageError, Store
 
@@ -35,8 +36,12 @@ class KeyCache:
         store: Store,
         settings: KeySettings,
         clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
+        backend_name: str = "store",
     ) -> None:
         self._store = store
+        self._metrics = metrics if metrics is not None else Metrics()
+        self._backend_name = backend_name
         self._settings = settings
         self._clock = clock
         self._positive: dict[str, tuple[KeyRecord, float]] = {}
@@ -47,6 +52,8 @@ class KeyCache:
         self.following = False
         self.hits = 0
         self.misses = 0
+        self._hit = self._metrics.key_cache.labels("hit")
+        self._miss = self._metrics.key_cache.labels("miss")
 
     def __len__(self) -> int:
         return len(self._positive)
@@ -62,13 +69,16 @@ class KeyCache:
         ttl = self._settings.cache_ttl_seconds if self.following else _UNFOLLOWED_TTL
         if entry is not None and now - entry[1] < ttl:
             self.hits += 1
+            self._hit.inc()
             return entry[0]
         if entry is None:
             until = self._negative.get(key_hash)
             if until is not None and now < until:
                 self.hits += 1
+                self._hit.inc()
                 return None
         self.misses += 1
+        self._miss.inc()
         try:
             return await self._fetch(key_hash)
         except StorageError:
@@ -89,7 +99,8 @@ class KeyCache:
     async def _load(self, key_hash: str) -> KeyRecord | None:
         generation = self._generation
         try:
-            record = await self._store.find_key(key_hash)
+            with self._metrics.backend_call(self._backend_name, "find_key"):
+                record = await self._store.find_key(key_hash)
         finally:
             self._inflight.pop(key_hash, None)
         if generation == self._generation:  # no invalidation raced this lookup

@@ -16,9 +16,9 @@ import orjson
 
 from gateway.config import LoggingSettings
 
-__all__ = ["configure_logging", "redact"]
+__all__ = ["LogFormatter", "configure_logging", "redact"]
 
-_SECRET = re.compile(r"(ckiq_(?:live|test|mgmt)_[0-9A-Za-z]{4})[0-9A-Za-z]*")
+_SECRET = re.compile(r"(ckiq_(?:live|test|mgmt)_[0-9A-Za-z]{4})[0-9A-Za-z]+")
 _BEARER = re.compile(r"(?i)(bearer\s+)(?!ckiq_)[^\s\"',;]+")
 
 
@@ -31,7 +31,9 @@ def _clean(value: Any) -> Any:
     return redact(value) if isinstance(value, str) else value
 
 
-class _Formatter(logging.Formatter):
+class LogFormatter(logging.Formatter):
+    """JSON lines or logfmt; every string redacted."""
+
     def __init__(self, style: str) -> None:
         super().__init__()
         self._json = style == "json"
@@ -65,7 +67,7 @@ def _logfmt(value: Any) -> str:
 
 def configure_logging(settings: LoggingSettings) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(settings.format))
+    handler.setFormatter(LogFormatter(settings.format))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.level)

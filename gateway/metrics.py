@@ -1,50 +1,53 @@
 """Every Prometheus metric of the gateway, defined once, in base units.
 
-A :class:`Metrics` instance owns its own registry, so several apps in one
-process (tests) never collide, and nothing is created at import.
+A :class:`Metrics` instance owns its own registry, so several gateways in one
+process (tests) never collide and nothing is created at import. With
+``--workers N`` the values live in ``PROMETHEUS_MULTIPROC_DIR`` (set by
+``gateway run`` before any worker imports prometheus-client) and a scrape of
+any worker aggregates all of them.
+
+Cardinality is bounded by design: routes, methods, outcomes and upstreams come
+from the config; per-team series exist only when an operator turns them on,
+and then for at most ``team_label_limit`` teams (the rest count as "other").
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-__all__ = ["Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
+
+__all__ = ["LATENCY_BUCKETS", "Metrics"]
 
 # From well under a millisecond (cache hits, refusals) to the tens of seconds a
 # long assessment may take.
 LATENCY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-)
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+# Backend calls are expected to be fast; the tail matters.
+BACKEND_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+OTHER_TEAMS = "other"
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+    def __init__(self, *, team_labels: bool = False, team_label_limit: int = 100) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         r = self.registry
         self.requests = Counter(
-            "gateway_requests_total",
+            "gateway_requests",
             "Requests answered, by route, method, status class and outcome.",
             ["route", "method", "status_class", "outcome"],
             registry=r,
         )
         self.request_duration = Histogram(
             "gateway_request_duration_seconds",
-            "Time from request received to response finished.",
+            "Time from request received to response handed to the client.",
             ["route"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -57,40 +60,128 @@ class Metrics:
             registry=r,
         )
         self.credits = Counter(
-            "gateway_credits_total",
+            "gateway_credits",
             "Credits reserved, posted (charged) and voided (returned).",
             ["operation"],
             registry=r,
         )
+        self.late_resolutions = Counter(
+            "gateway_ledger_late_resolutions",
+            "Posts or voids that arrived after their reservation was already resolved.",
+            registry=r,
+        )
         self.key_cache = Counter(
-            "gateway_key_cache_lookups_total",
-            "Key cache lookups by result.",
+            "gateway_key_cache_lookups",
+            "Key cache lookups: hit (answered from memory) or miss (asked the store).",
             ["result"],
             registry=r,
         )
+        self.auth_failures = Counter(
+            "gateway_auth_failures",
+            "Refused credentials by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.limiter_decisions = Counter(
-            "gateway_rate_limit_decisions_total",
-            "Rate limit decisions by result.",
-            ["result"],
+            "gateway_rate_limit_decisions",
+            "Rate limit decisions by result and by which limiter decided.",
+            ["result", "limiter"],
+            registry=r,
+        )
+        self.limiter_degraded = Gauge(
+            "gateway_limiter_degraded",
+            "1 while the shared limiter is unreachable and the fallback policy applies.",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.backend_duration = Histogram(
+            "gateway_backend_call_duration_seconds",
+            "Latency of calls to Redis and the database, by backend and operation.",
+            ["backend", "operation"],
+            buckets=BACKEND_BUCKETS,
+            registry=r,
+        )
+        self.backend_errors = Counter(
+            "gateway_backend_errors",
+            "Failed calls to Redis and the database, by backend and operation.",
+            ["backend", "operation"],
             registry=r,
         )
         self.in_flight = Gauge(
             "gateway_requests_in_flight",
             "Requests being handled right now.",
             registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.pending_reservations = Gauge(
+            "gateway_reservations_pending",
+            "Reservations neither posted nor voided yet (sampled by the sweeper).",
+            registry=r,
+            multiprocess_mode="max",
         )
         self.unflushed = Gauge(
             "gateway_ledger_unflushed",
             "Posts and voids waiting to be written to the ledger.",
             registry=r,
+            multiprocess_mode="livesum",
         )
-        self._request_children: dict[tuple[str, str, str, str], Counter] = {}
+        self.flush_lag = Gauge(
+            "gateway_ledger_flush_lag_seconds",
+            "Age of the oldest post waiting to be written.",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.team_requests = Counter(
+            "gateway_team_requests",
+            "Requests per team and outcome (only when metrics.team_labels is on).",
+            ["team", "outcome"],
+            registry=r,
+        )
+        self.anomalies = Counter(
+            "gateway_anomalies",
+            "Anomaly signals raised, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self._team_labels = team_labels
+        self._team_limit = team_label_limit
+        self._teams: set[str] = set()
+        self._request_children: dict[tuple[str, str, int, str], Counter] = {}
 
-    def count_request(self, route: str, method: str, status: int, outcome: str) -> None:
+    def collector_registry(self) -> CollectorRegistry:
+        """What ``/metrics`` renders: this process, or every worker in multiprocess mode."""
+        if not self.multiprocess:
+            return self.registry
+        aggregate = CollectorRegistry()
+        MultiProcessCollector(aggregate)  # type: ignore[no-untyped-call]
+        return aggregate
+
+    def count_request(
+        self, route: str, method: str, status: int, outcome: str, team: str | None = None
+    ) -> None:
         # Label lookups cost more than the increment; keep the children.
-        key = (route, method, f"{status // 100}xx", outcome)
+        key = (route, method, status // 100, outcome)
         child = self._request_children.get(key)
         if child is None:
-            child = self.requests.labels(*key)
+            child = self.requests.labels(route, method, f"{status // 100}xx", outcome)
             self._request_children[key] = child
         child.inc()
+        if self._team_labels and team is not None:
+            if team not in self._teams:
+                if len(self._teams) >= self._team_limit:
+                    team = OTHER_TEAMS
+                else:
+                    self._teams.add(team)
+            self.team_requests.labels(team, outcome).inc()
+
+    @contextmanager
+    def backend_call(self, backend: str, operation: str) -> Iterator[None]:
+        """Time a call to Redis or the database and count its failures."""
+        started = time.perf_counter()
+        try:
+            yield
+        except Exception:
+            self.backend_errors.labels(backend, operation).inc()
+            raise
+        finally:
+            self.backend_duration.labels(backend, operation).observe(time.perf_counter() - started)

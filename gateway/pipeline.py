@@ -164,6 +164,7 @@ class Pipeline:
         self._default_burst = limits.burst or limits.per_minute
         self._metered_test = settings.credits.test_environment == "metered"
         self._identity = settings.identity_headers
+        self._limiter_kind = settings.limiter.kind
 
     # -- the handler ----------------------------------------------------------------
 
@@ -264,7 +265,6 @@ class Pipeline:
         except StorageError:
             response = errors.error_response(503, "Service temporarily unavailable")
             return ex.reply(self._unread(request, response), Outcome.UNAVAILABLE)
-        self._metrics.key_cache.labels("hit" if record is not None else "miss").inc()
         if record is None:
             return self._invalid(request, ex, "unknown", parsed.text)
         if not record.usable_at(time.time()):
@@ -274,12 +274,22 @@ class Pipeline:
         return record
 
     def _invalid(self, request: web.Request, ex: Exchange, reason: str, token: str) -> web.Response:
+        self._metrics.auth_failures.labels(reason).inc()
+        key = ex.key
+        # The attempted key's display prefix at most, never more of it; for a
+        # known key (revoked, expired) its id and team, which the client never learns.
         log.info(
-            "auth failure reason=%s prefix=%s client_ip=%s key_id=%s",
-            reason,
-            display_prefix(token) if token.startswith("ckiq_") else "-",
-            self._client_ip(request),
-            ex.key.id if ex.key else "-",
+            "auth failure",
+            extra={
+                "fields": {
+                    "request_id": ex.request_id,
+                    "reason": reason,
+                    "key_prefix": display_prefix(token) if token.startswith("ckiq_") else None,
+                    "key_id": key.id if key else None,
+                    "team_id": key.team_id if key else None,
+                    "client_ip": self._client_ip(request),
+                }
+            },
         )
         return ex.reply(self._unread(request, errors.invalid_key()), Outcome.UNAUTHORIZED)
 
@@ -298,10 +308,11 @@ class Pipeline:
     ) -> web.Response | None:
         decision = await self._limiter.check(self._limits(key), key.team_id)
         ex.rate_headers = _rate_headers(decision)
+        decided_by = "fallback" if getattr(self._limiter, "degraded", False) else self._limiter_kind
         if decision.allowed:
-            self._metrics.limiter_decisions.labels("allowed").inc()
+            self._metrics.limiter_decisions.labels("allowed", decided_by).inc()
             return None
-        self._metrics.limiter_decisions.labels("rejected").inc()
+        self._metrics.limiter_decisions.labels("rejected", decided_by).inc()
         response = errors.rate_limited(decision.retry_after, decision.rejected_limit)
         return ex.reply(self._unread(request, response), Outcome.RATE_LIMITED)
 
@@ -383,6 +394,7 @@ class Pipeline:
                         return await self._fail_too_large(request, ex, route, reservation)
                     return await self._fail(request, ex, reservation, 502, "Upstream unavailable")
                 ex.upstream_seconds = time.monotonic() - sent
+                self._metrics.upstream_duration.labels(upstream.name).observe(ex.upstream_seconds)
                 status = upstream_response.status
                 ex.status, ex.outcome = status, _outcome_for(status)
                 if reservation is not None:
@@ -547,7 +559,9 @@ class Pipeline:
 
     def _record(self, request: web.Request, ex: Exchange) -> None:
         elapsed = time.monotonic() - ex.started
-        self._metrics.count_request(ex.route, ex.method, ex.status, ex.outcome.value)
+        self._metrics.count_request(
+            ex.route, ex.method, ex.status, ex.outcome.value, ex.key.team_id if ex.key else None
+        )
         self._metrics.request_duration.labels(ex.route).observe(elapsed)
         if access_log.isEnabledFor(logging.INFO):
             key = ex.key

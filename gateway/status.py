@@ -41,7 +41,8 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     gw.metrics.unflushed.set(gw.credits.unflushed)
-    body = generate_latest(gw.metrics.registry)
+    gw.metrics.flush_lag.set(gw.credits.flush_lag)
+    body = generate_latest(gw.metrics.collector_registry())
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
