@@ -111,11 +111,14 @@ def cmd_run(args: argparse.Namespace) -> None:
             "--workers above 1 needs limiter: redis://... and storage: postgresql://...; "
             "with the in-process limiter and SQLite every worker would enforce its own limits"
         )
-    if args.workers > 1:
-        raise CliError("--workers above 1 is not available in this build yet")
     configure_logging(settings.logging)
+    if args.workers > 1:
+        from gateway.workers import supervise
+
+        raise SystemExit(supervise(_config_path(args), args.workers))
     _install_uvloop()
-    asyncio.run(serve(settings))
+    # A worker of a supervisor shares its listeners with its siblings.
+    asyncio.run(serve(settings, reuse_port=os.environ.get("GATEWAY_WORKER") == "1"))
 
 
 def _install_uvloop() -> None:

@@ -79,7 +79,7 @@ async def serve(
         for runner, listen in zip(runners, listens, strict=True):
             await runner.setup()
             started.append(runner)
-            await _site(runner, listen, reuse_port and runner is runners[0])
+            await _site(runner, listen, reuse_port)
         log.info(
             "gateway listening",
             extra={
