@@ -36,6 +36,7 @@ __all__ = [
     "PostgresSettings",
     "RateLimitSettings",
     "RouteSettings",
+    "SecuritySettings",
     "Settings",
     "ShutdownSettings",
     "StatusSettings",
@@ -171,6 +172,12 @@ class IdentityHeaderSettings(_Frozen):
     environment: str = "X-Gateway-Environment"
 
 
+class SecuritySettings(_Frozen):
+    # Store lookups for keys the cache does not know, per client address and
+    # minute (0 = unlimited). Brute force is throttled; cached keys are not.
+    key_lookups_per_minute_per_ip: int = Field(default=120, ge=0, le=1_000_000)
+
+
 class MetricsSettings(_Frozen):
     # Per-team series can take a Prometheus down (Kong's lesson): off unless asked,
     # and capped; teams past the cap are counted as "other".
@@ -268,6 +275,7 @@ class Settings(_Frozen):
     identity_headers: IdentityHeaderSettings = IdentityHeaderSettings()
     logging: LoggingSettings = LoggingSettings()
     metrics: MetricsSettings = MetricsSettings()
+    security: SecuritySettings = SecuritySettings()
     upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
     routes: tuple[RouteSettings, ...] = ()
     shutdown: ShutdownSettings = ShutdownSettings()

@@ -18,10 +18,17 @@ from gateway.metrics import Metrics
 from gateway.models import KeyRecord
 from gateway.storage import StorageError, Store
 
-__all__ = ["KeyCache"]
+__all__ = ["MISS", "CacheMiss", "KeyCache"]
 
 log = logging.getLogger("gateway.keycache")
 _UNFOLLOWED_TTL = 1.0
+
+
+class CacheMiss:
+    """The cache knows nothing about a hash."""
+
+
+MISS = CacheMiss()
 
 
 def _retrieve(task: asyncio.Task[KeyRecord | None]) -> None:
@@ -64,6 +71,13 @@ class KeyCache:
         Raises :class:`StorageError` only when the store is down and nothing
         (not even a stale entry) is known about this hash.
         """
+        found = self.cached(key_hash)
+        if not isinstance(found, CacheMiss):
+            return found
+        return await self.load(key_hash)
+
+    def cached(self, key_hash: str) -> KeyRecord | CacheMiss | None:
+        """What memory knows: a record, ``None`` (known unknown), or ``MISS``."""
         now = self._clock()
         entry = self._positive.get(key_hash)
         ttl = self._settings.cache_ttl_seconds if self.following else _UNFOLLOWED_TTL
@@ -77,11 +91,16 @@ class KeyCache:
                 self.hits += 1
                 self._hit.inc()
                 return None
+        return MISS
+
+    async def load(self, key_hash: str) -> KeyRecord | None:
+        """Ask the store (after :meth:`cached` said ``MISS``)."""
         self.misses += 1
         self._miss.inc()
         try:
             return await self._fetch(key_hash)
         except StorageError:
+            entry = self._positive.get(key_hash)
             if entry is not None:  # stale-if-error: cached keys keep working
                 return entry[0]
             raise

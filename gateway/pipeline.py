@@ -23,9 +23,9 @@ from aiohttp.streams import StreamReader
 from gateway import errors
 from gateway.config import Settings
 from gateway.credits import Credits
-from gateway.keycache import KeyCache
+from gateway.keycache import CacheMiss, KeyCache
 from gateway.keys import display_prefix, hash_secret, parse_key
-from gateway.limiter import Decision, Limit, Limiter
+from gateway.limiter import Decision, Limit, Limiter, LimiterUnavailable
 from gateway.metrics import Metrics
 from gateway.models import KeyRecord, Outcome
 from gateway.proxy import (
@@ -165,6 +165,7 @@ class Pipeline:
         self._metered_test = settings.credits.test_environment == "metered"
         self._identity = settings.identity_headers
         self._limiter_kind = settings.limiter.kind
+        self._lookups_per_ip = settings.security.key_lookups_per_minute_per_ip
 
     # -- the handler ----------------------------------------------------------------
 
@@ -260,11 +261,20 @@ class Pipeline:
         parsed = parse_key(token.strip()) if scheme.lower() == "bearer" else None
         if parsed is None:
             return self._invalid(request, ex, "malformed", token)
-        try:
-            record = await self._keys.lookup(hash_secret(parsed.text, self._pepper))
-        except StorageError:
-            response = errors.error_response(503, "Service temporarily unavailable")
-            return ex.reply(self._unread(request, response), Outcome.UNAVAILABLE)
+        key_hash = hash_secret(parsed.text, self._pepper)
+        record = self._keys.cached(key_hash)
+        if isinstance(record, CacheMiss):
+            # Only lookups the cache cannot answer cost the store anything, so only
+            # they count against the client address's budget: brute force is
+            # throttled, while keys already in memory keep working from that address.
+            throttled = await self._lookup_budget(request, ex)
+            if throttled is not None:
+                return throttled
+            try:
+                record = await self._keys.load(key_hash)
+            except StorageError:
+                response = errors.error_response(503, "Service temporarily unavailable")
+                return ex.reply(self._unread(request, response), Outcome.UNAVAILABLE)
         if record is None:
             return self._invalid(request, ex, "unknown", parsed.text)
         if not record.usable_at(time.time()):
@@ -272,6 +282,26 @@ class Pipeline:
             return self._invalid(request, ex, "revoked_or_expired", parsed.text)
         ex.key = record
         return record
+
+    async def _lookup_budget(self, request: web.Request, ex: Exchange) -> web.Response | None:
+        per_minute = self._lookups_per_ip
+        if not per_minute:
+            return None
+        ip = self._client_ip(request)
+        limit = Limit("ip:" + ip, per_minute, per_minute)
+        try:
+            decision = await self._limiter.check([limit], "ip:" + ip)
+        except LimiterUnavailable:
+            return None  # the key limits will answer for the limiter being down
+        if decision.allowed:
+            return None
+        self._metrics.auth_failures.labels("throttled").inc()
+        log.info(
+            "key lookups throttled",
+            extra={"fields": {"request_id": ex.request_id, "client_ip": ip}},
+        )
+        response = errors.rate_limited(decision.retry_after, per_minute)
+        return ex.reply(self._unread(request, response), Outcome.RATE_LIMITED)
 
     def _invalid(self, request: web.Request, ex: Exchange, reason: str, token: str) -> web.Response:
         self._metrics.auth_failures.labels(reason).inc()
@@ -306,7 +336,12 @@ class Pipeline:
     async def _rate_limit(
         self, request: web.Request, ex: Exchange, key: KeyRecord
     ) -> web.Response | None:
-        decision = await self._limiter.check(self._limits(key), key.team_id)
+        try:
+            decision = await self._limiter.check(self._limits(key), key.team_id)
+        except LimiterUnavailable:
+            # The shared limiter is down and the policy is to fail closed.
+            response = errors.error_response(503, "Service temporarily unavailable")
+            return ex.reply(self._unread(request, response), Outcome.UNAVAILABLE)
         ex.rate_headers = _rate_headers(decision)
         decided_by = "fallback" if getattr(self._limiter, "degraded", False) else self._limiter_kind
         if decision.allowed:

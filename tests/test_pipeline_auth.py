@@ -120,3 +120,23 @@ async def test_metered_test_environment_spends_test_credits(make_gateway: MakeGa
     assert second.status == 402
     assert await gw.balance("sandbox", "test") == 0
     assert await gw.balance("sandbox", "live") == 0
+
+
+async def test_store_lookups_are_throttled_per_client_address(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(security={"key_lookups_per_minute_per_ip": 5})
+    valid = await gw.key(credits=5)
+    assert (await gw.client.post("/api/v1/assess", headers=bearer(valid))).status == 200  # lookup 1
+    for _ in range(4):  # lookups 2-5: forged keys with valid checksums
+        resp = await gw.client.post("/api/v1/assess", headers=bearer(generate_key("live")))
+        assert resp.status == 401
+    throttled = await gw.client.post("/api/v1/assess", headers=bearer(generate_key("live")))
+    assert throttled.status == 429
+    body = await throttled.json()
+    assert (
+        body["error"] == "Rate limit exceeded" and body["limit"] == 5 and body["retry_after"] >= 1
+    )
+    assert throttled.headers["Retry-After"] == str(body["retry_after"])
+    # The key already in memory keeps working from the same address.
+    assert (await gw.client.post("/api/v1/assess", headers=bearer(valid))).status == 200
+    # Malformed keys never reach the store and are answered 401 as always.
+    assert (await gw.client.post("/api/v1/assess", headers=bearer("junk"))).status == 401

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Decision", "Limit", "Limiter", "gcra_step"]
+__all__ = ["Decision", "Limit", "Limiter", "LimiterUnavailable", "gcra_step"]
 
 _EPS = 1e-9
 
@@ -105,6 +105,10 @@ def decide(
         ),
         unchanged,
     )
+
+
+class LimiterUnavailable(Exception):
+    """The limiter cannot decide: its backend is unreachable (the pipeline answers 503)."""
 
 
 class Limiter(Protocol):
