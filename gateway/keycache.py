@@ -11,17 +11,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from gateway.config import KeySettings
 from gateway.metrics import Metrics
 from gateway.models import KeyRecord
-from gateway.storage import StorageError, Store
+from gateway.storage import KeyChange, StorageError, Store
 
 __all__ = ["MISS", "CacheMiss", "KeyCache"]
 
 log = logging.getLogger("gateway.keycache")
 _UNFOLLOWED_TTL = 1.0
+Subscribe = Callable[
+    [Callable[[KeyChange], None], Callable[[], None], Callable[[], None]], Awaitable[None]
+]
 
 
 class CacheMiss:
@@ -190,3 +193,31 @@ class KeyCache:
                     log.warning("key change feed unreachable, re-checking keys every 1 s: %s", exc)
                 self.following = False
             await asyncio.sleep(interval)
+
+    async def listen(self, subscribe: Subscribe) -> None:
+        """Follow pushed notifications (PostgreSQL LISTEN/NOTIFY); cancel to stop.
+
+        ``subscribe(on_change, on_connected, on_lost)`` runs until cancelled and
+        reconnects by itself. Notifications sent while disconnected are lost, so
+        every reconnect forgets the whole cache (entries are fetched again on
+        their next use), and while disconnected entries older than 1 s are
+        re-checked.
+        """
+
+        def on_change(change: KeyChange) -> None:
+            if change.key_hash is not None:
+                self.invalidate(change.key_hash)
+            if change.team_id is not None:
+                self.invalidate_team(change.team_id)
+
+        def on_connected() -> None:
+            self.clear()
+            self.following = True
+
+        def on_lost() -> None:
+            if self.following:
+                log.warning("key change notifications lost, re-checking keys every 1 s")
+            self.following = False
+
+        self.following = False
+        await subscribe(on_change, on_connected, on_lost)
