@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from gateway.models import ApiKey, Environment, KeyRecord, LedgerEntry, Team
+
+if TYPE_CHECKING:
+    from gateway.config import PostgresSettings
 
 __all__ = [
     "Backend",
@@ -152,6 +155,15 @@ class Ledger(Protocol):
 
     async def reconcile(self) -> list[Mismatch]: ...
 
+    async def roll_up(self, older_than_days: int) -> int:
+        """Fold reservations resolved more than ``older_than_days`` ago into per-day rows.
+
+        The rows (per team, environment and UTC day of reservation: count,
+        reserved, charged) keep every balance derivable, and :meth:`reconcile`
+        counts them. Returns how many reservations were folded.
+        """
+        ...
+
 
 class Backend(Store, Ledger, Protocol):
     """One database holding both; owns its connections."""
@@ -165,10 +177,22 @@ class Backend(Store, Ledger, Protocol):
     async def ping(self) -> None: ...
 
 
-def open_backend(url: str, *, lease_seconds: float) -> Backend:
-    """The backend named by a ``storage`` URL (not yet opened)."""
+def open_backend(
+    url: str, *, lease_seconds: float, postgres: PostgresSettings | None = None
+) -> Backend:
+    """The backend named by a ``storage`` URL (not yet opened).
+
+    ``postgres`` tunes a PostgreSQL backend (pool, timeouts, LISTEN DSN) and
+    is ignored for SQLite.
+    """
     if url.startswith("sqlite:///"):
         from gateway.storage.sqlite import SqliteBackend
 
         return SqliteBackend(url.removeprefix("sqlite:///"), lease_seconds=lease_seconds)
+    if url.startswith(("postgresql://", "postgres://")):
+        from gateway.config import PostgresSettings
+        from gateway.storage.postgres import PostgresBackend
+
+        settings = postgres if postgres is not None else PostgresSettings()
+        return PostgresBackend(url, settings, lease_seconds=lease_seconds)
     raise StorageError(f"storage backend {url.split(':', 1)[0]!r} is not available in this build")

@@ -562,14 +562,57 @@ class SqliteBackend:
             if int(r["stored"]) != int(r["derived"])
         ]
 
+    async def roll_up(self, older_than_days: int) -> int:
+        """Fold reservations resolved more than ``older_than_days`` ago into per-day rows.
+
+        Works in chunks, each its own transaction, so reservations are never
+        held up for long. Returns how many reservations were folded.
+        """
+        cutoff = time.time() - older_than_days * 86_400.0
+
+        def chunk(db: sqlite3.Connection) -> int:
+            # Both statements pick the same rows: same query, same transaction.
+            db.execute(_ROLL_UP_SQL, (cutoff, _ROLL_UP_CHUNK))
+            return db.execute(
+                "DELETE FROM reservations WHERE id IN (" + _ROLL_UP_CHOSEN + ")",  # noqa: S608 - constant
+                (cutoff, _ROLL_UP_CHUNK),
+            ).rowcount
+
+        total = 0
+        while True:
+            moved: int = await self._run(self._tx, chunk)
+            total += moved
+            if moved < _ROLL_UP_CHUNK:
+                return total
+
+
+_ROLL_UP_CHUNK = 10_000
+_ROLL_UP_CHOSEN = (
+    "SELECT id FROM reservations WHERE resolution IS NOT NULL AND resolved_at < ? "
+    "ORDER BY resolved_at, id LIMIT ?"
+)
+_ROLL_UP_SQL = (
+    "INSERT INTO reservation_rollups "
+    "(team_id, environment, day, reservations, reserved, charged) "
+    "SELECT team_id, environment, date(created_at, 'unixepoch'), "
+    "COUNT(*), SUM(amount), SUM(charged) "
+    "FROM reservations WHERE id IN (" + _ROLL_UP_CHOSEN + ") "
+    "GROUP BY 1, 2, 3 "
+    "ON CONFLICT (team_id, environment, day) DO UPDATE SET "
+    "reservations = reservations + excluded.reservations, "
+    "reserved = reserved + excluded.reserved, "
+    "charged = charged + excluded.charged"
+)
+
 
 # The balance derived from immutable facts: grants and adjustments, minus what
-# pending reservations hold, minus what resolved ones charged.
+# pending reservations hold, minus what resolved ones charged (rolled up or not).
 _RECONCILE_SQL = """
 WITH accounts AS (
     SELECT team_id, environment FROM balances
     UNION SELECT team_id, environment FROM credit_entries
     UNION SELECT team_id, environment FROM reservations
+    UNION SELECT team_id, environment FROM reservation_rollups
 ),
 granted AS (
     SELECT team_id, environment, SUM(amount) AS total FROM credit_entries
@@ -579,12 +622,17 @@ spent AS (
     SELECT team_id, environment,
            SUM(CASE WHEN resolution IS NULL THEN amount ELSE charged END) AS total
     FROM reservations GROUP BY team_id, environment
+),
+rolled AS (
+    SELECT team_id, environment, SUM(charged) AS total FROM reservation_rollups
+    GROUP BY team_id, environment
 )
 SELECT a.team_id, a.environment,
        COALESCE(b.available, 0) AS stored,
-       COALESCE(g.total, 0) - COALESCE(s.total, 0) AS derived
+       COALESCE(g.total, 0) - COALESCE(s.total, 0) - COALESCE(r.total, 0) AS derived
 FROM accounts a
 LEFT JOIN balances b USING (team_id, environment)
 LEFT JOIN granted g USING (team_id, environment)
 LEFT JOIN spent s USING (team_id, environment)
+LEFT JOIN rolled r USING (team_id, environment)
 """
