@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from gateway.anomaly import AnomalyDetector
 from gateway.config import Settings
 from gateway.credits import Credits
 from gateway.keycache import KeyCache
@@ -20,6 +22,7 @@ from gateway.pipeline import Pipeline
 from gateway.proxy import UpstreamPool
 from gateway.routing import Router
 from gateway.storage import Backend, open_backend
+from gateway.usage import UsageRecorder
 
 __all__ = ["GATEWAY", "Gateway", "create_app"]
 
@@ -35,14 +38,26 @@ class Gateway:
             team_labels=settings.metrics.team_labels,
             team_label_limit=settings.metrics.team_label_limit,
         )
-        self.backend: Backend = open_backend(settings.storage, lease_seconds=settings.lease_seconds)
-        self.limiter: Limiter = MemoryLimiter()
+        self.backend: Backend = open_backend(
+            settings.storage, lease_seconds=settings.lease_seconds, postgres=settings.postgres
+        )
+        self.limiter: Limiter = _limiter(settings)
         storage = settings.storage_kind
         self.keys = KeyCache(
             self.backend, settings.keys, metrics=self.metrics, backend_name=storage
         )
         self.credits = Credits(
             self.backend, settings.credits, metrics=self.metrics, backend_name=storage
+        )
+        self.usage = UsageRecorder(
+            self.backend,
+            settings.usage.flush_interval_seconds,
+            client_ips=settings.usage.client_ips,
+        )
+        self.anomalies = (
+            AnomalyDetector(settings.anomalies, self.metrics)
+            if settings.anomalies.enabled
+            else None
         )
         self.router = Router(settings)
         self.upstreams = UpstreamPool(settings.upstreams)
@@ -56,19 +71,57 @@ class Gateway:
             ledger=self.backend,
             upstreams=self.upstreams,
             metrics=self.metrics,
+            usage=self.usage,
+            anomalies=self.anomalies,
         )
         self.ready = False
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         await self.backend.open()
-        await self.backend.migrate()
+        if self.settings.storage_kind == "sqlite" or self.settings.postgres.migrate_on_start:
+            await self.backend.migrate()
         await self.keys.start_following()
+        listen = getattr(self.backend, "listen_key_changes", None)
+        # PostgreSQL pushes key changes (LISTEN/NOTIFY); SQLite is polled.
+        follow = self.keys.listen(listen) if listen is not None else self.keys.follow()
         self._tasks = [
-            asyncio.create_task(self.keys.follow(), name="key-changes"),
+            asyncio.create_task(follow, name="key-changes"),
             asyncio.create_task(self.credits.run(), name="credits"),
+            asyncio.create_task(self.usage.run(), name="usage"),
+            asyncio.create_task(self._retention(), name="retention"),
         ]
+        if self.anomalies is not None:
+            self._tasks.append(asyncio.create_task(self._anomaly_clock(), name="anomalies"))
         self.ready = True
+
+    async def _anomaly_clock(self) -> None:
+        """Close anomaly windows even when no request arrives to do it."""
+        assert self.anomalies is not None
+        interval = self.settings.anomalies.window_seconds / 4
+        while True:
+            await asyncio.sleep(interval)
+            self.anomalies.tick()
+
+    async def _retention(self) -> None:
+        """Roll old resolved reservations up into per-day rows, now and then."""
+        credits = self.settings.credits
+        while True:
+            try:
+                folded = await self.backend.roll_up(credits.retention_days)
+                if folded:
+                    log.info("rolled up %d resolved reservations", folded)
+                usage = self.settings.usage
+                now = time.time()
+                await self.backend.prune_patterns(
+                    int(now - usage.ip_retention_days * 86400),
+                    int(now - usage.auth_failure_retention_days * 86400),
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("ledger retention failed, will try again: %s", exc)
+            await asyncio.sleep(credits.retention_interval_seconds)
 
     async def stop(self) -> None:
         self.ready = False
@@ -79,9 +132,20 @@ class Gateway:
                 await task
         self._tasks = []
         await self.credits.close()
+        with contextlib.suppress(Exception):
+            await self.usage.flush()
         await self.upstreams.close()
         await self.limiter.close()
         await self.backend.close()
+
+
+def _limiter(settings: Settings) -> Limiter:
+    if settings.limiter.kind == "memory":
+        return MemoryLimiter()
+    from gateway.limiter.fallback import FallbackLimiter
+    from gateway.limiter.redis import RedisLimiter
+
+    return FallbackLimiter(RedisLimiter(settings.limiter), settings.limiter)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -26,6 +26,7 @@ from pydantic import (
 
 __all__ = [
     "AdminSettings",
+    "AnomalySettings",
     "ConfigError",
     "CreditSettings",
     "KeySettings",
@@ -41,6 +42,7 @@ __all__ = [
     "ShutdownSettings",
     "StatusSettings",
     "UpstreamSettings",
+    "UsageSettings",
     "load_settings",
     "parse_listen",
     "settings_from_mapping",
@@ -136,10 +138,16 @@ class PostgresSettings(_Frozen):
     # LISTEN needs a session of its own: a direct DSN when the pool goes through PgBouncer.
     listen_dsn: SecretStr | None = None
     command_timeout_seconds: float = Field(default=5.0, gt=0, le=600)
-    # Reservations and resolutions older than this are rolled up into per-day rows.
-    retention_days: int = Field(default=30, ge=1, le=3650)
     # Run `gateway migrate` at start (else only check the schema is current).
     migrate_on_start: bool = True
+
+    @field_validator("listen_dsn")
+    @classmethod
+    def _blank_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        # "${GATEWAY_POSTGRES_LISTEN_DSN:-}" in a manifest means "the pool's DSN".
+        if value is None or value.get_secret_value().strip() == "":
+            return None
+        return value
 
 
 class RateLimitSettings(_Frozen):
@@ -154,6 +162,10 @@ class CreditSettings(_Frozen):
     post_flush_interval_seconds: float = Field(default=0.25, gt=0, le=1.0)
     sweep_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
     void_retry_seconds: float = Field(default=1.0, gt=0, le=60)
+    # Resolved reservations older than this are rolled up into per-day rows, so
+    # the ledger does not grow by a row per request forever (balances stay derivable).
+    retention_days: int = Field(default=30, ge=1, le=3650)
+    retention_interval_seconds: float = Field(default=3600.0, gt=0, le=86400)
 
 
 class KeySettings(_Frozen):
@@ -170,6 +182,29 @@ class IdentityHeaderSettings(_Frozen):
     team: str = "X-Gateway-Team-Id"
     key: str = "X-Gateway-Key-Id"
     environment: str = "X-Gateway-Environment"
+
+
+class UsageSettings(_Frozen):
+    # Usage counters and last_used_at are written this often, in batches.
+    flush_interval_seconds: float = Field(default=2.0, gt=0, le=60)
+    # Client addresses seen per key and day (personal data: switchable, kept
+    # for ip_retention_days), and refused credentials per prefix and address.
+    client_ips: bool = True
+    ip_retention_days: int = Field(default=30, ge=1, le=3650)
+    auth_failure_retention_days: int = Field(default=30, ge=1, le=3650)
+
+
+class AnomalySettings(_Frozen):
+    """Thresholds of the anomaly signals (see gateway/anomaly.py and the README)."""
+
+    enabled: bool = True
+    window_seconds: float = Field(default=60.0, gt=0, le=3600)
+    baseline_windows: int = Field(default=30, ge=1, le=10_000)
+    rate_spike_factor: float = Field(default=5.0, gt=1)
+    rate_spike_min_requests: int = Field(default=60, ge=1)
+    new_ips_threshold: int = Field(default=20, ge=1)
+    new_ip_memory_seconds: float = Field(default=86400.0, gt=0)
+    auth_failure_threshold: int = Field(default=20, ge=1)
 
 
 class SecuritySettings(_Frozen):
@@ -276,6 +311,8 @@ class Settings(_Frozen):
     logging: LoggingSettings = LoggingSettings()
     metrics: MetricsSettings = MetricsSettings()
     security: SecuritySettings = SecuritySettings()
+    usage: UsageSettings = UsageSettings()
+    anomalies: AnomalySettings = AnomalySettings()
     upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
     routes: tuple[RouteSettings, ...] = ()
     shutdown: ShutdownSettings = ShutdownSettings()

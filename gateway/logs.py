@@ -65,9 +65,24 @@ def _logfmt(value: Any) -> str:
     return text
 
 
+class _ClientErrors(logging.Filter):
+    """A malformed request is the client's problem, not ours: one info line, no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "bad request from a client: %s", (exc.message,)
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def configure_logging(settings: LoggingSettings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogFormatter(settings.format))
+    handler.addFilter(_ClientErrors())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.level)

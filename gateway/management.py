@@ -6,21 +6,32 @@ logged: the store keeps only its hash and display prefix.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from gateway.config import Settings
-from gateway.keys import display_prefix, generate_key, hash_secret, parse_key
-from gateway.models import ApiKey, Environment, LedgerEntry, Team
-from gateway.storage import Backend, Mismatch, NotFound
+from gateway.keys import display_prefix, generate_key, generate_token, hash_secret, parse_key
+from gateway.models import ApiKey, AuditEntry, Environment, LedgerEntry, Team, TeamToken
+from gateway.storage import Backend, Conflict, Mismatch, NotFound
 
-__all__ = ["CreatedKey", "Management"]
+__all__ = ["CreatedKey", "CreatedToken", "Management"]
 
 
 @dataclass(frozen=True, slots=True)
 class CreatedKey:
     key: ApiKey
     secret: str  # the full key: shown once, never again
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedToken:
+    token: TeamToken
+    secret: str  # shown once, never again
+
+
+KEY_FIELDS = frozenset({"name", "rate_limit_per_minute", "expires_at", "disabled"})
 
 
 class Management:
@@ -62,6 +73,125 @@ class Management:
         )
         return CreatedKey(key, secret)
 
+    async def key(self, key_id: str) -> ApiKey:
+        return await self._backend.get_key(key_id)
+
+    async def key_by_secret(self, secret: str) -> ApiKey:
+        """The key a leaked secret belongs to (what a secret scanner reports)."""
+        parsed = parse_key(secret.strip())
+        if parsed is None:
+            raise NotFound("that is not a valid key (wrong format or checksum)")
+        key_id = await self._backend.find_key_id_by_hash(self.hash(parsed.text))
+        if key_id is None:
+            raise NotFound("no such key")
+        return await self._backend.get_key(key_id)
+
+    async def update_key(self, key_id: str, changes: dict[str, object]) -> ApiKey:
+        unknown = set(changes) - KEY_FIELDS
+        if unknown:
+            raise ValueError(f"unknown key fields: {sorted(unknown)}")
+        key = await self._backend.get_key(key_id)
+        if key.revoked_at is not None:
+            raise Conflict(f"key {key_id!r} is revoked")
+        if not changes:
+            return key
+        return await self._backend.update_key(key_id, changes)
+
+    async def rotate_key(self, key_id: str, grace_seconds: int) -> CreatedKey:
+        """A new key with the same settings; the old one expires after the grace period."""
+        old = await self._backend.get_key(key_id)
+        if old.revoked_at is not None:
+            raise Conflict(f"key {key_id!r} is revoked")
+        secret = generate_key(old.environment)
+        new = await self._backend.rotate_key(
+            key_id, self.hash(secret), display_prefix(secret), time.time() + grace_seconds
+        )
+        return CreatedKey(new, secret)
+
+    async def update_team(self, team_id: str, rate_limit_per_minute: int | None) -> Team:
+        return await self._backend.update_team(team_id, rate_limit_per_minute)
+
+    async def create_token(self, team: str, name: str) -> CreatedToken:
+        owner = await self._backend.get_team(team)
+        secret = generate_token()
+        token = await self._backend.create_token(
+            owner.id, name, self.hash(secret), display_prefix(secret)
+        )
+        return CreatedToken(token, secret)
+
+    async def tokens(
+        self, team: str, limit: int = 100, after: str | None = None
+    ) -> list[TeamToken]:
+        owner = await self._backend.get_team(team)
+        return await self._backend.list_tokens(owner.id, limit, after)
+
+    async def token(self, token_id: str) -> TeamToken:
+        return await self._backend.get_token(token_id)
+
+    async def revoke_token(self, token_id: str) -> TeamToken:
+        return await self._backend.revoke_token(token_id)
+
+    async def find_token(self, secret: str) -> TeamToken | None:
+        return await self._backend.find_token(self.hash(secret))
+
+    async def record_audit(
+        self,
+        *,
+        actor: str,
+        action: str,
+        target: str | None,
+        team_id: str | None,
+        client_ip: str | None,
+        details: dict[str, object],
+    ) -> None:
+        await self._backend.append_audit(actor, action, target, team_id, client_ip, details)
+
+    async def audit(
+        self, team_id: str | None, limit: int = 100, before: int | None = None
+    ) -> list[AuditEntry]:
+        return await self._backend.list_audit(team_id, limit, before)
+
+    async def usage(
+        self, team_id: str, start: float, end: float, step: int, key_id: str | None = None
+    ) -> dict[str, object]:
+        """Requests per bucket by outcome, credits charged, and the busiest keys."""
+        first = int(start // step * step)
+        rows = await self._backend.usage_buckets(team_id, first, end, step, key_id)
+        counts: dict[int, dict[str, int]] = {}
+        credits: dict[int, int] = {}
+        totals: dict[str, int] = {}
+        for bucket_start, outcome, requests, charged in rows:
+            per_outcome = counts.setdefault(bucket_start, {})
+            per_outcome[outcome] = per_outcome.get(outcome, 0) + requests
+            credits[bucket_start] = credits.get(bucket_start, 0) + charged
+            totals[outcome] = totals.get(outcome, 0) + requests
+        buckets = [
+            {
+                "start": iso(b),
+                "requests": counts.get(b, {}),
+                "total": sum(counts.get(b, {}).values()),
+                "credits": credits.get(b, 0),
+            }
+            for b in range(first, math.ceil(end), step)
+        ]
+        top = await self._backend.usage_top_keys(team_id, first, end, 10)
+        return {
+            "from": iso(start),
+            "to": iso(end),
+            "buckets": buckets,
+            "totals": {
+                "requests": totals,
+                "total": sum(totals.values()),
+                "credits": sum(credits.values()),
+            },
+            "top_keys": [{"key": k, "requests": r, "credits": c} for k, r, c in top],
+        }
+
+    async def auth_failures(
+        self, start: int, end: float, limit: int
+    ) -> list[tuple[str, str, str, int]]:
+        return await self._backend.auth_failure_counts(start, end, limit)
+
     async def keys(self, team: str, limit: int = 100, after: str | None = None) -> list[ApiKey]:
         owner = await self._backend.get_team(team)
         return await self._backend.list_keys(owner.id, limit, after)
@@ -100,7 +230,7 @@ class Management:
         return owner, await self._backend.balances(owner.id)
 
     async def ledger(
-        self, team: str, limit: int = 50, before: int | None = None
+        self, team: str, limit: int = 50, before: str | None = None
     ) -> list[LedgerEntry]:
         owner = await self._backend.get_team(team)
         return await self._backend.ledger_entries(owner.id, limit, before)
@@ -111,6 +241,8 @@ class Management:
 
 
 def iso(ts: float | None) -> str | None:
+    """RFC 3339 in UTC, whole seconds (four-digit years, also before 1000)."""
     if ts is None:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    moment = datetime.fromtimestamp(math.floor(ts), UTC)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -8,11 +8,14 @@ from typing import Literal
 
 __all__ = [
     "ApiKey",
+    "AuditEntry",
     "Environment",
     "KeyRecord",
     "LedgerEntry",
     "Outcome",
     "Team",
+    "TeamToken",
+    "UsageRow",
 ]
 
 Environment = Literal["live", "test"]
@@ -81,11 +84,55 @@ class ApiKey:
 
 @dataclass(frozen=True, slots=True)
 class LedgerEntry:
-    id: int
+    """A credit entry ("c<n>": grant, adjust) or a reservation ("r<id>": reserve,
+    post, void, expire_void, expire_post), as the team's ledger history lists it."""
+
+    id: str
     team_id: str
     environment: Environment
     kind: str
-    amount: int
+    amount: int  # signed: what it did to the balance (a reservation: minus held or charged)
     reason: str | None
     reservation_id: str | None
     created_at: float
+    cursor: str  # opaque: pass as ``before`` for the entries after this one
+
+
+@dataclass(frozen=True, slots=True)
+class TeamToken:
+    """A team-scoped management token as listed: never the secret, never the hash."""
+
+    id: str
+    team_id: str
+    name: str
+    prefix: str
+    created_at: float
+    last_used_at: float | None
+    revoked_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One admin action: who (admin or a team token), what, when, from where."""
+
+    id: int
+    at: float
+    actor: str  # "admin", "cli", or "token:<token id>"
+    action: str  # e.g. "key.create", "credits.grant"
+    target: str | None  # the id acted on
+    team_id: str | None
+    client_ip: str | None
+    details: dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """Requests and credits of one key in one minute with one outcome."""
+
+    minute: int  # unix seconds, a multiple of 60
+    team_id: str
+    key_id: str
+    environment: Environment
+    outcome: str
+    requests: int
+    credits: int

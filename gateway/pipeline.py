@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.streams import StreamReader
 
 from gateway import errors
+from gateway.anomaly import AnomalyDetector
 from gateway.config import Settings
 from gateway.credits import Credits
 from gateway.keycache import CacheMiss, KeyCache
@@ -37,6 +38,7 @@ from gateway.proxy import (
 )
 from gateway.routing import BadPath, Route, Router, canonical_path, encode_path
 from gateway.storage import Ledger, StorageError
+from gateway.usage import UsageRecorder
 
 __all__ = ["Exchange", "Pipeline"]
 
@@ -72,6 +74,7 @@ class Exchange:
     credits: int = 0
     upstream_seconds: float | None = None
     rate_headers: dict[str, str] = field(default_factory=dict)
+    client_ip: str = ""
 
     def reply(self, response: web.Response, outcome: Outcome) -> web.Response:
         self.status = response.status
@@ -147,6 +150,8 @@ class Pipeline:
         ledger: Ledger,
         upstreams: UpstreamPool,
         metrics: Metrics,
+        usage: UsageRecorder,
+        anomalies: AnomalyDetector | None = None,
     ) -> None:
         self._settings = settings
         self._router = router
@@ -156,6 +161,8 @@ class Pipeline:
         self._ledger = ledger
         self._upstreams = upstreams
         self._metrics = metrics
+        self._usage = usage
+        self._anomalies = anomalies
         self._addresses = ClientAddress(settings.trusted_proxies)
         pepper = settings.keys.pepper
         self._pepper = pepper.get_secret_value().encode() if pepper else None
@@ -177,6 +184,7 @@ class Pipeline:
             else secrets.token_hex(16)
         )
         exchange = Exchange(request_id, request.method, time.monotonic())
+        exchange.client_ip = self._client_ip(request)
         self._metrics.in_flight.inc()
         try:
             return await self._handle(request, exchange)
@@ -287,7 +295,7 @@ class Pipeline:
         per_minute = self._lookups_per_ip
         if not per_minute:
             return None
-        ip = self._client_ip(request)
+        ip = ex.client_ip
         limit = Limit("ip:" + ip, per_minute, per_minute)
         try:
             decision = await self._limiter.check([limit], "ip:" + ip)
@@ -306,6 +314,10 @@ class Pipeline:
     def _invalid(self, request: web.Request, ex: Exchange, reason: str, token: str) -> web.Response:
         self._metrics.auth_failures.labels(reason).inc()
         key = ex.key
+        prefix = display_prefix(token) if token.startswith("ckiq_") else None
+        self._usage.record_auth_failure(prefix, ex.client_ip, reason)
+        if self._anomalies is not None:
+            self._anomalies.auth_failure(prefix, ex.client_ip)
         # The attempted key's display prefix at most, never more of it; for a
         # known key (revoked, expired) its id and team, which the client never learns.
         log.info(
@@ -314,10 +326,10 @@ class Pipeline:
                 "fields": {
                     "request_id": ex.request_id,
                     "reason": reason,
-                    "key_prefix": display_prefix(token) if token.startswith("ckiq_") else None,
+                    "key_prefix": prefix,
                     "key_id": key.id if key else None,
                     "team_id": key.team_id if key else None,
-                    "client_ip": self._client_ip(request),
+                    "client_ip": ex.client_ip,
                 }
             },
         )
@@ -594,6 +606,14 @@ class Pipeline:
 
     def _record(self, request: web.Request, ex: Exchange) -> None:
         elapsed = time.monotonic() - ex.started
+        key = ex.key
+        if key is not None:
+            used = ex.outcome is not Outcome.UNAUTHORIZED
+            self._usage.record(key, ex.outcome.value, ex.credits, used=used)
+            if used:
+                self._usage.record_ip(key, ex.client_ip)
+                if self._anomalies is not None:
+                    self._anomalies.request(key.id, key.team_id, ex.client_ip)
         self._metrics.count_request(
             ex.route, ex.method, ex.status, ex.outcome.value, ex.key.team_id if ex.key else None
         )
@@ -617,7 +637,7 @@ class Pipeline:
                         if ex.upstream_seconds is not None
                         else None,
                         "total_ms": round(elapsed * 1000, 3),
-                        "client_ip": self._client_ip(request),
+                        "client_ip": ex.client_ip,
                     }
                 },
             )

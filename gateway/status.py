@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.app import GATEWAY, Gateway
 from gateway.errors import json_response
+from gateway.limiter import Limit, LimiterUnavailable
 
 __all__ = ["create_status_app"]
 
@@ -21,21 +23,49 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    storage: dict[str, object] = {"ok": True}
+    storage: dict[str, object] = {"ok": True, "kind": gw.settings.storage_kind}
     try:
         async with asyncio.timeout(_PING_TIMEOUT):
             await gw.backend.ping()
     except Exception as exc:
-        storage = {"ok": False, "error": type(exc).__name__}
-    limiter = {"ok": True, "kind": gw.settings.limiter.kind}
+        storage = {"ok": False, "kind": gw.settings.storage_kind, "error": type(exc).__name__}
+    limiter = await _limiter_state(gw)
     key_feed = {"ok": gw.keys.following}
-    ready = gw.ready and bool(storage["ok"])
+    # A fallback limiter still serves (degraded); a limiter that fails closed does not.
+    ready = gw.ready and bool(storage["ok"]) and not limiter["refusing"]
     body = {
         "ready": ready,
-        "degraded": not gw.keys.following,
+        "degraded": bool(limiter["degraded"]) or not gw.keys.following,
         "backends": {"storage": storage, "limiter": limiter, "key_changes": key_feed},
     }
     return json_response(200 if ready else 503, body)
+
+
+async def _limiter_state(gw: Gateway) -> dict[str, object]:
+    settings = gw.settings.limiter
+    state: dict[str, object] = {
+        "ok": True,
+        "kind": settings.kind,
+        "degraded": False,
+        "refusing": False,
+    }
+    if settings.kind == "memory":
+        return state
+    limiter = gw.limiter
+    if getattr(limiter, "degraded", False):
+        # Readiness probes double as recovery probes: with no traffic, this is
+        # what notices that Redis answers again.
+        with contextlib.suppress(LimiterUnavailable):
+            await limiter.check([Limit("readyz", 1_000_000, 1_000_000)], "readyz")
+    degraded = bool(getattr(limiter, "degraded", False))
+    gw.metrics.limiter_degraded.set(1 if degraded else 0)
+    state.update(
+        ok=not degraded,
+        degraded=degraded,
+        policy=settings.on_unavailable,
+        refusing=degraded and settings.on_unavailable == "fail_closed",
+    )
+    return state
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-__all__ = ["Fields", "InputError", "read_json"]
+__all__ = ["Fields", "InputError", "query_int", "read_json"]
+
+# C0 and C1 control characters: never part of a name or a reason.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 class InputError(Exception):
@@ -41,28 +45,31 @@ class Fields:
             {"field": name, "problem": "unknown field"} for name in data if name not in allowed
         ]
 
-    def _problem(self, name: str, problem: str) -> None:
+    def problem(self, name: str, problem: str) -> None:
         self._problems.append({"field": name, "problem": problem})
 
     def present(self, name: str) -> bool:
         return name in self._data
+
+    def raw(self, name: str) -> Any:
+        return self._data.get(name)
 
     def string(
         self, name: str, *, required: bool = False, min_len: int = 1, max_len: int = 100
     ) -> str | None:
         if name not in self._data or self._data[name] is None:
             if required:
-                self._problem(name, "is required")
+                self.problem(name, "is required")
             return None
         value = self._data[name]
         if not isinstance(value, str):
-            self._problem(name, "must be a string")
+            self.problem(name, "must be a string")
             return None
         if not min_len <= len(value) <= max_len:
-            self._problem(name, f"must be {min_len} to {max_len} characters long")
+            self.problem(name, f"must be {min_len} to {max_len} characters long")
             return None
-        if not value.isprintable():
-            self._problem(name, "must contain printable characters only")
+        if _CONTROL.search(value):
+            self.problem(name, "must not contain control characters")
             return None
         return value
 
@@ -76,26 +83,30 @@ class Fields:
     ) -> int | None:
         if name not in self._data or self._data[name] is None:
             if required:
-                self._problem(name, "is required")
+                self.problem(name, "is required")
             return None
         value = self._data[name]
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            value = int(value)  # JSON has one number type: 5.0 is the integer 5
         if isinstance(value, bool) or not isinstance(value, int):
-            self._problem(name, "must be an integer")
+            self.problem(name, "must be an integer")
             return None
         if minimum is not None and value < minimum:
-            self._problem(name, f"must be at least {minimum}")
+            self.problem(name, f"must be at least {minimum}")
             return None
         if maximum is not None and value > maximum:
-            self._problem(name, f"must be at most {maximum}")
+            self.problem(name, f"must be at most {maximum}")
             return None
         return value
 
-    def boolean(self, name: str) -> bool | None:
+    def boolean(self, name: str, *, required: bool = False) -> bool | None:
         if name not in self._data or self._data[name] is None:
+            if required:
+                self.problem(name, "must be true or false")
             return None
         value = self._data[name]
         if not isinstance(value, bool):
-            self._problem(name, "must be true or false")
+            self.problem(name, "must be true or false")
             return None
         return value
 
@@ -104,7 +115,7 @@ class Fields:
             return default
         value = self._data[name]
         if value not in options:
-            self._problem(name, "must be one of " + ", ".join(options))
+            self.problem(name, "must be one of " + ", ".join(options))
             return default
         return str(value)
 

@@ -6,16 +6,30 @@ pick a backend by the ``storage`` URL through :func:`open_backend`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import base64
+import binascii
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from gateway.models import ApiKey, Environment, KeyRecord, LedgerEntry, Team
+from gateway.models import (
+    ApiKey,
+    AuditEntry,
+    Environment,
+    KeyRecord,
+    LedgerEntry,
+    Team,
+    TeamToken,
+    UsageRow,
+)
 
 if TYPE_CHECKING:
     from gateway.config import PostgresSettings
 
 __all__ = [
+    "KEY_FIELDS",
+    "AdminStore",
     "Backend",
     "Conflict",
     "KeyChange",
@@ -27,7 +41,14 @@ __all__ = [
     "StorageError",
     "StorageUnavailable",
     "Store",
+    "UsageStore",
+    "checked_key_changes",
+    "decode_ledger_cursor",
+    "encode_ledger_cursor",
 ]
+
+# What update_key may change; anything else is refused (ValueError).
+KEY_FIELDS = frozenset({"name", "rate_limit_per_minute", "expires_at", "disabled"})
 
 ExpiryPolicy = Literal["void", "post"]
 
@@ -119,6 +140,118 @@ class Store(Protocol):
 
     async def find_key_id_by_hash(self, key_hash: str) -> str | None: ...
 
+    async def update_team(self, team_id: str, rate_limit_per_minute: int | None) -> Team:
+        """Set (or, with None, clear) the team's limit; key caches hear of a change."""
+        ...
+
+    async def update_key(self, key_id: str, changes: Mapping[str, object]) -> ApiKey:
+        """Change the given fields of :data:`KEY_FIELDS` only; None clears a nullable one.
+
+        NotFound for an unknown key, Conflict for a revoked one, ValueError for a
+        field outside :data:`KEY_FIELDS`. A change of what authentication reads
+        (limit, expiry, disabled) reaches the key caches; a new name does not
+        need to.
+        """
+        ...
+
+    async def rotate_key(
+        self, key_id: str, new_hash: str, new_prefix: str, old_expires_at: float
+    ) -> ApiKey:
+        """In one transaction: a new key like the old one, and the old one expiring.
+
+        The new key has the old one's team, name, environment and limit, is
+        enabled and never expires; the old key's ``expires_at`` becomes the
+        earlier of its own and ``old_expires_at``. Conflict if the old key is
+        revoked (or ``new_hash`` exists). Returns the new key.
+        """
+        ...
+
+
+class AdminStore(Protocol):
+    """Team-scoped management tokens and the audit log of the admin API."""
+
+    async def create_token(
+        self, team_id: str, name: str, token_hash: str, prefix: str
+    ) -> TeamToken: ...
+
+    async def list_tokens(self, team_id: str, limit: int, after: str | None) -> list[TeamToken]: ...
+
+    async def get_token(self, token_id: str) -> TeamToken: ...
+
+    async def revoke_token(self, token_id: str) -> TeamToken: ...
+
+    async def find_token(self, token_hash: str) -> TeamToken | None:
+        """The token with this hash, revoked or not; None when there is none."""
+        ...
+
+    async def append_audit(
+        self,
+        actor: str,
+        action: str,
+        target: str | None,
+        team_id: str | None,
+        client_ip: str | None,
+        details: dict[str, object],
+    ) -> None: ...
+
+    async def list_audit(
+        self, team_id: str | None, limit: int, before: int | None
+    ) -> list[AuditEntry]:
+        """Newest first; ids below ``before``; one team's entries, or all (None)."""
+        ...
+
+
+class UsageStore(Protocol):
+    """Usage aggregates and the patterns anomaly detection reads, written in batches."""
+
+    async def add_usage(self, rows: list[UsageRow]) -> None:
+        """Add to the per-minute counters; safe for many writers at once."""
+        ...
+
+    async def touch_keys(self, last_used: dict[str, float]) -> None:
+        """Raise each key's ``last_used_at`` to the time given; no key change is logged."""
+        ...
+
+    async def usage_buckets(
+        self, team_id: str, start: int, end: float, step: int, key_id: str | None
+    ) -> list[tuple[int, str, int, int]]:
+        """(bucket start, outcome, requests, credits) over minutes in [start, end).
+
+        A minute falls in the bucket ``start + (minute - start) // step * step``.
+        """
+        ...
+
+    async def usage_top_keys(
+        self, team_id: str, start: int, end: float, limit: int
+    ) -> list[tuple[str, int, int]]:
+        """(key id, requests, credits) over minutes in [start, end), busiest first."""
+        ...
+
+    async def add_key_ips(self, rows: list[tuple[int, str, str, str, int]]) -> None:
+        """Add (day start, team id, key id, client IP, requests) rows to the daily counters."""
+        ...
+
+    async def key_ips(
+        self, team_id: str, key_id: str | None, start_day: int, end_day: int
+    ) -> list[tuple[int, str, str, int]]:
+        """(day, key id, client IP, requests) for days in [start_day, end_day)."""
+        ...
+
+    async def add_auth_failures(self, rows: list[tuple[int, str, str, str, int]]) -> None:
+        """Add (minute, key prefix or "", client IP, reason, count) rows to the counters."""
+        ...
+
+    async def auth_failure_counts(
+        self, start: int, end: float, limit: int
+    ) -> list[tuple[str, str, str, int]]:
+        """(key prefix, client IP, reason, count) over minutes in [start, end), most first."""
+        ...
+
+    async def prune_patterns(self, ip_before: int, failures_before: int) -> int:
+        """Delete key-IP days before ``ip_before`` and failure minutes before
+        ``failures_before`` (client IPs are personal data); returns rows deleted."""
+        ...
+
 
 class Ledger(Protocol):
     """The two-phase credit ledger: reserve, then post or void, exactly once."""
@@ -148,8 +281,16 @@ class Ledger(Protocol):
     ) -> int: ...
 
     async def ledger_entries(
-        self, team_id: str, limit: int, before: int | None
-    ) -> list[LedgerEntry]: ...
+        self, team_id: str, limit: int, before: str | None
+    ) -> list[LedgerEntry]:
+        """Credit entries and reservations of a team, newest first.
+
+        Ordered by (created_at, id), descending; ``before`` is the ``cursor`` of
+        an entry returned earlier (ValueError when it is not one). A reservation
+        appears once, at the time it was made, as "reserve" while pending and
+        as its resolution afterwards.
+        """
+        ...
 
     async def pending_count(self) -> int: ...
 
@@ -165,7 +306,7 @@ class Ledger(Protocol):
         ...
 
 
-class Backend(Store, Ledger, Protocol):
+class Backend(Store, AdminStore, UsageStore, Ledger, Protocol):
     """One database holding both; owns its connections."""
 
     async def open(self) -> None: ...
@@ -175,6 +316,58 @@ class Backend(Store, Ledger, Protocol):
     async def migrate(self) -> list[int]: ...
 
     async def ping(self) -> None: ...
+
+
+def checked_key_changes(changes: Mapping[str, object]) -> dict[str, object]:
+    """``changes`` for :meth:`Store.update_key`, checked: known fields, right types.
+
+    Raises ValueError naming the first bad field; backends build their UPDATE
+    from the result, so only :data:`KEY_FIELDS` can ever reach the SQL.
+    """
+    checked: dict[str, object] = {}
+    for field_name in sorted(changes):
+        value = changes[field_name]
+        if field_name not in KEY_FIELDS:
+            raise ValueError(f"unknown key field {field_name!r}")
+        if field_name == "name":
+            ok = isinstance(value, str)
+        elif field_name == "disabled":
+            ok = isinstance(value, bool)
+        elif value is None:
+            ok = True  # rate_limit_per_minute and expires_at may be cleared
+        elif isinstance(value, bool):
+            ok = False
+        elif field_name == "rate_limit_per_minute":
+            ok = isinstance(value, int)
+        elif isinstance(value, int | float) and math.isfinite(value):
+            ok, value = True, float(value)
+        else:
+            ok = False
+        if not ok:
+            raise ValueError(f"bad value for key field {field_name!r}: {value!r}")
+        checked[field_name] = value
+    return checked
+
+
+def encode_ledger_cursor(created_at: float, entry_id: str) -> str:
+    """The opaque paging cursor of a ledger entry (URL-safe)."""
+    raw = f"{created_at!r} {entry_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def decode_ledger_cursor(cursor: str) -> tuple[float, str]:
+    """(created_at, entry id) of a cursor; ValueError when it is not one of ours."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise ValueError("not a ledger cursor") from None
+    at, _, entry_id = raw.partition(" ")
+    if not entry_id or entry_id[0] not in "cr":
+        raise ValueError("not a ledger cursor")
+    created_at = float(at)  # ValueError as well
+    if not math.isfinite(created_at):
+        raise ValueError("not a ledger cursor")
+    return created_at, entry_id
 
 
 def open_backend(

@@ -19,15 +19,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import asyncpg
 import orjson
 
 from gateway.config import PostgresSettings
-from gateway.models import ApiKey, Environment, KeyRecord, LedgerEntry, Team
+from gateway.models import (
+    ApiKey,
+    AuditEntry,
+    Environment,
+    KeyRecord,
+    LedgerEntry,
+    Team,
+    TeamToken,
+    UsageRow,
+)
 from gateway.storage import (
     Conflict,
     ExpiryPolicy,
@@ -37,6 +47,9 @@ from gateway.storage import (
     ReserveRequest,
     ReserveResult,
     StorageUnavailable,
+    checked_key_changes,
+    decode_ledger_cursor,
+    encode_ledger_cursor,
 )
 from gateway.storage._schema import POSTGRES_MIGRATIONS
 
@@ -84,10 +97,26 @@ _KEY_COLUMNS = (
     "id, team_id, name, prefix, environment, rate_limit_per_minute, disabled, "
     "created_at, last_used_at, expires_at, revoked_at"
 )
+_TOKEN_COLUMNS = "id, team_id, name, prefix, created_at, last_used_at, revoked_at"  # noqa: S105
+_TEAM_COLUMNS = "id, name, rate_limit_per_minute, created_at"
+
+K = TypeVar("K", bound=tuple[Any, ...])
 
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
+
+
+def _summed(rows: Iterable[tuple[K, int]]) -> list[tuple[K, int]]:
+    """Counter rows with equal keys added up, in key order.
+
+    One upsert may not touch a row twice; and every writer adding in the same
+    (key) order means two of them never wait for each other's rows in a circle.
+    """
+    totals: dict[K, int] = {}
+    for key, n in rows:
+        totals[key] = totals.get(key, 0) + n
+    return sorted(totals.items())
 
 
 def _encode_time(epoch: float) -> tuple[int]:
@@ -134,6 +163,31 @@ def _api_key(row: asyncpg.Record) -> ApiKey:
         last_used_at=row["last_used_at"],
         expires_at=row["expires_at"],
         revoked_at=row["revoked_at"],
+    )
+
+
+def _token(row: asyncpg.Record) -> TeamToken:
+    return TeamToken(
+        id=row["id"],
+        team_id=row["team_id"],
+        name=row["name"],
+        prefix=row["prefix"],
+        created_at=row["created_at"],
+        last_used_at=row["last_used_at"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+def _audit(row: asyncpg.Record) -> AuditEntry:
+    return AuditEntry(
+        id=row["id"],
+        at=row["at"],
+        actor=row["actor"],
+        action=row["action"],
+        target=row["target"],
+        team_id=row["team_id"],
+        client_ip=row["client_ip"],
+        details=orjson.loads(row["details"]),
     )
 
 
@@ -378,6 +432,290 @@ class PostgresBackend:
             raise NotFound(f"no key {key_id!r}")
         raise Conflict(f"key {key_id!r} is already revoked")
 
+    async def update_team(self, team_id: str, rate_limit_per_minute: int | None) -> Team:
+        # The trigger on teams announces a changed limit to every key cache.
+        row = await self._fetchrow(
+            "UPDATE teams SET rate_limit_per_minute = $2 WHERE id = $1 "  # noqa: S608 - constant
+            f"RETURNING {_TEAM_COLUMNS}",
+            team_id,
+            rate_limit_per_minute,
+        )
+        if row is None:
+            raise NotFound(f"no team {team_id!r}")
+        return _team(row)
+
+    async def update_key(self, key_id: str, changes: Mapping[str, object]) -> ApiKey:
+        # The trigger on api_keys announces a change of what caches hold (limit,
+        # expiry, disabled); a new name changes nothing cached.
+        checked = checked_key_changes(changes)
+        async with self._connection() as conn:
+            if checked:
+                # Column names come from KEY_FIELDS only (checked_key_changes).
+                assignments = ", ".join(
+                    f"{field} = ${n}" for n, field in enumerate(checked, start=2)
+                )
+                row = await conn.fetchrow(
+                    f"UPDATE api_keys SET {assignments} "  # noqa: S608 - checked names
+                    f"WHERE id = $1 AND revoked_at IS NULL RETURNING {_KEY_COLUMNS}",
+                    key_id,
+                    *checked.values(),
+                )
+            else:
+                row = await conn.fetchrow(
+                    f"SELECT {_KEY_COLUMNS} FROM api_keys "  # noqa: S608 - constant
+                    "WHERE id = $1 AND revoked_at IS NULL",
+                    key_id,
+                )
+            if row is not None:
+                return _api_key(row)
+            exists = await conn.fetchval("SELECT 1 FROM api_keys WHERE id = $1", key_id)
+        if exists is None:
+            raise NotFound(f"no key {key_id!r}")
+        raise Conflict(f"key {key_id!r} is revoked")
+
+    async def rotate_key(
+        self, key_id: str, new_hash: str, new_prefix: str, old_expires_at: float
+    ) -> ApiKey:
+        # One statement, so one transaction; the triggers announce both keys.
+        try:
+            async with self._connection() as conn:
+                row = await conn.fetchrow(
+                    _ROTATE_SQL, key_id, new_hash, new_prefix, old_expires_at, _new_id("key")
+                )
+                if row is not None:
+                    return _api_key(row)
+                exists = await conn.fetchval("SELECT 1 FROM api_keys WHERE id = $1", key_id)
+        except asyncpg.UniqueViolationError:
+            raise Conflict("a key with this hash exists already") from None
+        if exists is None:
+            raise NotFound(f"no key {key_id!r}")
+        raise Conflict(f"key {key_id!r} is revoked")
+
+    # -- admin: team tokens and the audit log -------------------------------------
+
+    async def create_token(
+        self, team_id: str, name: str, token_hash: str, prefix: str
+    ) -> TeamToken:
+        try:
+            row = await self._fetchrow(
+                "INSERT INTO team_tokens (id, team_id, name, prefix, token_hash) "  # noqa: S608 - constant
+                f"VALUES ($1, $2, $3, $4, $5) RETURNING {_TOKEN_COLUMNS}",
+                _new_id("tok"),
+                team_id,
+                name,
+                prefix,
+                token_hash,
+            )
+        except asyncpg.ForeignKeyViolationError:
+            raise NotFound(f"no team {team_id!r}") from None
+        except asyncpg.UniqueViolationError:
+            raise Conflict("a token with this hash exists already") from None
+        assert row is not None
+        return _token(row)
+
+    async def list_tokens(self, team_id: str, limit: int, after: str | None) -> list[TeamToken]:
+        rows = await self._fetch(
+            f"SELECT {_TOKEN_COLUMNS} FROM team_tokens "  # noqa: S608 - constant
+            "WHERE team_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+            team_id,
+            after or "",
+            limit,
+        )
+        return [_token(r) for r in rows]
+
+    async def get_token(self, token_id: str) -> TeamToken:
+        row = await self._fetchrow(
+            f"SELECT {_TOKEN_COLUMNS} FROM team_tokens WHERE id = $1",  # noqa: S608 - constant
+            token_id,
+        )
+        if row is None:
+            raise NotFound(f"no token {token_id!r}")
+        return _token(row)
+
+    async def revoke_token(self, token_id: str) -> TeamToken:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "UPDATE team_tokens SET revoked_at = now() "  # noqa: S608 - constant
+                f"WHERE id = $1 AND revoked_at IS NULL RETURNING {_TOKEN_COLUMNS}",
+                token_id,
+            )
+            if row is not None:
+                return _token(row)
+            exists = await conn.fetchval("SELECT 1 FROM team_tokens WHERE id = $1", token_id)
+        if exists is None:
+            raise NotFound(f"no token {token_id!r}")
+        raise Conflict(f"token {token_id!r} is already revoked")
+
+    async def find_token(self, token_hash: str) -> TeamToken | None:
+        row = await self._fetchrow(
+            f"SELECT {_TOKEN_COLUMNS} FROM team_tokens WHERE token_hash = $1",  # noqa: S608 - constant
+            token_hash,
+        )
+        return None if row is None else _token(row)
+
+    async def append_audit(
+        self,
+        actor: str,
+        action: str,
+        target: str | None,
+        team_id: str | None,
+        client_ip: str | None,
+        details: dict[str, object],
+    ) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "INSERT INTO audit_log (actor, action, target, team_id, client_ip, details) "
+                "VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
+                actor,
+                action,
+                target,
+                team_id,
+                client_ip,
+                orjson.dumps(details).decode(),
+            )
+
+    async def list_audit(
+        self, team_id: str | None, limit: int, before: int | None
+    ) -> list[AuditEntry]:
+        upper = before if before is not None else 2**62
+        if team_id is None:
+            rows = await self._fetch(
+                "SELECT * FROM audit_log WHERE id < $1 ORDER BY id DESC LIMIT $2", upper, limit
+            )
+        else:
+            rows = await self._fetch(
+                "SELECT * FROM audit_log WHERE team_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
+                team_id,
+                upper,
+                limit,
+            )
+        return [_audit(r) for r in rows]
+
+    # -- usage and patterns ---------------------------------------------------------
+
+    async def add_usage(self, rows: list[UsageRow]) -> None:
+        if not rows:
+            return
+        requests = _summed(
+            ((r.team_id, r.minute, r.key_id, r.environment, r.outcome), r.requests) for r in rows
+        )
+        credits = dict(
+            _summed(
+                ((r.team_id, r.minute, r.key_id, r.environment, r.outcome), r.credits) for r in rows
+            )
+        )
+        keys = [key for key, _ in requests]
+        async with self._connection() as conn:
+            await conn.execute(
+                _ADD_USAGE_SQL,
+                [k[0] for k in keys],
+                [k[1] for k in keys],
+                [k[2] for k in keys],
+                [k[3] for k in keys],
+                [k[4] for k in keys],
+                [n for _, n in requests],
+                [credits[k] for k in keys],
+            )
+
+    async def touch_keys(self, last_used: dict[str, float]) -> None:
+        # The trigger on api_keys ignores last_used_at: nothing is announced.
+        if not last_used:
+            return
+        items = sorted(last_used.items())
+        async with self._connection() as conn:
+            await conn.execute(
+                _TOUCH_KEYS_SQL, [key_id for key_id, _ in items], [at for _, at in items]
+            )
+
+    async def usage_buckets(
+        self, team_id: str, start: int, end: float, step: int, key_id: str | None
+    ) -> list[tuple[int, str, int, int]]:
+        query = (
+            "SELECT $2::bigint + (minute - $2::bigint) / $4::bigint * $4::bigint AS bucket, "
+            "outcome, sum(requests)::bigint AS requests, sum(credits)::bigint AS credits "
+            "FROM usage_minutes WHERE team_id = $1 AND minute >= $2 AND minute < $3"
+        )
+        # minute < end holds for a whole minute exactly when minute < ceil(end).
+        args: list[object] = [team_id, start, math.ceil(end), step]
+        if key_id is not None:
+            query += " AND key_id = $5"
+            args.append(key_id)
+        rows = await self._fetch(query + " GROUP BY 1, 2 ORDER BY 1, 2", *args)
+        return [(int(r[0]), r[1], int(r[2]), int(r[3])) for r in rows]
+
+    async def usage_top_keys(
+        self, team_id: str, start: int, end: float, limit: int
+    ) -> list[tuple[str, int, int]]:
+        rows = await self._fetch(
+            "SELECT key_id, sum(requests)::bigint AS requests, sum(credits)::bigint AS credits "
+            "FROM usage_minutes WHERE team_id = $1 AND minute >= $2 AND minute < $3 "
+            "GROUP BY key_id ORDER BY requests DESC, key_id LIMIT $4",
+            team_id,
+            start,
+            math.ceil(end),
+            limit,
+        )
+        return [(r[0], int(r[1]), int(r[2])) for r in rows]
+
+    async def add_key_ips(self, rows: list[tuple[int, str, str, str, int]]) -> None:
+        if not rows:
+            return
+        summed = _summed(((team, key, day, ip), n) for day, team, key, ip, n in rows)
+        async with self._connection() as conn:
+            await conn.execute(
+                _ADD_KEY_IPS_SQL,
+                [k[0] for k, _ in summed],
+                [k[1] for k, _ in summed],
+                [k[2] for k, _ in summed],
+                [k[3] for k, _ in summed],
+                [n for _, n in summed],
+            )
+
+    async def key_ips(
+        self, team_id: str, key_id: str | None, start_day: int, end_day: int
+    ) -> list[tuple[int, str, str, int]]:
+        query = (
+            "SELECT day, key_id, client_ip, requests FROM key_ip_days "
+            "WHERE team_id = $1 AND day >= $2 AND day < $3"
+        )
+        args: list[object] = [team_id, start_day, end_day]
+        if key_id is not None:
+            query += " AND key_id = $4"
+            args.append(key_id)
+        rows = await self._fetch(query + " ORDER BY day, key_id, client_ip", *args)
+        return [(int(r[0]), r[1], r[2], int(r[3])) for r in rows]
+
+    async def add_auth_failures(self, rows: list[tuple[int, str, str, str, int]]) -> None:
+        if not rows:
+            return
+        summed = _summed(((minute, prefix, ip, why), n) for minute, prefix, ip, why, n in rows)
+        async with self._connection() as conn:
+            await conn.execute(
+                _ADD_AUTH_FAILURES_SQL,
+                [k[0] for k, _ in summed],
+                [k[1] for k, _ in summed],
+                [k[2] for k, _ in summed],
+                [k[3] for k, _ in summed],
+                [n for _, n in summed],
+            )
+
+    async def auth_failure_counts(
+        self, start: int, end: float, limit: int
+    ) -> list[tuple[str, str, str, int]]:
+        rows = await self._fetch(
+            "SELECT key_prefix, client_ip, reason, sum(failures)::bigint AS n "
+            "FROM auth_failure_minutes WHERE minute >= $1 AND minute < $2 "
+            "GROUP BY key_prefix, client_ip, reason "
+            "ORDER BY n DESC, key_prefix, client_ip, reason LIMIT $3",
+            start,
+            math.ceil(end),
+            limit,
+        )
+        return [(r[0], r[1], r[2], int(r[3])) for r in rows]
+
+    async def prune_patterns(self, ip_before: int, failures_before: int) -> int:
+        return int(await self._fetchval(_PRUNE_PATTERNS_SQL, ip_before, failures_before))
+
     async def listen_key_changes(
         self,
         on_change: Callable[[KeyChange], None],
@@ -593,25 +931,29 @@ class PostgresBackend:
         return current + amount
 
     async def ledger_entries(
-        self, team_id: str, limit: int, before: int | None
+        self, team_id: str, limit: int, before: str | None
     ) -> list[LedgerEntry]:
-        rows = await self._fetch(
-            "SELECT id, team_id, environment, kind, amount, reason, created_at "
-            "FROM credit_entries WHERE team_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
-            team_id,
-            before if before is not None else 2**62,
-            limit,
-        )
+        if before is None:
+            query = _LEDGER_SQL.format(credit_cursor="", reservation_cursor="")
+            rows = await self._fetch(query, team_id, limit)
+        else:
+            at, entry_id = decode_ledger_cursor(before)
+            query = _LEDGER_SQL.format(
+                credit_cursor=_LEDGER_CURSOR.format(table="c", kind="c"),
+                reservation_cursor=_LEDGER_CURSOR.format(table="r", kind="r"),
+            )
+            rows = await self._fetch(query, team_id, limit, at, entry_id)
         return [
             LedgerEntry(
-                r["id"],
-                r["team_id"],
-                r["environment"],
-                r["kind"],
-                r["amount"],
-                r["reason"],
-                None,
-                r["created_at"],
+                id=r["entry_id"],
+                team_id=team_id,
+                environment=r["environment"],
+                kind=r["kind"],
+                amount=int(r["amount"]),
+                reason=r["reason"],
+                reservation_id=r["reservation_id"],
+                created_at=r["created_at"],
+                cursor=encode_ledger_cursor(r["created_at"], r["entry_id"]),
             )
             for r in rows
         ]
@@ -643,6 +985,107 @@ class PostgresBackend:
             if moved < _ROLL_UP_CHUNK:
                 return total
 
+
+# The old key stops at the earlier of its own expiry and the new one (LEAST
+# ignores NULL: a key without expiry gets the new one) only if it is not
+# revoked, and the new key is made from what the UPDATE returned: nothing
+# happens, or both do.
+_ROTATE_SQL = f"""
+WITH old AS (
+    UPDATE api_keys SET expires_at = least(expires_at, $4)
+    WHERE id = $1 AND revoked_at IS NULL
+    RETURNING team_id, name, environment, rate_limit_per_minute
+)
+INSERT INTO api_keys (id, team_id, name, prefix, key_hash, environment, rate_limit_per_minute)
+SELECT $5, team_id, name, $3, $2, environment, rate_limit_per_minute FROM old
+RETURNING {_KEY_COLUMNS}
+"""  # noqa: S608 - constant
+
+# Rows arrive summed and in key order (_summed), and are inserted in that order.
+_ADD_USAGE_SQL = """
+INSERT INTO usage_minutes AS u
+    (team_id, minute, key_id, environment, outcome, requests, credits)
+SELECT n.team_id, n.minute, n.key_id, n.environment, n.outcome, n.requests, n.credits
+FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::bigint[],
+            $7::bigint[])
+    WITH ORDINALITY AS n (team_id, minute, key_id, environment, outcome, requests, credits, o)
+ORDER BY n.o
+ON CONFLICT (team_id, minute, key_id, environment, outcome) DO UPDATE
+SET requests = u.requests + excluded.requests, credits = u.credits + excluded.credits
+"""
+
+_ADD_KEY_IPS_SQL = """
+INSERT INTO key_ip_days AS k (team_id, key_id, day, client_ip, requests)
+SELECT n.team_id, n.key_id, n.day, n.client_ip, n.requests
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bigint[])
+    WITH ORDINALITY AS n (team_id, key_id, day, client_ip, requests, o)
+ORDER BY n.o
+ON CONFLICT (team_id, key_id, day, client_ip) DO UPDATE
+SET requests = k.requests + excluded.requests
+"""
+
+_ADD_AUTH_FAILURES_SQL = """
+INSERT INTO auth_failure_minutes AS f (minute, key_prefix, client_ip, reason, failures)
+SELECT n.minute, n.key_prefix, n.client_ip, n.reason, n.failures
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[])
+    WITH ORDINALITY AS n (minute, key_prefix, client_ip, reason, failures, o)
+ORDER BY n.o
+ON CONFLICT (minute, key_prefix, client_ip, reason) DO UPDATE
+SET failures = f.failures + excluded.failures
+"""
+
+# The rows are locked in id order first, as every flush of every process does,
+# so that two flushes never wait for each other in a circle. Only a later time
+# is written; last_used_at is not among the columns the trigger compares.
+_TOUCH_KEYS_SQL = """
+WITH given AS (
+    SELECT g.id, to_timestamp(g.at) AS at
+    FROM unnest($1::text[], $2::float8[]) AS g (id, at)
+), locked AS MATERIALIZED (
+    SELECT k.id FROM api_keys k JOIN given g ON g.id = k.id
+    WHERE k.last_used_at IS NULL OR k.last_used_at < g.at
+    ORDER BY k.id
+    FOR UPDATE OF k
+)
+UPDATE api_keys k SET last_used_at = g.at
+FROM given g
+WHERE k.id = g.id AND k.id IN (SELECT l.id FROM locked l)
+  AND (k.last_used_at IS NULL OR k.last_used_at < g.at)
+"""
+
+_PRUNE_PATTERNS_SQL = """
+WITH ips AS (
+    DELETE FROM key_ip_days WHERE day < $1 RETURNING 1
+), failures AS (
+    DELETE FROM auth_failure_minutes WHERE minute < $2 RETURNING 1
+)
+SELECT (SELECT count(*) FROM ips) + (SELECT count(*) FROM failures)
+"""
+
+# Credit entries ("c<id>") and reservations ("r<id>", at the time they were made)
+# of one team, newest first by (created_at, entry_id) in byte order, as on
+# SQLite; each side is cut to the page size before the merge.
+_LEDGER_SQL = """
+SELECT e.* FROM (
+    (SELECT ('c' || c.id::text) COLLATE "C" AS entry_id, c.environment, c.kind, c.amount,
+            c.reason, NULL::text AS reservation_id, c.created_at
+     FROM credit_entries c WHERE c.team_id = $1{credit_cursor}
+     ORDER BY c.created_at DESC, entry_id DESC LIMIT $2)
+    UNION ALL
+    (SELECT ('r' || r.id) COLLATE "C" AS entry_id, r.environment,
+            coalesce(r.resolution, 'reserve') AS kind,
+            -(CASE WHEN r.resolution IS NULL THEN r.amount ELSE r.charged END)::bigint,
+            NULL::text, r.id, r.created_at
+     FROM reservations r WHERE r.team_id = $1{reservation_cursor}
+     ORDER BY r.created_at DESC, entry_id DESC LIMIT $2)
+) e
+ORDER BY e.created_at DESC, e.entry_id DESC
+LIMIT $2
+"""
+_LEDGER_CURSOR = (
+    " AND ({table}.created_at, ('{kind}' || {table}.id::text) COLLATE \"C\")"
+    ' < ($3::timestamptz, $4::text COLLATE "C")'
+)
 
 # One statement: the rows deleted are exactly the rows summed. The summary rows
 # are written in key order, so two replicas rolling up at once cannot deadlock.

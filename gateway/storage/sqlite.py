@@ -12,12 +12,23 @@ import asyncio
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.models import ApiKey, Environment, KeyRecord, LedgerEntry, Team
+import orjson
+
+from gateway.models import (
+    ApiKey,
+    AuditEntry,
+    Environment,
+    KeyRecord,
+    LedgerEntry,
+    Team,
+    TeamToken,
+    UsageRow,
+)
 from gateway.storage import (
     Conflict,
     ExpiryPolicy,
@@ -27,6 +38,9 @@ from gateway.storage import (
     ReserveRequest,
     ReserveResult,
     StorageUnavailable,
+    checked_key_changes,
+    decode_ledger_cursor,
+    encode_ledger_cursor,
 )
 from gateway.storage._schema import SQLITE_MIGRATIONS
 
@@ -64,6 +78,35 @@ _KEY_COLUMNS = (
     "id, team_id, name, prefix, environment, rate_limit_per_minute, disabled, "
     "created_at, last_used_at, expires_at, revoked_at"
 )
+# What a key cache holds of a key besides its hash: a change of one of these
+# must reach the caches (the PostgreSQL trigger compares the same columns).
+_CACHED_KEY_FIELDS = ("rate_limit_per_minute", "disabled", "expires_at")
+_TOKEN_COLUMNS = "id, team_id, name, prefix, created_at, last_used_at, revoked_at"  # noqa: S105
+
+
+def _token(row: sqlite3.Row) -> TeamToken:
+    return TeamToken(
+        id=row["id"],
+        team_id=row["team_id"],
+        name=row["name"],
+        prefix=row["prefix"],
+        created_at=row["created_at"],
+        last_used_at=row["last_used_at"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+def _audit(row: sqlite3.Row) -> AuditEntry:
+    return AuditEntry(
+        id=row["id"],
+        at=row["at"],
+        actor=row["actor"],
+        action=row["action"],
+        target=row["target"],
+        team_id=row["team_id"],
+        client_ip=row["client_ip"],
+        details=orjson.loads(row["details"]),
+    )
 
 
 class SqliteBackend:
@@ -353,6 +396,330 @@ class SqliteBackend:
         await self._run(self._tx, revoke)
         return await self.get_key(key_id)
 
+    async def update_team(self, team_id: str, rate_limit_per_minute: int | None) -> Team:
+        def update(db: sqlite3.Connection) -> Team:
+            old = db.execute(
+                "SELECT rate_limit_per_minute FROM teams WHERE id = ?", (team_id,)
+            ).fetchone()
+            if old is None:
+                raise NotFound(f"no team {team_id!r}")
+            row = db.execute(
+                "UPDATE teams SET rate_limit_per_minute = ? WHERE id = ? RETURNING *",
+                (rate_limit_per_minute, team_id),
+            ).fetchone()
+            if old["rate_limit_per_minute"] != rate_limit_per_minute:
+                self._log_change(db, None, team_id)
+            return _team(row)
+
+        return await self._run(self._tx, update)
+
+    async def update_key(self, key_id: str, changes: Mapping[str, object]) -> ApiKey:
+        checked = checked_key_changes(changes)
+        values = {
+            field: int(value) if isinstance(value, bool) else value
+            for field, value in checked.items()
+        }
+
+        def update(db: sqlite3.Connection) -> ApiKey:
+            old = db.execute(
+                f"SELECT key_hash, {_KEY_COLUMNS} FROM api_keys WHERE id = ?",  # noqa: S608 - constant
+                (key_id,),
+            ).fetchone()
+            if old is None:
+                raise NotFound(f"no key {key_id!r}")
+            if old["revoked_at"] is not None:
+                raise Conflict(f"key {key_id!r} is revoked")
+            if not values:
+                return _api_key(old)
+            # Column names come from KEY_FIELDS only (checked_key_changes).
+            assignments = ", ".join(f"{field} = ?" for field in values)
+            new = db.execute(
+                f"UPDATE api_keys SET {assignments} WHERE id = ? "  # noqa: S608 - checked names
+                f"RETURNING {_KEY_COLUMNS}",
+                (*values.values(), key_id),
+            ).fetchone()
+            if any(old[f] != new[f] for f in _CACHED_KEY_FIELDS):
+                self._log_change(db, old["key_hash"], None)
+            return _api_key(new)
+
+        return await self._run(self._tx, update)
+
+    async def rotate_key(
+        self, key_id: str, new_hash: str, new_prefix: str, old_expires_at: float
+    ) -> ApiKey:
+        fresh_id = new_id("key")
+        now = time.time()
+
+        def rotate(db: sqlite3.Connection) -> ApiKey:
+            old = db.execute(
+                "SELECT key_hash, team_id, name, environment, rate_limit_per_minute, "
+                "expires_at, revoked_at FROM api_keys WHERE id = ?",
+                (key_id,),
+            ).fetchone()
+            if old is None:
+                raise NotFound(f"no key {key_id!r}")
+            if old["revoked_at"] is not None:
+                raise Conflict(f"key {key_id!r} is revoked")
+            try:
+                new = db.execute(
+                    "INSERT INTO api_keys (id, team_id, name, prefix, key_hash, environment, "  # noqa: S608 - constant
+                    "rate_limit_per_minute, disabled, created_at) "
+                    f"VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?) RETURNING {_KEY_COLUMNS}",
+                    (
+                        fresh_id,
+                        old["team_id"],
+                        old["name"],
+                        new_prefix,
+                        new_hash,
+                        old["environment"],
+                        old["rate_limit_per_minute"],
+                        now,
+                    ),
+                ).fetchone()
+            except sqlite3.IntegrityError:
+                raise Conflict("a key with this hash exists already") from None
+            self._log_change(db, new_hash, None)
+            expires = old_expires_at
+            if old["expires_at"] is not None:
+                expires = min(old["expires_at"], old_expires_at)
+            if expires != old["expires_at"]:
+                db.execute("UPDATE api_keys SET expires_at = ? WHERE id = ?", (expires, key_id))
+                self._log_change(db, old["key_hash"], None)
+            return _api_key(new)
+
+        return await self._run(self._tx, rotate)
+
+    # -- admin: team tokens and the audit log -------------------------------------
+
+    async def create_token(
+        self, team_id: str, name: str, token_hash: str, prefix: str
+    ) -> TeamToken:
+        token = TeamToken(new_id("tok"), team_id, name, prefix, time.time(), None, None)
+
+        def insert(db: sqlite3.Connection) -> TeamToken:
+            if db.execute("SELECT 1 FROM teams WHERE id = ?", (team_id,)).fetchone() is None:
+                raise NotFound(f"no team {team_id!r}")
+            try:
+                db.execute(
+                    "INSERT INTO team_tokens (id, team_id, name, prefix, token_hash, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (token.id, team_id, name, prefix, token_hash, token.created_at),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict("a token with this hash exists already") from None
+            return token
+
+        return await self._run(self._tx, insert)
+
+    async def list_tokens(self, team_id: str, limit: int, after: str | None) -> list[TeamToken]:
+        rows = await self._run(
+            lambda: self._db.execute(
+                f"SELECT {_TOKEN_COLUMNS} FROM team_tokens "  # noqa: S608 - constant
+                "WHERE team_id = ? AND id > ? ORDER BY id LIMIT ?",
+                (team_id, after or "", limit),
+            ).fetchall()
+        )
+        return [_token(r) for r in rows]
+
+    async def get_token(self, token_id: str) -> TeamToken:
+        row = await self._run(
+            lambda: self._db.execute(
+                f"SELECT {_TOKEN_COLUMNS} FROM team_tokens WHERE id = ?",  # noqa: S608 - constant
+                (token_id,),
+            ).fetchone()
+        )
+        if row is None:
+            raise NotFound(f"no token {token_id!r}")
+        return _token(row)
+
+    async def revoke_token(self, token_id: str) -> TeamToken:
+        def revoke(db: sqlite3.Connection) -> TeamToken:
+            row = db.execute(
+                "UPDATE team_tokens SET revoked_at = ? "  # noqa: S608 - constant
+                f"WHERE id = ? AND revoked_at IS NULL RETURNING {_TOKEN_COLUMNS}",
+                (time.time(), token_id),
+            ).fetchone()
+            if row is not None:
+                return _token(row)
+            if db.execute("SELECT 1 FROM team_tokens WHERE id = ?", (token_id,)).fetchone():
+                raise Conflict(f"token {token_id!r} is already revoked")
+            raise NotFound(f"no token {token_id!r}")
+
+        return await self._run(self._tx, revoke)
+
+    async def find_token(self, token_hash: str) -> TeamToken | None:
+        row = await self._run(
+            lambda: self._db.execute(
+                f"SELECT {_TOKEN_COLUMNS} FROM team_tokens WHERE token_hash = ?",  # noqa: S608 - constant
+                (token_hash,),
+            ).fetchone()
+        )
+        return None if row is None else _token(row)
+
+    async def append_audit(
+        self,
+        actor: str,
+        action: str,
+        target: str | None,
+        team_id: str | None,
+        client_ip: str | None,
+        details: dict[str, object],
+    ) -> None:
+        encoded = orjson.dumps(details).decode()
+        await self._run(
+            self._tx,
+            lambda db: db.execute(
+                "INSERT INTO audit_log (at, actor, action, target, team_id, client_ip, details) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (time.time(), actor, action, target, team_id, client_ip, encoded),
+            ),
+        )
+
+    async def list_audit(
+        self, team_id: str | None, limit: int, before: int | None
+    ) -> list[AuditEntry]:
+        upper = before if before is not None else 2**62
+        if team_id is None:
+            query = "SELECT * FROM audit_log WHERE id < ? ORDER BY id DESC LIMIT ?"
+            args: tuple[object, ...] = (upper, limit)
+        else:
+            query = "SELECT * FROM audit_log WHERE team_id = ? AND id < ? ORDER BY id DESC LIMIT ?"
+            args = (team_id, upper, limit)
+        rows = await self._run(lambda: self._db.execute(query, args).fetchall())
+        return [_audit(r) for r in rows]
+
+    # -- usage and patterns ---------------------------------------------------------
+
+    async def add_usage(self, rows: list[UsageRow]) -> None:
+        if not rows:
+            return
+        params = [
+            (r.team_id, r.minute, r.key_id, r.environment, r.outcome, r.requests, r.credits)
+            for r in rows
+        ]
+        await self._run(
+            self._tx,
+            lambda db: db.executemany(
+                "INSERT INTO usage_minutes "
+                "(team_id, minute, key_id, environment, outcome, requests, credits) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (team_id, minute, key_id, environment, outcome) DO UPDATE SET "
+                "requests = requests + excluded.requests, credits = credits + excluded.credits",
+                params,
+            ),
+        )
+
+    async def touch_keys(self, last_used: dict[str, float]) -> None:
+        # last_used_at is not cached: no key change is logged.
+        if not last_used:
+            return
+        params = [(at, key_id, at) for key_id, at in sorted(last_used.items())]
+        await self._run(
+            self._tx,
+            lambda db: db.executemany(
+                "UPDATE api_keys SET last_used_at = ? "
+                "WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)",
+                params,
+            ),
+        )
+
+    async def usage_buckets(
+        self, team_id: str, start: int, end: float, step: int, key_id: str | None
+    ) -> list[tuple[int, str, int, int]]:
+        query = (
+            "SELECT ? + ((minute - ?) / ?) * ? AS bucket, outcome, "
+            "SUM(requests) AS requests, SUM(credits) AS credits FROM usage_minutes "
+            "WHERE team_id = ? AND minute >= ? AND minute < ?"
+        )
+        args: tuple[object, ...] = (start, start, step, step, team_id, start, end)
+        if key_id is not None:
+            query += " AND key_id = ?"
+            args += (key_id,)
+        query += " GROUP BY bucket, outcome ORDER BY bucket, outcome"
+        rows = await self._run(lambda: self._db.execute(query, args).fetchall())
+        return [(int(r[0]), r[1], int(r[2]), int(r[3])) for r in rows]
+
+    async def usage_top_keys(
+        self, team_id: str, start: int, end: float, limit: int
+    ) -> list[tuple[str, int, int]]:
+        rows = await self._run(
+            lambda: self._db.execute(
+                "SELECT key_id, SUM(requests) AS requests, SUM(credits) AS credits "
+                "FROM usage_minutes WHERE team_id = ? AND minute >= ? AND minute < ? "
+                "GROUP BY key_id ORDER BY requests DESC, key_id LIMIT ?",
+                (team_id, start, end, limit),
+            ).fetchall()
+        )
+        return [(r[0], int(r[1]), int(r[2])) for r in rows]
+
+    async def add_key_ips(self, rows: list[tuple[int, str, str, str, int]]) -> None:
+        if not rows:
+            return
+        params = [(team, key, day, ip, n) for day, team, key, ip, n in rows]
+        await self._run(
+            self._tx,
+            lambda db: db.executemany(
+                "INSERT INTO key_ip_days (team_id, key_id, day, client_ip, requests) "
+                "VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (team_id, key_id, day, client_ip) DO UPDATE SET "
+                "requests = requests + excluded.requests",
+                params,
+            ),
+        )
+
+    async def key_ips(
+        self, team_id: str, key_id: str | None, start_day: int, end_day: int
+    ) -> list[tuple[int, str, str, int]]:
+        query = (
+            "SELECT day, key_id, client_ip, requests FROM key_ip_days "
+            "WHERE team_id = ? AND day >= ? AND day < ?"
+        )
+        args: tuple[object, ...] = (team_id, start_day, end_day)
+        if key_id is not None:
+            query += " AND key_id = ?"
+            args += (key_id,)
+        query += " ORDER BY day, key_id, client_ip"
+        rows = await self._run(lambda: self._db.execute(query, args).fetchall())
+        return [(int(r[0]), r[1], r[2], int(r[3])) for r in rows]
+
+    async def add_auth_failures(self, rows: list[tuple[int, str, str, str, int]]) -> None:
+        if not rows:
+            return
+        await self._run(
+            self._tx,
+            lambda db: db.executemany(
+                "INSERT INTO auth_failure_minutes "
+                "(minute, key_prefix, client_ip, reason, failures) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (minute, key_prefix, client_ip, reason) DO UPDATE SET "
+                "failures = failures + excluded.failures",
+                rows,
+            ),
+        )
+
+    async def auth_failure_counts(
+        self, start: int, end: float, limit: int
+    ) -> list[tuple[str, str, str, int]]:
+        rows = await self._run(
+            lambda: self._db.execute(
+                "SELECT key_prefix, client_ip, reason, SUM(failures) AS n "
+                "FROM auth_failure_minutes WHERE minute >= ? AND minute < ? "
+                "GROUP BY key_prefix, client_ip, reason "
+                "ORDER BY n DESC, key_prefix, client_ip, reason LIMIT ?",
+                (start, end, limit),
+            ).fetchall()
+        )
+        return [(r[0], r[1], r[2], int(r[3])) for r in rows]
+
+    async def prune_patterns(self, ip_before: int, failures_before: int) -> int:
+        def prune(db: sqlite3.Connection) -> int:
+            ips = db.execute("DELETE FROM key_ip_days WHERE day < ?", (ip_before,)).rowcount
+            failures = db.execute(
+                "DELETE FROM auth_failure_minutes WHERE minute < ?", (failures_before,)
+            ).rowcount
+            return ips + failures
+
+        return await self._run(self._tx, prune)
+
     # -- ledger -------------------------------------------------------------------
 
     async def reserve_batch(self, requests: Sequence[ReserveRequest]) -> list[ReserveResult]:
@@ -523,25 +890,30 @@ class SqliteBackend:
         return await self._run(self._tx, grant)
 
     async def ledger_entries(
-        self, team_id: str, limit: int, before: int | None
+        self, team_id: str, limit: int, before: str | None
     ) -> list[LedgerEntry]:
-        rows = await self._run(
-            lambda: self._db.execute(
-                "SELECT id, team_id, environment, kind, amount, reason, created_at "
-                "FROM credit_entries WHERE team_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
-                (team_id, before if before is not None else 2**62, limit),
-            ).fetchall()
-        )
+        if before is None:
+            query = _LEDGER_SQL.format(credit_cursor="", reservation_cursor="")
+            args: tuple[object, ...] = (team_id, limit, team_id, limit, limit)
+        else:
+            at, entry_id = decode_ledger_cursor(before)
+            query = _LEDGER_SQL.format(
+                credit_cursor=" AND (created_at, 'c' || id) < (?, ?)",
+                reservation_cursor=" AND (created_at, 'r' || id) < (?, ?)",
+            )
+            args = (team_id, at, entry_id, limit, team_id, at, entry_id, limit, limit)
+        rows = await self._run(lambda: self._db.execute(query, args).fetchall())
         return [
             LedgerEntry(
-                r["id"],
-                r["team_id"],
-                r["environment"],
-                r["kind"],
-                r["amount"],
-                r["reason"],
-                None,
-                r["created_at"],
+                id=r["entry_id"],
+                team_id=team_id,
+                environment=r["environment"],
+                kind=r["kind"],
+                amount=int(r["amount"]),
+                reason=r["reason"],
+                reservation_id=r["reservation_id"],
+                created_at=r["created_at"],
+                cursor=encode_ledger_cursor(r["created_at"], r["entry_id"]),
             )
             for r in rows
         ]
@@ -585,6 +957,29 @@ class SqliteBackend:
             if moved < _ROLL_UP_CHUNK:
                 return total
 
+
+# Credit entries ("c<id>") and reservations ("r<id>", at the time they were made)
+# of one team, newest first by (created_at, entry_id); each side is cut to the
+# page size before the merge, so a page reads at most twice its length.
+_LEDGER_SQL = """
+SELECT * FROM (
+    SELECT * FROM (
+        SELECT 'c' || id AS entry_id, environment, kind, amount, reason,
+               NULL AS reservation_id, created_at
+        FROM credit_entries WHERE team_id = ?{credit_cursor}
+        ORDER BY created_at DESC, entry_id DESC LIMIT ?
+    )
+    UNION ALL
+    SELECT * FROM (
+        SELECT 'r' || id AS entry_id, environment, COALESCE(resolution, 'reserve') AS kind,
+               -(CASE WHEN resolution IS NULL THEN amount ELSE charged END) AS amount,
+               NULL AS reason, id AS reservation_id, created_at
+        FROM reservations WHERE team_id = ?{reservation_cursor}
+        ORDER BY created_at DESC, entry_id DESC LIMIT ?
+    )
+)
+ORDER BY created_at DESC, entry_id DESC LIMIT ?
+"""
 
 _ROLL_UP_CHUNK = 10_000
 _ROLL_UP_CHOSEN = (

@@ -250,9 +250,10 @@ async def test_balances_and_ledger_entries(db: Backend) -> None:
         ("grant", "live", 10, "first"),
     ]
     assert all(e.team_id == team and abs(e.created_at - time.time()) < 60 for e in entries)
-    older = await db.ledger_entries(team, 1, entries[0].id)
+    assert all(e.id.startswith("c") and e.reservation_id is None for e in entries)
+    older = await db.ledger_entries(team, 1, entries[0].cursor)
     assert [e.reason for e in older] == ["second"]
-    assert await db.ledger_entries(team, 10, entries[-1].id) == []
+    assert await db.ledger_entries(team, 10, entries[-1].cursor) == []
 
 
 async def test_balance_cannot_be_negative_even_by_hand(db: Backend, backends: Backends) -> None:

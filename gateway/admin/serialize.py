@@ -1,0 +1,85 @@
+"""JSON shapes of admin resources, shared by the admin API and the CLI's ``--json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.management import iso
+from gateway.models import ApiKey, AuditEntry, LedgerEntry, Team, TeamToken
+
+__all__ = ["audit_json", "key_json", "ledger_json", "team_json", "token_json"]
+
+
+def team_json(team: Team) -> dict[str, Any]:
+    return {
+        "id": team.id,
+        "name": team.name,
+        "created_at": iso(team.created_at),
+        "rate_limit_per_minute": team.rate_limit_per_minute,
+    }
+
+
+def key_status(key: ApiKey, now: float) -> str:
+    if key.revoked_at is not None:
+        return "revoked"
+    if key.disabled:
+        return "disabled"
+    if key.expires_at is not None and key.expires_at <= now:
+        return "expired"
+    return "active"
+
+
+def key_json(key: ApiKey, now: float | None = None) -> dict[str, Any]:
+    import time
+
+    return {
+        "id": key.id,
+        "team": key.team_id,
+        "name": key.name,
+        "prefix": key.prefix,
+        "environment": key.environment,
+        "rate_limit_per_minute": key.rate_limit_per_minute,
+        "disabled": key.disabled,
+        "status": key_status(key, time.time() if now is None else now),
+        "created_at": iso(key.created_at),
+        "last_used_at": iso(key.last_used_at),
+        "expires_at": iso(key.expires_at),
+        "revoked_at": iso(key.revoked_at),
+    }
+
+
+def token_json(token: TeamToken) -> dict[str, Any]:
+    return {
+        "id": token.id,
+        "team": token.team_id,
+        "name": token.name,
+        "prefix": token.prefix,
+        "created_at": iso(token.created_at),
+        "last_used_at": iso(token.last_used_at),
+        "revoked_at": iso(token.revoked_at),
+    }
+
+
+def ledger_json(entry: LedgerEntry) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "environment": entry.environment,
+        "kind": entry.kind,
+        "amount": entry.amount,
+        "reason": entry.reason,
+        "reservation": entry.reservation_id,
+        "created_at": iso(entry.created_at),
+    }
+
+
+def audit_json(entry: AuditEntry) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "at": iso(entry.at),
+        "actor": entry.actor,
+        "action": entry.action,
+        "target": entry.target,
+        "team": entry.team_id,
+        "client_ip": entry.client_ip,
+        "details": entry.details,
+    }

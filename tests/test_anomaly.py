@@ -1,0 +1,108 @@
+"""Anomaly signals: an injected spike raises them, steady traffic does not."""
+
+from __future__ import annotations
+
+from gateway.anomaly import AnomalyDetector
+from gateway.config import AnomalySettings
+from gateway.metrics import Metrics
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def detector(**overrides: float) -> tuple[AnomalyDetector, Clock, Metrics]:
+    clock = Clock()
+    metrics = Metrics()
+    settings = AnomalySettings(**overrides)  # type: ignore[arg-type]
+    return AnomalyDetector(settings, metrics, clock=clock), clock, metrics
+
+
+def minute(
+    d: AnomalyDetector, clock: Clock, requests: int, key: str = "key_a", ips: int = 1
+) -> None:
+    for i in range(requests):
+        d.request(key, "team_1", f"10.0.0.{i % ips}")
+    clock.now += 60
+    d.tick()
+
+
+def kinds(d: AnomalyDetector) -> list[str]:
+    return [a.kind for a in d.recent]
+
+
+def test_steady_traffic_raises_nothing() -> None:
+    d, clock, _ = detector()
+    for _ in range(60):
+        minute(d, clock, 100)
+    assert kinds(d) == []
+
+
+def test_a_spike_over_the_keys_own_rate_is_flagged() -> None:
+    d, clock, metrics = detector()
+    for _ in range(30):
+        minute(d, clock, 20)
+    minute(d, clock, 500)
+    assert kinds(d) == ["rate_spike"]
+    spike = d.recent[0]
+    assert spike.subject == "key_a" and spike.team_id == "team_1" and spike.observed == 500
+    assert metrics.anomalies.labels("rate_spike")._value.get() == 1
+
+
+def test_a_busy_but_usual_key_is_not_flagged() -> None:
+    d, clock, _ = detector()
+    for _ in range(30):
+        minute(d, clock, 1000)
+    minute(d, clock, 1500)  # 1.5x its usual rate: busy, not anomalous
+    assert kinds(d) == []
+
+
+def test_small_absolute_numbers_are_not_flagged() -> None:
+    d, clock, _ = detector()
+    for _ in range(30):
+        minute(d, clock, 1)
+    minute(d, clock, 30)  # 30x, but under rate_spike_min_requests
+    assert kinds(d) == []
+
+
+def test_many_new_client_addresses() -> None:
+    d, clock, _ = detector()
+    minute(d, clock, 10, ips=2)  # the first window learns the usual addresses
+    for _ in range(5):
+        minute(d, clock, 10, ips=2)
+    assert kinds(d) == []
+    for i in range(25):
+        d.request("key_a", "team_1", f"192.0.2.{i}")
+    clock.now += 60
+    d.tick()
+    assert kinds(d) == ["new_ips"]
+
+
+def test_auth_failure_burst_by_prefix_and_by_address() -> None:
+    d, clock, _ = detector(auth_failure_threshold=20)
+    for _ in range(10):
+        d.auth_failure("ckiq_live_AbCd", "198.51.100.7")
+    clock.now += 60
+    d.tick()
+    assert kinds(d) == []
+    for _ in range(25):
+        d.auth_failure("ckiq_live_AbCd", "198.51.100.7")
+    clock.now += 60
+    d.tick()
+    subjects = sorted(a.subject for a in d.recent)
+    assert subjects == ["198.51.100.7", "ckiq_live_AbCd"]
+    assert kinds(d) == ["auth_failures", "auth_failures"]
+
+
+def test_idle_minutes_lower_the_baseline() -> None:
+    d, clock, _ = detector()
+    for _ in range(10):
+        minute(d, clock, 200)
+    clock.now += 60 * 60  # an hour of silence
+    d.tick()
+    minute(d, clock, 400)
+    assert kinds(d) == ["rate_spike"]
