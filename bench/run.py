@@ -142,7 +142,7 @@ class GatewayRun:
             "admin": {"enabled": False},
             "logging": {"access_log": False, "level": "WARNING"},
             "shutdown": {"readiness_delay_seconds": 0, "drain_seconds": 5},
-            "security": {"key_lookups_per_minute_per_ip": 0},
+            "security": {"unknown_keys_per_minute_per_ip": 0},
             **config,
         }
         self.config_path.write_text(yaml.safe_dump(full))

@@ -14,7 +14,7 @@ from gateway.anomaly import AnomalyDetector
 from gateway.config import Settings
 from gateway.credits import Credits
 from gateway.keycache import KeyCache
-from gateway.limiter import Limiter
+from gateway.limiter import Limit, Limiter
 from gateway.limiter.memory import MemoryLimiter
 from gateway.management import Management
 from gateway.metrics import Metrics
@@ -82,6 +82,9 @@ class Gateway:
         if self.settings.storage_kind == "sqlite" or self.settings.postgres.migrate_on_start:
             await self.backend.migrate()
         await self.keys.start_following()
+        if self.settings.limiter.kind == "redis":
+            # Connect and load the script now, not inside the first burst of requests.
+            await self.limiter.check([Limit("warm-up", 1_000_000, 1_000_000)], "warm-up")
         listen = getattr(self.backend, "listen_key_changes", None)
         # PostgreSQL pushes key changes (LISTEN/NOTIFY); SQLite is polled.
         follow = self.keys.listen(listen) if listen is not None else self.keys.follow()

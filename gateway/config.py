@@ -109,7 +109,9 @@ class LimiterSettings(_Frozen):
     url: str = "memory"
     cluster: bool = False
     # Per-call budget for Redis: a slow Redis must not stall requests beyond it.
-    timeout_seconds: float = Field(default=0.05, gt=0, le=5)
+    # It is wall-clock time in the event loop, so it also covers the wait for a
+    # turn on a busy process: too tight, and load alone looks like an outage.
+    timeout_seconds: float = Field(default=0.25, gt=0, le=5)
     # When Redis is unreachable: decide in process (and report degraded), refuse
     # with 503, or let requests through unlimited.
     on_unavailable: Literal["fallback", "fail_closed", "fail_open"] = "fallback"
@@ -208,9 +210,10 @@ class AnomalySettings(_Frozen):
 
 
 class SecuritySettings(_Frozen):
-    # Store lookups for keys the cache does not know, per client address and
-    # minute (0 = unlimited). Brute force is throttled; cached keys are not.
-    key_lookups_per_minute_per_ip: int = Field(default=120, ge=0, le=1_000_000)
+    # Unknown keys (valid checksum, no such key) a client address may present per
+    # minute before keys the cache does not know are refused from it (429) until
+    # the budget refills; 0 = no limit. Valid keys never spend it.
+    unknown_keys_per_minute_per_ip: int = Field(default=60, ge=0, le=1_000_000)
 
 
 class MetricsSettings(_Frozen):

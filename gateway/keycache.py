@@ -96,6 +96,10 @@ class KeyCache:
                 return None
         return MISS
 
+    def loading(self, key_hash: str) -> bool:
+        """True while a store lookup of this hash is under way (others just wait for it)."""
+        return key_hash in self._inflight
+
     async def load(self, key_hash: str) -> KeyRecord | None:
         """Ask the store (after :meth:`cached` said ``MISS``)."""
         self.misses += 1

@@ -27,6 +27,7 @@ from gateway.credits import Credits
 from gateway.keycache import CacheMiss, KeyCache
 from gateway.keys import display_prefix, hash_secret, parse_key
 from gateway.limiter import Decision, Limit, Limiter, LimiterUnavailable
+from gateway.limiter.memory import MemoryLimiter
 from gateway.metrics import Metrics
 from gateway.models import KeyRecord, Outcome
 from gateway.proxy import (
@@ -172,7 +173,8 @@ class Pipeline:
         self._metered_test = settings.credits.test_environment == "metered"
         self._identity = settings.identity_headers
         self._limiter_kind = settings.limiter.kind
-        self._lookups_per_ip = settings.security.key_lookups_per_minute_per_ip
+        self._unknown_keys_per_ip = settings.security.unknown_keys_per_minute_per_ip
+        self._lookup_limiter = MemoryLimiter()
 
     # -- the handler ----------------------------------------------------------------
 
@@ -188,6 +190,15 @@ class Pipeline:
         self._metrics.in_flight.inc()
         try:
             return await self._handle(request, exchange)
+        except (asyncio.CancelledError, web.HTTPException, ConnectionError):
+            raise
+        except Exception:
+            # A bug. The client still gets JSON with the request id to report; a
+            # reservation already taken is voided by the forwarding step's finally,
+            # or else by the sweeper when its lease runs out: never charged.
+            log.exception("request failed", extra={"fields": {"request_id": request_id}})
+            response = errors.error_response(500, "Internal error")
+            return exchange.reply(self._unread(request, response), Outcome.UNAVAILABLE)
         finally:
             self._metrics.in_flight.dec()
             self._record(request, exchange)
@@ -275,15 +286,20 @@ class Pipeline:
             # Only lookups the cache cannot answer cost the store anything, so only
             # they count against the client address's budget: brute force is
             # throttled, while keys already in memory keep working from that address.
-            throttled = await self._lookup_budget(request, ex)
-            if throttled is not None:
-                return throttled
+            # Requests that join a lookup already under way cost nothing more.
+            if not self._keys.loading(key_hash):
+                throttled = self._lookup_budget(request, ex)
+                if throttled is not None:
+                    return throttled
             try:
                 record = await self._keys.load(key_hash)
             except StorageError:
                 response = errors.error_response(503, "Service temporarily unavailable")
                 return ex.reply(self._unread(request, response), Outcome.UNAVAILABLE)
         if record is None:
+            budget = self._unknown_key_budget(ex)
+            if budget is not None:
+                self._lookup_limiter.check_now([budget], time.monotonic())
             return self._invalid(request, ex, "unknown", parsed.text)
         if not record.usable_at(time.time()):
             ex.key = record  # logged as the key that was tried; the client learns nothing
@@ -291,24 +307,31 @@ class Pipeline:
         ex.key = record
         return record
 
-    async def _lookup_budget(self, request: web.Request, ex: Exchange) -> web.Response | None:
-        per_minute = self._lookups_per_ip
-        if not per_minute:
+    def _unknown_key_budget(self, ex: Exchange) -> Limit | None:
+        per_minute = self._unknown_keys_per_ip
+        return Limit("ip:" + ex.client_ip, per_minute, per_minute) if per_minute else None
+
+    def _lookup_budget(self, request: web.Request, ex: Exchange) -> web.Response | None:
+        """Refuse a store lookup to an address that has sent too many unknown keys.
+
+        Only lookups that find no key are charged (after the fact), so valid keys
+        never spend the budget; once it is spent, keys the cache does not know
+        are refused from that address until it refills. Decided in this process:
+        no remote call, and with N replicas an address gets N budgets, which
+        still bounds brute force.
+        """
+        limit = self._unknown_key_budget(ex)
+        if limit is None:
             return None
-        ip = ex.client_ip
-        limit = Limit("ip:" + ip, per_minute, per_minute)
-        try:
-            decision = await self._limiter.check([limit], "ip:" + ip)
-        except LimiterUnavailable:
-            return None  # the key limits will answer for the limiter being down
+        decision = self._lookup_limiter.peek_now([limit], time.monotonic())
         if decision.allowed:
             return None
         self._metrics.auth_failures.labels("throttled").inc()
         log.info(
             "key lookups throttled",
-            extra={"fields": {"request_id": ex.request_id, "client_ip": ip}},
+            extra={"fields": {"request_id": ex.request_id, "client_ip": ex.client_ip}},
         )
-        response = errors.rate_limited(decision.retry_after, per_minute)
+        response = errors.rate_limited(decision.retry_after, limit.per_minute)
         return ex.reply(self._unread(request, response), Outcome.RATE_LIMITED)
 
     def _invalid(self, request: web.Request, ex: Exchange, reason: str, token: str) -> web.Response:

@@ -26,10 +26,10 @@ WORKER_ENV = "GATEWAY_WORKER"
 _RESTART_BACKOFF_SECONDS = 1.0
 
 
-def _mark_dead(pid: int) -> None:
+def _mark_dead(pid: int, metrics_dir: Path) -> None:
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+    multiprocess.mark_process_dead(pid, str(metrics_dir))  # type: ignore[no-untyped-call]
 
 
 def supervise(config_path: str, workers: int) -> int:
@@ -60,7 +60,7 @@ def supervise(config_path: str, workers: int) -> int:
                 code = child.poll()
                 if code is None:
                     continue
-                _mark_dead(child.pid)
+                _mark_dead(child.pid, metrics_dir)
                 if stopping:
                     children.remove(child)
                     exit_code = exit_code or code

@@ -122,11 +122,15 @@ async def test_metered_test_environment_spends_test_credits(make_gateway: MakeGa
     assert await gw.balance("sandbox", "live") == 0
 
 
-async def test_store_lookups_are_throttled_per_client_address(make_gateway: MakeGateway) -> None:
-    gw = await make_gateway(security={"key_lookups_per_minute_per_ip": 5})
-    valid = await gw.key(credits=5)
-    assert (await gw.client.post("/api/v1/assess", headers=bearer(valid))).status == 200  # lookup 1
-    for _ in range(4):  # lookups 2-5: forged keys with valid checksums
+async def test_unknown_keys_are_throttled_per_client_address(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(security={"unknown_keys_per_minute_per_ip": 5})
+    valid = await gw.key(credits=50)
+    # Valid keys never spend the budget, however many are looked up.
+    for _ in range(10):
+        fresh = await gw.key(credits=0)
+        assert (await gw.client.get("/api/v1/credits", headers=bearer(fresh))).status == 200
+    assert (await gw.client.post("/api/v1/assess", headers=bearer(valid))).status == 200
+    for _ in range(5):  # forged keys with valid checksums spend it
         resp = await gw.client.post("/api/v1/assess", headers=bearer(generate_key("live")))
         assert resp.status == 401
     throttled = await gw.client.post("/api/v1/assess", headers=bearer(generate_key("live")))

@@ -34,6 +34,10 @@ class MemoryLimiter:
             self._prune(now)
         return decision
 
+    def peek_now(self, limits: Sequence[Limit], now: float) -> Decision:
+        """The decision ``check_now`` would make, without charging anything."""
+        return decide(limits, [self._tats.get(limit.bucket) for limit in limits], now)[0]
+
     def _prune(self, now: float) -> None:
         # A bucket whose TAT has passed is full again: forgetting it changes nothing.
         stale = [bucket for bucket, tat in self._tats.items() if tat <= now]
