@@ -116,6 +116,8 @@ class Gateway:
                     log.info("rolled up %d resolved reservations", folded)
                 usage = self.settings.usage
                 now = time.time()
+                # Idempotency keys count for 24 h; a margin for clocks and in-flight retries.
+                await self.backend.prune_idempotency(now - 25 * 3600)
                 await self.backend.prune_patterns(
                     int(now - usage.ip_retention_days * 86400),
                     int(now - usage.auth_failure_retention_days * 86400),
@@ -134,6 +136,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        await self.pipeline.close()
         await self.credits.close()
         with contextlib.suppress(Exception):
             await self.usage.flush()

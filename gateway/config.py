@@ -209,6 +209,11 @@ class AnomalySettings(_Frozen):
     auth_failure_threshold: int = Field(default=20, ge=1)
 
 
+class IdempotencySettings(_Frozen):
+    # Answers larger than this are not kept; a replay of them answers 409.
+    replay_cap_bytes: int = Field(default=1024 * 1024, ge=0, le=64 * 1024 * 1024)
+
+
 class SecuritySettings(_Frozen):
     # Unknown keys (valid checksum, no such key) a client address may present per
     # minute before keys the cache does not know are refused from it (429) until
@@ -315,6 +320,7 @@ class Settings(_Frozen):
     metrics: MetricsSettings = MetricsSettings()
     security: SecuritySettings = SecuritySettings()
     usage: UsageSettings = UsageSettings()
+    idempotency: IdempotencySettings = IdempotencySettings()
     anomalies: AnomalySettings = AnomalySettings()
     upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
     routes: tuple[RouteSettings, ...] = ()

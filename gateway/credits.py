@@ -21,7 +21,7 @@ from typing import Generic, TypeVar
 from gateway.config import CreditSettings
 from gateway.metrics import Metrics
 from gateway.models import Environment
-from gateway.storage import Ledger, ReserveRequest, ReserveResult
+from gateway.storage import IdempotencyClaim, Ledger, ReserveRequest, ReserveResult
 
 __all__ = ["Credits"]
 
@@ -99,7 +99,12 @@ class Credits:
         return [applied] * len(ids)
 
     async def reserve(
-        self, team_id: str, environment: Environment, key_id: str, amount: int
+        self,
+        team_id: str,
+        environment: Environment,
+        key_id: str,
+        amount: int,
+        claim: IdempotencyClaim | None = None,
     ) -> tuple[str, ReserveResult]:
         """Reserve ``amount``; raises the backend's error when the outcome is unknown.
 
@@ -107,7 +112,7 @@ class Credits:
         is answered 503 can never be charged.
         """
         reservation_id = "rsv_" + secrets.token_hex(12)
-        request = ReserveRequest(reservation_id, team_id, environment, key_id, amount)
+        request = ReserveRequest(reservation_id, team_id, environment, key_id, amount, claim)
         future = self._reserves.submit(request)
         try:
             result = await asyncio.shield(future)

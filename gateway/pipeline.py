@@ -8,19 +8,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import logging
 import math
+import os
 import re
-import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from aiohttp.streams import StreamReader
+from multidict import CIMultiDict
 
-from gateway import errors
+from gateway import errors, idempotency
 from gateway.anomaly import AnomalyDetector
 from gateway.config import Settings
 from gateway.credits import Credits
@@ -29,7 +32,7 @@ from gateway.keys import display_prefix, hash_secret, parse_key
 from gateway.limiter import Decision, Limit, Limiter, LimiterUnavailable
 from gateway.limiter.memory import MemoryLimiter
 from gateway.metrics import Metrics
-from gateway.models import KeyRecord, Outcome
+from gateway.models import Environment, KeyRecord, Outcome
 from gateway.proxy import (
     CHARGE_HEADER,
     ClientAddress,
@@ -38,7 +41,7 @@ from gateway.proxy import (
     response_headers,
 )
 from gateway.routing import BadPath, Route, Router, canonical_path, encode_path
-from gateway.storage import Ledger, StorageError
+from gateway.storage import IdempotencyClaim, IdempotencyRecord, Ledger, StorageError
 from gateway.usage import UsageRecorder
 
 __all__ = ["Exchange", "Pipeline"]
@@ -47,8 +50,15 @@ log = logging.getLogger("gateway.pipeline")
 access_log = logging.getLogger("gateway.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Request ids need to be unique, not secret: a random per-process prefix and a
+# counter cost far less than reading the system's random source per request.
+_ID_PREFIX = os.urandom(6).hex()
+_ID_COUNTER = itertools.count()
 _CREDITS_PATHS = frozenset({"/api/v1/credits", "/api/v1/credits/"})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Bodies up to this size with a declared length are moved in one piece (one
+# write instead of several); larger or chunked ones stream with bounded memory.
+SMALL_BODY = 64 * 1024
 
 
 class _BodyTooLarge(Exception):
@@ -127,7 +137,9 @@ def _upstream_charge(route_cost: int, header: str | None) -> int:
     return route_cost
 
 
-async def _stream_body(content: StreamReader, limit: int) -> AsyncIterator[bytes]:
+async def _stream_body(
+    content: StreamReader, limit: int, attempt: idempotency.Attempt | None
+) -> AsyncIterator[bytes]:
     received = 0
     while True:
         chunk = await content.readany()
@@ -136,6 +148,8 @@ async def _stream_body(content: StreamReader, limit: int) -> AsyncIterator[bytes
         received += len(chunk)
         if received > limit:
             raise _BodyTooLarge
+        if attempt is not None:
+            attempt.sent(chunk)
         yield chunk
 
 
@@ -163,6 +177,8 @@ class Pipeline:
         self._upstreams = upstreams
         self._metrics = metrics
         self._usage = usage
+        self._background: set[asyncio.Task[None]] = set()
+        self._replay_cap = settings.idempotency.replay_cap_bytes
         self._anomalies = anomalies
         self._addresses = ClientAddress(settings.trusted_proxies)
         pepper = settings.keys.pepper
@@ -183,7 +199,7 @@ class Pipeline:
         request_id = (
             incoming_id
             if incoming_id is not None and _REQUEST_ID.match(incoming_id)
-            else secrets.token_hex(16)
+            else f"{_ID_PREFIX}{next(_ID_COUNTER):020x}"
         )
         exchange = Exchange(request_id, request.method, time.monotonic())
         exchange.client_ip = self._client_ip(request)
@@ -253,22 +269,82 @@ class Pipeline:
 
         reservation: _Reservation | None = None
         cost = route.charges(request.method)
+        claim: IdempotencyClaim | None = None
+        idempotency_key = request.headers.get("Idempotency-Key")
+        if idempotency_key is not None and cost:
+            if not idempotency.valid_key(idempotency_key):
+                response = errors.bad_request(
+                    "Idempotency-Key must be 1-255 visible ASCII characters"
+                )
+                return ex.reply(self._unread(request, response), Outcome.BAD_REQUEST)
+            claim = IdempotencyClaim(idempotency_key, request.method, path)
         if cost and (key.environment == "live" or self._metered_test):
             try:
                 reservation_id, result = await self._credits.reserve(
-                    key.team_id, key.environment, key.id, cost
+                    key.team_id, key.environment, key.id, cost, claim
                 )
             except StorageError:
                 log.warning("credit reservation failed: database unavailable")
                 response = errors.error_response(503, "Service temporarily unavailable")
                 return ex.reply(self._unread(request, response), Outcome.UNAVAILABLE)
+            if result.replay is not None:
+                assert claim is not None
+                return await self._replayed(request, ex, route, claim, result.replay)
             if not result.granted:
                 response = errors.insufficient_credits(cost, result.available)
                 return ex.reply(self._unread(request, response), Outcome.INSUFFICIENT_CREDITS)
             reservation = _Reservation(reservation_id, cost, result.available)
             self._metrics.credits.labels("reserved").inc(cost)
+        elif claim is not None:
+            try:
+                record = await self._ledger.claim_idempotency(key.team_id, key.environment, claim)
+            except StorageError:
+                response = errors.error_response(503, "Service temporarily unavailable")
+                return ex.reply(self._unread(request, response), Outcome.UNAVAILABLE)
+            if record is not None:
+                return await self._replayed(request, ex, route, claim, record)
+        attempt = None
+        if claim is not None:
+            attempt = idempotency.Attempt(claim.key, key.team_id, key.environment, self._replay_cap)
+        return await self._forward(request, ex, route, path, reservation, attempt)
 
-        return await self._forward(request, ex, route, path, reservation)
+    async def _replayed(
+        self,
+        request: web.Request,
+        ex: Exchange,
+        route: Route,
+        claim: IdempotencyClaim,
+        record: IdempotencyRecord,
+    ) -> web.Response:
+        """A retry under a used Idempotency-Key: 409, 422, or the first answer again."""
+        if record.state == "in_flight":
+            return ex.reply(self._unread(request, idempotency.in_flight()), Outcome.REPLAYED)
+        if record.method != claim.method or record.path != claim.path:
+            return ex.reply(self._unread(request, idempotency.mismatch()), Outcome.BAD_REQUEST)
+        body = await self._read_body(request, route.max_body_bytes)
+        if body is None:
+            return ex.reply(self._too_large(request, route), Outcome.PAYLOAD_TOO_LARGE)
+        if idempotency.body_hash(body) != record.body_hash:
+            return ex.reply(idempotency.mismatch(), Outcome.BAD_REQUEST)
+        if not record.body_stored:
+            return ex.reply(idempotency.not_stored(), Outcome.REPLAYED)
+        return ex.reply(idempotency.replay(record, {}), Outcome.REPLAYED)
+
+    @staticmethod
+    async def _read_body(request: web.Request, limit: int) -> bytes | None:
+        """The whole request body, or None past ``limit`` (only for replays: bounded)."""
+        if not request.body_exists:
+            return b""
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(_CONTINUE)
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     # -- stages -----------------------------------------------------------------------
 
@@ -413,6 +489,7 @@ class Pipeline:
         route: Route,
         path: str,
         reservation: _Reservation | None,
+        attempt: idempotency.Attempt | None = None,
     ) -> web.StreamResponse:
         key = ex.key
         name = route.upstream
@@ -437,11 +514,19 @@ class Pipeline:
             scheme=request.scheme,
             request_id=ex.request_id,
         )
-        body = None
+        body: bytes | AsyncIterator[bytes] | None = None
         if request.body_exists:
             if request.headers.get("Expect", "").lower() == "100-continue":
                 await request.writer.write(_CONTINUE)
-            body = _stream_body(request.content, route.max_body_bytes)
+            declared = request.content_length
+            if declared is not None and declared <= SMALL_BODY:
+                # Small and of known length (checked against the route's limit
+                # already): one piece, so it goes out in one write with the headers.
+                body = await request.read()
+                if attempt is not None:
+                    attempt.sent(body)
+            else:
+                body = _stream_body(request.content, route.max_body_bytes, attempt)
 
         # What to do with the reservation once the exchange is over:
         # None = void; an int = post that charge.
@@ -474,8 +559,31 @@ class Pipeline:
                         )
                     elif status not in route.refund_statuses:
                         charge = reservation.amount
-                response = self._client_response(upstream_response, ex, reservation, charge)
-                relayed = await self._relay(request, upstream_response, response)
+                headers_out = self._client_headers(upstream_response, ex, reservation, charge)
+                length = upstream_response.content_length
+                if length is not None and length <= SMALL_BODY and request.method != "HEAD":
+                    # A small answer of known length is read whole and sent in one
+                    # write; if the upstream breaks off first, nothing went out yet.
+                    try:
+                        data = await upstream_response.read()
+                    except (aiohttp.ClientError, OSError):
+                        return await self._fail(request, ex, reservation, 502, "Upstream broke off")
+                    if attempt is not None:
+                        attempt.received(data)
+                    response = web.Response(
+                        status=status,
+                        reason=upstream_response.reason,
+                        headers=headers_out,
+                        body=data,
+                    )
+                    complete = True
+                    return response
+                response = web.StreamResponse(
+                    status=status, reason=upstream_response.reason, headers=headers_out
+                )
+                if length is not None:
+                    response.content_length = length
+                relayed = await self._relay(request, upstream_response, response, attempt)
                 complete = relayed is _Relay.COMPLETE
                 client_left = relayed is _Relay.CLIENT_LEFT
                 if complete:
@@ -499,14 +607,16 @@ class Pipeline:
                 # Also reached when the client left before the status line:
                 # charge is None then, so the reservation is voided.
                 self._settle(ex, reservation, charge, complete or client_left)
+            if attempt is not None:
+                self._record_attempt(attempt, upstream_response if response else None, complete)
 
-    def _client_response(
+    def _client_headers(
         self,
         upstream_response: aiohttp.ClientResponse,
         ex: Exchange,
         reservation: _Reservation | None,
         charge: int | None,
-    ) -> web.StreamResponse:
+    ) -> CIMultiDict[str]:
         headers = response_headers(upstream_response.headers)
         headers["X-Request-Id"] = ex.request_id
         if ex.rate_headers:
@@ -515,18 +625,14 @@ class Pipeline:
         if reservation is not None and charge is not None and 200 <= status < 300:
             remaining = reservation.available_after + (reservation.amount - charge)
             headers["X-Credits-Remaining"] = str(remaining)
-        response = web.StreamResponse(
-            status=status, reason=upstream_response.reason, headers=headers
-        )
-        if upstream_response.content_length is not None:
-            response.content_length = upstream_response.content_length
-        return response
+        return headers
 
     async def _relay(
         self,
         request: web.Request,
         upstream_response: aiohttp.ClientResponse,
         response: web.StreamResponse,
+        attempt: idempotency.Attempt | None,
     ) -> _Relay:
         """Send the status line and copy the body until one side ends or breaks off."""
         try:
@@ -544,11 +650,57 @@ class Pipeline:
                 return _Relay.UPSTREAM_BROKE
             if not chunk:
                 return _Relay.COMPLETE
+            if attempt is not None:
+                attempt.received(chunk)
             try:
                 await response.write(chunk)
             except ConnectionError:
                 upstream_response.close()
                 return _Relay.CLIENT_LEFT
+
+    def _record_attempt(
+        self,
+        attempt: idempotency.Attempt,
+        upstream_response: aiohttp.ClientResponse | None,
+        complete: bool,
+    ) -> None:
+        """Keep a first attempt's answer for replays, or free the key for a fresh try.
+
+        Only attempts the upstream answered are kept (a gateway refusal, a failed
+        connection or a broken-off answer is judged afresh on retry). Written in
+        the background: the client has its answer already.
+        """
+        ledger = self._ledger
+        env: Environment = "live" if attempt.environment == "live" else "test"
+        if upstream_response is None:
+            self._spawn(ledger.release_idempotency(attempt.team_id, env, attempt.key))
+            return
+        self._spawn(
+            ledger.complete_idempotency(
+                attempt.team_id,
+                env,
+                attempt.key,
+                attempt.body_hash,
+                upstream_response.status,
+                upstream_response.headers.get("Content-Type"),
+                attempt.response_body() if complete else None,
+            )
+        )
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("idempotency record not written: %s", task.exception())
+
+    async def close(self) -> None:
+        """Wait for background writes (called at shutdown)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     def _settle(
         self, ex: Exchange, reservation: _Reservation, charge: int | None, stands: bool

@@ -18,6 +18,7 @@ __all__ = ["BadPath", "Match", "Route", "Router", "canonical_path"]
 
 _ENCODED_SEPARATOR = re.compile(r"%(2[fF]|5[cC])")
 _SAFE_PATH_CHARS = "/:@!$&'()*+,;=-._~"
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 class BadPath(ValueError):
@@ -91,7 +92,7 @@ def canonical_path(raw_path: str) -> str:
         decoded = unquote(raw_path, errors="strict")
     except UnicodeDecodeError:
         raise BadPath("the path is not valid UTF-8 once decoded") from None
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+    if _CONTROL.search(decoded):
         raise BadPath("control characters are not allowed in the path")
     body = decoded[1:-1] if decoded.endswith("/") and len(decoded) > 1 else decoded[1:]
     if body:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -60,7 +61,8 @@ async def serve(
     listens = [settings.listen]
     runners.append(web.AppRunner(create_status_app(gateway), access_log=None, shutdown_timeout=1.0))
     listens.append(settings.status.listen)
-    if settings.admin.enabled:
+    # Under a supervisor, only the worker told to serves the admin listener.
+    if settings.admin.enabled and os.environ.get("GATEWAY_SERVE_ADMIN", "1") == "1":
         from gateway.admin import create_admin_app
 
         runners.append(

@@ -19,10 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["WORKER_ENV", "supervise"]
+__all__ = ["ADMIN_ENV", "WORKER_ENV", "supervise"]
 
 log = logging.getLogger("gateway.workers")
 WORKER_ENV = "GATEWAY_WORKER"
+ADMIN_ENV = "GATEWAY_SERVE_ADMIN"
 _RESTART_BACKOFF_SECONDS = 1.0
 
 
@@ -39,8 +40,11 @@ def supervise(config_path: str, workers: int) -> int:
     command = [sys.executable, "-m", "gateway.cli", "run", "--config", config_path]
     stopping = False
 
-    def spawn() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(command, env=env)  # noqa: S603 - our own module
+    def spawn(index: int) -> subprocess.Popen[bytes]:
+        # Only worker 0 serves the admin listener: console sessions live in its
+        # memory, and a sign-in must not be lost to another worker's socket.
+        child_env = {**env, ADMIN_ENV: "1" if index == 0 else "0"}
+        return subprocess.Popen(command, env=child_env)  # noqa: S603 - our own module
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -49,7 +53,7 @@ def supervise(config_path: str, workers: int) -> int:
             if child.poll() is None:
                 child.send_signal(signum)
 
-    children = [spawn() for _ in range(workers)]
+    children = [spawn(i) for i in range(workers)]
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     log.info("started %d workers", workers, extra={"fields": {"pids": [c.pid for c in children]}})
     exit_code = 0
@@ -67,7 +71,7 @@ def supervise(config_path: str, workers: int) -> int:
                     continue
                 log.error("worker %d exited with %d; restarting it", child.pid, code)
                 time.sleep(_RESTART_BACKOFF_SECONDS)
-                children[index] = spawn()
+                children[index] = spawn(index)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -124,7 +124,8 @@ class Harness:
         )
 
     async def settle(self) -> None:
-        """Wait for voids under way and write buffered posts."""
+        """Wait for background writes (voids, idempotency records) and write buffered posts."""
+        await self.gateway.pipeline.close()
         await self.gateway.credits.close()
 
     async def assert_reconciled(self) -> None:

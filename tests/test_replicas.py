@@ -61,7 +61,9 @@ class Replicas:
     ) -> None:
         config = {
             "storage": dsn,
-            "limiter": redis_url(),
+            # A generous budget per Redis call: these tests are about exactness across
+            # replicas, not about the fallback a slow Redis (or a busy machine) triggers.
+            "limiter": {"url": redis_url(), "timeout_seconds": 2},
             "logging": {"access_log": False},
             "keys": {"cache_ttl_seconds": 60},
             "upstreams": {"assess": {"url": upstream.url}},
@@ -227,7 +229,7 @@ async def test_workers_share_limits_and_metrics(
         tmp_path,
         {
             "storage": postgres_dsn,
-            "limiter": redis_url(),
+            "limiter": {"url": redis_url(), "timeout_seconds": 2},
             "logging": {"access_log": False},
             "upstreams": {"assess": {"url": upstream.url}},
             "routes": [{"path": "/api/v1/assess", "upstream": "assess", "cost": 1}],

@@ -1,4 +1,5 @@
-"""The admin listener: the management API under ``/admin/v1`` and its OpenAPI document."""
+"""The admin listener: the management API under ``/admin/v1``, its OpenAPI document, and
+the web console under ``/console``."""
 
 from __future__ import annotations
 
@@ -67,9 +68,16 @@ def _package_version() -> str:
 def create_admin_app(gateway: Gateway) -> web.Application:
     if gateway.settings.admin.token is None:
         raise RuntimeError("the admin API needs admin.token (GATEWAY_ADMIN_TOKEN)")
-    app = web.Application(middlewares=[_errors, auth_middleware(gateway)], client_max_size=MAX_BODY)
+    # Imported here: the console imports the admin package's auth module.
+    from gateway.console import console_middleware, setup_console
+
+    app = web.Application(
+        middlewares=[_errors, auth_middleware(gateway), console_middleware],
+        client_max_size=MAX_BODY,
+    )
     app[GATEWAY] = gateway
     add_routes(app)
+    setup_console(app)
     document = orjson.dumps(openapi_document(_package_version()))
 
     async def openapi(request: web.Request) -> web.Response:

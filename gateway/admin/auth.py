@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from gateway.app import GATEWAY, Gateway
+from gateway.app import Gateway
 from gateway.errors import json_response
 from gateway.keys import is_token_shaped
+from gateway.models import TeamToken
 from gateway.storage import NotFound
 
-__all__ = ["ACTOR", "Actor", "auth_middleware"]
+__all__ = ["ACTOR", "Actor", "actor_for", "auth_middleware"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC_PATHS = frozenset({"/admin/v1/openapi.json"})
@@ -47,27 +48,37 @@ def _unauthorized() -> web.Response:
     )
 
 
-def auth_middleware(gateway: Gateway) -> Middleware:
-    token = gateway.settings.admin.token
-    expected = token.get_secret_value().encode() if token is not None else None
+async def actor_for(gateway: Gateway, presented: str) -> tuple[Actor, TeamToken | None] | None:
+    """Who a presented token is: the operator, a live team token, or nobody.
 
+    The one check behind both the admin API's bearer header and the console's
+    sign-in form. The admin token is compared in constant time.
+    """
+    presented = presented.strip()
+    if not presented:
+        return None
+    token = gateway.settings.admin.token
+    if token is not None and hmac.compare_digest(
+        presented.encode(), token.get_secret_value().encode()
+    ):
+        return ADMIN, None
+    if is_token_shaped(presented):
+        found = await gateway.management.find_token(presented)
+        if found is not None and found.revoked_at is None:
+            return Actor(is_admin=False, team_id=found.team_id, token_id=found.id), found
+    return None
+
+
+def auth_middleware(gateway: Gateway) -> Middleware:
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith("/admin/v1/") or request.path in PUBLIC_PATHS:
             return await handler(request)
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-        presented = presented.strip()
-        if scheme.lower() != "bearer" or not presented:
+        found = await actor_for(gateway, presented) if scheme.lower() == "bearer" else None
+        if found is None:
             return _unauthorized()
-        # Compared in constant time; the length check leaks only the length.
-        if expected is not None and hmac.compare_digest(presented.encode(), expected):
-            request[ACTOR] = ADMIN
-            return await handler(request)
-        if is_token_shaped(presented):
-            found = await request.app[GATEWAY].management.find_token(presented)
-            if found is not None and found.revoked_at is None:
-                request[ACTOR] = Actor(is_admin=False, team_id=found.team_id, token_id=found.id)
-                return await handler(request)
-        return _unauthorized()
+        request[ACTOR] = found[0]
+        return await handler(request)
 
     return authenticate

@@ -28,10 +28,13 @@ if TYPE_CHECKING:
     from gateway.config import PostgresSettings
 
 __all__ = [
+    "IDEMPOTENCY_TTL_SECONDS",
     "KEY_FIELDS",
     "AdminStore",
     "Backend",
     "Conflict",
+    "IdempotencyClaim",
+    "IdempotencyRecord",
     "KeyChange",
     "Ledger",
     "Mismatch",
@@ -51,6 +54,10 @@ __all__ = [
 KEY_FIELDS = frozenset({"name", "rate_limit_per_minute", "expires_at", "disabled"})
 
 ExpiryPolicy = Literal["void", "post"]
+
+# How long an Idempotency-Key is remembered: a record older than this counts as
+# absent (and may be overwritten by a new claim) on every backend.
+IDEMPOTENCY_TTL_SECONDS = 86_400.0
 
 
 class StorageError(Exception):
@@ -79,12 +86,42 @@ class KeyChange:
 
 
 @dataclass(frozen=True, slots=True)
+class IdempotencyClaim:
+    """A client's ``Idempotency-Key`` on a charged request, claimed with its reservation.
+
+    Scoped to the team and environment of the request.
+    """
+
+    key: str  # the client's Idempotency-Key, 1-255 visible ASCII
+    method: str
+    path: str
+
+
+IdempotencyState = Literal["in_flight", "completed"]
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    """What an earlier attempt under the same key left: in flight, or its answer."""
+
+    state: IdempotencyState
+    method: str
+    path: str
+    body_hash: str | None  # hex SHA-256 of the first attempt's request body (completed only)
+    status: int | None  # the first attempt's status (completed only)
+    content_type: str | None
+    body: bytes | None  # the first attempt's response body; None if it was over the replay cap
+    body_stored: bool  # False when the body was too large to keep
+
+
+@dataclass(frozen=True, slots=True)
 class ReserveRequest:
     reservation_id: str
     team_id: str
     environment: Environment
     key_id: str
     amount: int
+    idempotency: IdempotencyClaim | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +129,9 @@ class ReserveResult:
     granted: bool
     # The balance after this reservation when granted, the balance seen when refused.
     available: int
+    # The record of an earlier attempt under the same Idempotency-Key: then
+    # nothing was reserved (granted is False) and the caller answers from it.
+    replay: IdempotencyRecord | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +296,19 @@ class UsageStore(Protocol):
 class Ledger(Protocol):
     """The two-phase credit ledger: reserve, then post or void, exactly once."""
 
-    async def reserve_batch(self, requests: Sequence[ReserveRequest]) -> list[ReserveResult]: ...
+    async def reserve_batch(self, requests: Sequence[ReserveRequest]) -> list[ReserveResult]:
+        """Greedy in request order per account; an id reserved already is granted, not retaken.
+
+        A request with an :class:`IdempotencyClaim` is checked in the same
+        statement: if an unexpired record exists for (team, environment, key)
+        — left by an earlier attempt, or by an earlier request of this batch —
+        nothing is reserved and the result is ``granted=False`` with the
+        current balance and ``replay`` set. Otherwise it is reserved as usual
+        and, only if granted, an in-flight record is written (a refusal leaves
+        none: a retry is judged afresh). A retry of the very reservation id
+        that made the record is treated like any retried id, not as a replay.
+        """
+        ...
 
     async def post_batch(self, posts: Sequence[tuple[str, int]]) -> int:
         """Post (reservation id, charged amount) pairs; returns how many applied."""
@@ -293,6 +345,44 @@ class Ledger(Protocol):
         ...
 
     async def pending_count(self) -> int: ...
+
+    async def claim_idempotency(
+        self, team_id: str, environment: Environment, claim: IdempotencyClaim
+    ) -> IdempotencyRecord | None:
+        """Claim a key for a charged request that reserves nothing, atomically, in one round trip.
+
+        None when the claim was made (an in-flight record now exists); else
+        the unexpired record an earlier attempt left, unchanged.
+        """
+        ...
+
+    async def complete_idempotency(
+        self,
+        team_id: str,
+        environment: Environment,
+        key: str,
+        body_hash: str,
+        status: int,
+        content_type: str | None,
+        body: bytes | None,
+    ) -> None:
+        """Turn the in-flight record completed with the first attempt's answer.
+
+        ``body`` None means it was too large to keep (``body_stored`` False).
+        A record that is not in flight (completed, released, gone) is left alone.
+        """
+        ...
+
+    async def release_idempotency(self, team_id: str, environment: Environment, key: str) -> None:
+        """Delete the in-flight record of an attempt that never reached the upstream.
+
+        A completed record is left alone.
+        """
+        ...
+
+    async def prune_idempotency(self, before: float) -> int:
+        """Delete records created before ``before`` (epoch seconds); returns how many."""
+        ...
 
     async def reconcile(self) -> list[Mismatch]: ...
 

@@ -3,10 +3,11 @@
 Same semantics as :mod:`gateway.storage.sqlite`, made safe for many replicas:
 
 - Every ledger write is one statement calling a function the migrations
-  install (``gateway_reserve``, ``gateway_resolve``, ``gateway_expire``), so a
-  batch of any size costs one round trip and holds its balance rows only while
-  the function runs. Lease deadlines come from the database clock, so replicas
-  with skewed clocks agree on what has expired.
+  install (``gateway_reserve``, ``gateway_resolve``, ``gateway_expire``,
+  ``gateway_claim_idempotency``), so a batch of any size costs one round
+  trip and holds its balance rows only while the function runs. Lease
+  deadlines come from the database clock, so replicas with skewed clocks
+  agree on what has expired.
 - Key writes are logged to ``key_changes`` and announced with ``pg_notify`` by
   triggers, in the writing transaction; :meth:`PostgresBackend.listen_key_changes`
   follows the announcements on a connection of its own.
@@ -41,6 +42,8 @@ from gateway.models import (
 from gateway.storage import (
     Conflict,
     ExpiryPolicy,
+    IdempotencyClaim,
+    IdempotencyRecord,
     KeyChange,
     Mismatch,
     NotFound,
@@ -188,6 +191,22 @@ def _audit(row: asyncpg.Record) -> AuditEntry:
         team_id=row["team_id"],
         client_ip=row["client_ip"],
         details=orjson.loads(row["details"]),
+    )
+
+
+def _replay(row: asyncpg.Record) -> IdempotencyRecord | None:
+    """The record a reserve result was answered with (``replay_*`` columns), if any."""
+    if row["replay_state"] is None:
+        return None
+    return IdempotencyRecord(
+        state=row["replay_state"],
+        method=row["replay_method"],
+        path=row["replay_path"],
+        body_hash=row["replay_body_hash"],
+        status=row["replay_status"],
+        content_type=row["replay_content_type"],
+        body=row["replay_body"],
+        body_stored=row["replay_body_stored"],
     )
 
 
@@ -801,8 +820,7 @@ class PostgresBackend:
     async def reserve_batch(self, requests: Sequence[ReserveRequest]) -> list[ReserveResult]:
         if not requests:
             return []
-        rows = await self._fetch(
-            "SELECT granted, available FROM gateway_reserve($1, $2, $3, $4, $5, $6)",
+        args = (
             [r.reservation_id for r in requests],
             [r.team_id for r in requests],
             [r.environment for r in requests],
@@ -810,7 +828,19 @@ class PostgresBackend:
             [r.amount for r in requests],
             self._lease,
         )
-        return [ReserveResult(row["granted"], row["available"]) for row in rows]
+        claims = [r.idempotency for r in requests]
+        if not any(claims):
+            # Without claims the replay columns are not even sent.
+            rows = await self._fetch(_RESERVE_SQL, *args)
+            return [ReserveResult(row["granted"], row["available"]) for row in rows]
+        rows = await self._fetch(
+            _RESERVE_CLAIMING_SQL,
+            *args,
+            [c.key if c is not None else None for c in claims],
+            [c.method if c is not None else None for c in claims],
+            [c.path if c is not None else None for c in claims],
+        )
+        return [ReserveResult(row["granted"], row["available"], _replay(row)) for row in rows]
 
     async def post_batch(self, posts: Sequence[tuple[str, int]]) -> int:
         if not posts:
@@ -963,6 +993,77 @@ class PostgresBackend:
             await self._fetchval("SELECT count(*) FROM reservations WHERE resolution IS NULL")
         )
 
+    async def claim_idempotency(
+        self, team_id: str, environment: Environment, claim: IdempotencyClaim
+    ) -> IdempotencyRecord | None:
+        row = await self._fetchrow(
+            "SELECT state, method, path, body_hash, status, content_type, body, body_stored "
+            "FROM gateway_claim_idempotency($1, $2, $3, $4, $5)",
+            team_id,
+            environment,
+            claim.key,
+            claim.method,
+            claim.path,
+        )
+        if row is None:
+            return None
+        return IdempotencyRecord(
+            state=row["state"],
+            method=row["method"],
+            path=row["path"],
+            body_hash=row["body_hash"],
+            status=row["status"],
+            content_type=row["content_type"],
+            body=row["body"],
+            body_stored=row["body_stored"],
+        )
+
+    async def complete_idempotency(
+        self,
+        team_id: str,
+        environment: Environment,
+        key: str,
+        body_hash: str,
+        status: int,
+        content_type: str | None,
+        body: bytes | None,
+    ) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE idempotency_keys SET state = 'completed', body_hash = $4, status = $5, "
+                "content_type = $6, body = $7, body_stored = $7::bytea IS NOT NULL, "
+                "completed_at = now() "
+                "WHERE team_id = $1 AND environment = $2 AND idempotency_key = $3 "
+                "AND state = 'in_flight'",
+                team_id,
+                environment,
+                key,
+                body_hash,
+                status,
+                content_type,
+                body,
+            )
+
+    async def release_idempotency(self, team_id: str, environment: Environment, key: str) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "DELETE FROM idempotency_keys "
+                "WHERE team_id = $1 AND environment = $2 AND idempotency_key = $3 "
+                "AND state = 'in_flight'",
+                team_id,
+                environment,
+                key,
+            )
+
+    async def prune_idempotency(self, before: float) -> int:
+        return int(
+            await self._fetchval(
+                "WITH gone AS (DELETE FROM idempotency_keys WHERE created_at < $1::timestamptz "
+                "RETURNING 1) SELECT count(*) FROM gone",
+                before,
+            )
+        )
+
     async def reconcile(self) -> list[Mismatch]:
         rows = await self._fetch(_RECONCILE_SQL)
         return [
@@ -985,6 +1086,17 @@ class PostgresBackend:
             if moved < _ROLL_UP_CHUNK:
                 return total
 
+
+# The claim-less form selects only what it reads: the replay columns (all NULL)
+# are never sent.
+_RESERVE_SQL = (
+    "SELECT granted, available FROM gateway_reserve($1, $2, $3, $4, $5, $6, NULL, NULL, NULL)"
+)
+_RESERVE_CLAIMING_SQL = (
+    "SELECT granted, available, replay_state, replay_method, replay_path, replay_body_hash, "
+    "replay_status, replay_content_type, replay_body, replay_body_stored "
+    "FROM gateway_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+)
 
 # The old key stops at the earlier of its own expiry and the new one (LEAST
 # ignores NULL: a key without expiry gets the new one) only if it is not

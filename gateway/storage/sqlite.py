@@ -30,8 +30,11 @@ from gateway.models import (
     UsageRow,
 )
 from gateway.storage import (
+    IDEMPOTENCY_TTL_SECONDS,
     Conflict,
     ExpiryPolicy,
+    IdempotencyClaim,
+    IdempotencyRecord,
     KeyChange,
     Mismatch,
     NotFound,
@@ -107,6 +110,38 @@ def _audit(row: sqlite3.Row) -> AuditEntry:
         client_ip=row["client_ip"],
         details=orjson.loads(row["details"]),
     )
+
+
+def _idempotency_record(row: sqlite3.Row) -> IdempotencyRecord:
+    return IdempotencyRecord(
+        state=row["state"],
+        method=row["method"],
+        path=row["path"],
+        body_hash=row["body_hash"],
+        status=row["status"],
+        content_type=row["content_type"],
+        body=row["body"],
+        body_stored=bool(row["body_stored"]),
+    )
+
+
+# The unexpired record holding a key, if any.
+_HELD_SQL = (
+    "SELECT state, method, path, body_hash, status, content_type, body, body_stored, "
+    "reservation_id FROM idempotency_keys "
+    "WHERE team_id = ? AND environment = ? AND idempotency_key = ? AND created_at > ?"
+)
+# A claim of a key found free: absent, or held by an expired record, which the
+# new one replaces.
+_CLAIM_SQL = (
+    "INSERT INTO idempotency_keys (team_id, environment, idempotency_key, state, method, "
+    "path, reservation_id, created_at) VALUES (?, ?, ?, 'in_flight', ?, ?, ?, ?) "
+    "ON CONFLICT (team_id, environment, idempotency_key) DO UPDATE SET "
+    "state = excluded.state, method = excluded.method, path = excluded.path, "
+    "reservation_id = excluded.reservation_id, body_hash = NULL, status = NULL, "
+    "content_type = NULL, body = NULL, body_stored = 0, created_at = excluded.created_at, "
+    "completed_at = NULL"
+)
 
 
 class SqliteBackend:
@@ -741,6 +776,18 @@ class SqliteBackend:
                 ).fetchone()
                 available[account] = 0 if row is None else int(row["available"])
             have = available[account]
+            claim = req.idempotency
+            held: sqlite3.Row | None = None
+            if claim is not None:
+                # Records written earlier in this batch are seen too (same transaction).
+                held = db.execute(
+                    _HELD_SQL,
+                    (req.team_id, req.environment, claim.key, now - IDEMPOTENCY_TTL_SECONDS),
+                ).fetchone()
+                # A retry of the reservation that made the record is a retried id, no replay.
+                if held is not None and held["reservation_id"] != req.reservation_id:
+                    results.append(ReserveResult(False, have, _idempotency_record(held)))
+                    continue
             if have < req.amount:
                 results.append(ReserveResult(False, have))
                 continue
@@ -760,6 +807,19 @@ class SqliteBackend:
             if inserted:  # a retried id was reserved already: never take twice
                 have -= req.amount
                 available[account] = have
+            if claim is not None and held is None:
+                db.execute(
+                    _CLAIM_SQL,
+                    (
+                        req.team_id,
+                        req.environment,
+                        claim.key,
+                        claim.method,
+                        claim.path,
+                        req.reservation_id,
+                        now,
+                    ),
+                )
             results.append(ReserveResult(True, have))
         for (team_id, environment), have in available.items():
             db.execute(
@@ -925,6 +985,73 @@ class SqliteBackend:
             ).fetchone()
         )
         return int(row["n"])
+
+    async def claim_idempotency(
+        self, team_id: str, environment: Environment, claim: IdempotencyClaim
+    ) -> IdempotencyRecord | None:
+        def claim_key(db: sqlite3.Connection) -> IdempotencyRecord | None:
+            now = time.time()
+            held = db.execute(
+                _HELD_SQL, (team_id, environment, claim.key, now - IDEMPOTENCY_TTL_SECONDS)
+            ).fetchone()
+            if held is not None:
+                return _idempotency_record(held)
+            db.execute(
+                _CLAIM_SQL, (team_id, environment, claim.key, claim.method, claim.path, None, now)
+            )
+            return None
+
+        return await self._run(self._tx, claim_key)
+
+    async def complete_idempotency(
+        self,
+        team_id: str,
+        environment: Environment,
+        key: str,
+        body_hash: str,
+        status: int,
+        content_type: str | None,
+        body: bytes | None,
+    ) -> None:
+        await self._run(
+            self._tx,
+            lambda db: db.execute(
+                "UPDATE idempotency_keys SET state = 'completed', body_hash = ?, status = ?, "
+                "content_type = ?, body = ?, body_stored = ?, completed_at = ? "
+                "WHERE team_id = ? AND environment = ? AND idempotency_key = ? "
+                "AND state = 'in_flight'",
+                (
+                    body_hash,
+                    status,
+                    content_type,
+                    body,
+                    int(body is not None),
+                    time.time(),
+                    team_id,
+                    environment,
+                    key,
+                ),
+            ),
+        )
+
+    async def release_idempotency(self, team_id: str, environment: Environment, key: str) -> None:
+        await self._run(
+            self._tx,
+            lambda db: db.execute(
+                "DELETE FROM idempotency_keys "
+                "WHERE team_id = ? AND environment = ? AND idempotency_key = ? "
+                "AND state = 'in_flight'",
+                (team_id, environment, key),
+            ),
+        )
+
+    async def prune_idempotency(self, before: float) -> int:
+        return await self._run(
+            self._tx,
+            lambda db: (
+                db.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (before,)).rowcount
+            ),
+        )
 
     async def reconcile(self) -> list[Mismatch]:
         rows = await self._run(lambda: self._db.execute(_RECONCILE_SQL).fetchall())

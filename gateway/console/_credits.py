@@ -1,0 +1,208 @@
+"""The Credits page: balance per environment, the ledger (paged), grants by operators."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.admin._input import Fields
+from gateway.app import GATEWAY
+from gateway.console._checks import client_ip, problems, text
+from gateway.console._html import Markup, fmt, join
+from gateway.console._keys import ENVIRONMENTS, team
+from gateway.console._layout import (
+    error_page,
+    error_summary,
+    field_error,
+    hidden_csrf,
+    invalid,
+    page,
+    redirect,
+    team_url,
+    when,
+)
+from gateway.console._state import TEMPLATES, session_of
+from gateway.models import LedgerEntry, Team
+from gateway.storage import Conflict, decode_ledger_cursor
+
+__all__ = ["credits", "grant"]
+
+ENTRIES_PER_PAGE = 25
+MAX_AMOUNT = 10**12
+KINDS = {
+    "grant": "Grant",
+    "adjust": "Adjustment",
+    "reserve": "Reserved (in flight)",
+    "post": "Charged",
+    "void": "Returned",
+    "expire_void": "Returned (lease expired)",
+    "expire_post": "Charged (lease expired)",
+}
+
+
+def _amount(value: int) -> Markup:
+    sign = "plus" if value > 0 else "minus" if value < 0 else "zero"
+    return fmt('<span class="amount amount-$sign">$text</span>', sign=sign, text=f"{value:+,}")
+
+
+def _entry(entry: LedgerEntry) -> Markup:
+    return fmt(
+        '<tr><td>$at</td><td>$kind</td><td>$env</td><td class="num">$amount</td>'
+        "<td>$reason</td></tr>",
+        at=when(entry.created_at),
+        kind=KINDS.get(entry.kind, entry.kind),
+        env=entry.environment,
+        amount=_amount(entry.amount),
+        reason=entry.reason or (f"request {entry.reservation_id}" if entry.reservation_id else ""),
+    )
+
+
+async def _credits_page(
+    request: web.Request,
+    owner: Team,
+    *,
+    errors: dict[str, str] | None = None,
+    values: dict[str, str] | None = None,
+    status: int = 200,
+) -> web.Response:
+    errors, values = errors or {}, values or {}
+    gateway = request.app[GATEWAY]
+    management = gateway.management
+    before = request.query.get("before") or None
+    if before is not None:
+        try:
+            decode_ledger_cursor(before)
+        except ValueError:
+            return await error_page(request, 400, "Bad page link", "That ledger page is unknown.")
+    _, balances = await management.balances(owner.id)
+    entries = await management.ledger(owner.id, ENTRIES_PER_PAGE, before)
+    unlimited_test = gateway.settings.credits.test_environment == "unlimited"
+    cards = []
+    for environment, label in (("live", "Live"), ("test", "Test")):
+        if environment == "test" and unlimited_test:
+            amount, hint = Markup("Unlimited"), "test credits are not metered on this gateway"
+        else:
+            amount, hint = fmt("$n", n=f"{balances.get(environment, 0):,}"), "credits available"
+        cards.append(
+            fmt(
+                '<div class="balance" data-environment="$env"><p class="label">$label</p>'
+                '<p class="value">$amount</p><p class="hint">$hint</p></div>',
+                env=environment,
+                label=label,
+                amount=amount,
+                hint=hint,
+            )
+        )
+    if entries:
+        table = fmt(
+            '<div class="table-wrap" role="region" aria-labelledby="ledger-title" tabindex="0">'
+            '<table><thead><tr><th scope="col">When</th><th scope="col">What</th>'
+            '<th scope="col">Environment</th><th scope="col" class="num">Amount</th>'
+            '<th scope="col">Reason</th></tr></thead><tbody>$rows</tbody></table></div>',
+            rows=join(_entry(e) for e in entries),
+        )
+    else:
+        table = Markup('<p class="empty">No ledger entries yet.</p>')
+    links = []
+    if before:
+        links.append(fmt('<a href="$h">Newest entries</a>', h=team_url(owner.id, "credits")))
+    if len(entries) == ENTRIES_PER_PAGE:
+        older = team_url(owner.id, "credits", before=entries[-1].cursor)
+        links.append(fmt('<a href="$h">Older entries →</a>', h=older))
+    pager = fmt('<p class="pager">$l</p>', l=join(links, " ")) if links else Markup("")
+    form = Markup("")
+    if session_of(request).actor.is_admin:
+        form = request.app[TEMPLATES].render(
+            "grant",
+            summary=error_summary(errors),
+            action=team_url(owner.id, "credits"),
+            csrf=hidden_csrf(request),
+            nonce=session_of(request).issue_nonce(),
+            amount=values.get("amount", ""),
+            amount_invalid=invalid(errors, "amount"),
+            amount_error=field_error(errors, "amount"),
+            environments=join(
+                fmt(
+                    '<option value="$v"$s>$label</option>',
+                    v=v,
+                    label=label,
+                    s=Markup(" selected") if v == values.get("environment", "live") else Markup(""),
+                )
+                for v, label in ENVIRONMENTS
+            ),
+            reason=values.get("reason", ""),
+            reason_invalid=invalid(errors, "reason"),
+            reason_error=field_error(errors, "reason"),
+        )
+    body = request.app[TEMPLATES].render(
+        "credits", balances=join(cards), grant=form, table=table, pager=pager
+    )
+    return await page(
+        request,
+        title=f"Credits · {owner.name}",
+        body=body,
+        team=owner,
+        current="credits",
+        status=status,
+    )
+
+
+async def credits(request: web.Request) -> web.Response:
+    return await _credits_page(request, await team(request))
+
+
+async def grant(request: web.Request) -> web.Response:
+    owner = await team(request)
+    session = session_of(request)
+    if not session.actor.is_admin:
+        # No form is shown to a team token; a forged POST is refused like the admin API does.
+        return await error_page(request, 403, "Not allowed", "A team token may not grant credits.")
+    form = await request.post()
+    nonce = text(form.get("nonce"))
+    if not session.spend_nonce(nonce):
+        session.flash("error", "That form was already sent: no credits were granted twice.")
+        return redirect(team_url(owner.id, "credits"))
+    values = {k: text(form.get(k)) for k in ("amount", "environment", "reason")}
+    raw_amount = values["amount"]
+    amount: object = raw_amount
+    if raw_amount.lstrip("+-").isdigit() and len(raw_amount) <= 20:
+        amount = int(raw_amount)
+    fields = Fields(
+        {
+            "amount": amount,
+            "environment": values["environment"] or "live",
+            "reason": values["reason"] or None,
+        },
+        {"amount", "environment", "reason"},
+    )
+    checked = fields.integer("amount", required=True, minimum=-MAX_AMOUNT, maximum=MAX_AMOUNT)
+    environment = fields.choice("environment", ("live", "test"), "live")
+    reason = fields.string("reason", required=True, max_len=500)
+    if checked == 0:
+        fields.problem("amount", "must not be 0")
+    errors = problems(fields)
+    if errors or checked is None or reason is None:
+        return await _credits_page(request, owner, errors=errors, values=values, status=422)
+    try:
+        _, balance = await request.app[GATEWAY].management.grant(
+            owner.id,
+            checked,
+            reason,
+            environment="live" if environment == "live" else "test",
+            actor=session.actor.label,
+            # The form's nonce: a grant that reached the store once is never applied twice.
+            idempotency_key=f"console:{nonce}",
+        )
+    except Conflict as exc:
+        errors = {"amount": f"Amount refused: {exc}."}
+        return await _credits_page(request, owner, errors=errors, values=values, status=409)
+    await request.app[GATEWAY].management.record_audit(
+        actor=session.actor.label,
+        action="credits.grant" if checked > 0 else "credits.adjust",
+        target=owner.id,
+        team_id=owner.id,
+        client_ip=client_ip(request),
+        details={"amount": checked, "environment": environment, "reason": reason, "via": "console"},
+    )
+    verb = "Granted" if checked > 0 else "Adjusted by"
+    session.flash("ok", f"{verb} {checked:,} {environment} credits. New balance: {balance:,}.")
+    return redirect(team_url(owner.id, "credits"))
