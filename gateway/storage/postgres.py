@@ -865,7 +865,16 @@ class PostgresBackend:
         )
 
     async def expire_reservations(self, policy: ExpiryPolicy, limit: int = 1000) -> int:
-        return int(await self._fetchval("SELECT gateway_expire($1, $2)", policy, limit))
+        expired = int(await self._fetchval("SELECT gateway_expire($1, $2)", policy, limit))
+        # An Idempotency-Key still "in flight" after a whole lease belongs to an
+        # attempt that never finished (a crash): free it, so a retry is judged afresh.
+        await self._fetchval(
+            "WITH gone AS (DELETE FROM idempotency_keys WHERE state = 'in_flight' "
+            "AND created_at < now() - make_interval(secs => $1) RETURNING 1) "
+            "SELECT count(*) FROM gone",
+            self._lease,
+        )
+        return expired
 
     async def balance(self, team_id: str, environment: Environment) -> int:
         found = await self._fetchval(

@@ -868,6 +868,12 @@ class SqliteBackend:
             ).fetchall()
             kind = "expire_" + policy
             items = [(r["id"], r["amount"] if policy == "post" else 0) for r in rows]
+            # An Idempotency-Key still "in flight" after a whole lease belongs to an
+            # attempt that never finished (a crash): free it, so a retry is judged afresh.
+            db.execute(
+                "DELETE FROM idempotency_keys WHERE state = 'in_flight' AND created_at < ?",
+                (time.time() - self._lease,),
+            )
             return self._resolve(db, items, kind)
 
         return await self._run(self._tx, expire)

@@ -541,3 +541,26 @@ async def test_the_previous_reserve_signature_still_works(postgres_dsn: str) -> 
         assert await db.reconcile() == []
     finally:
         await backends.close_all()
+
+
+async def test_an_attempt_in_flight_for_a_whole_lease_is_freed_by_the_sweeper(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from gateway.storage import IdempotencyClaim, ReserveRequest
+    from gateway.storage.sqlite import SqliteBackend
+
+    backend = SqliteBackend(str(tmp_path / "sweep.db"), lease_seconds=0.05)
+    await backend.open()
+    await backend.migrate()
+    try:
+        team = (await backend.create_team("t")).id
+        await backend.grant(team, "live", 5, "seed", "test")
+        claim = IdempotencyClaim("crashed", "POST", "/api/v1/assess")
+        await backend.reserve_batch([ReserveRequest("r1", team, "live", "k", 1, claim)])
+        assert (await backend.claim_idempotency(team, "live", claim)) is not None  # in flight
+        import asyncio
+
+        await asyncio.sleep(0.1)
+        await backend.expire_reservations("void")
+        assert await backend.claim_idempotency(team, "live", claim) is None  # free again
+        assert await backend.reconcile() == []
+    finally:
+        await backend.close()
