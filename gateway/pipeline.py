@@ -516,17 +516,26 @@ class Pipeline:
         )
         body: bytes | AsyncIterator[bytes] | None = None
         if request.body_exists:
-            if request.headers.get("Expect", "").lower() == "100-continue":
-                await request.writer.write(_CONTINUE)
-            declared = request.content_length
-            if declared is not None and declared <= SMALL_BODY:
-                # Small and of known length (checked against the route's limit
-                # already): one piece, so it goes out in one write with the headers.
-                body = await request.read()
-                if attempt is not None:
-                    attempt.sent(body)
-            else:
-                body = _stream_body(request.content, route.max_body_bytes, attempt)
+            try:
+                if request.headers.get("Expect", "").lower() == "100-continue":
+                    await request.writer.write(_CONTINUE)
+                declared = request.content_length
+                if declared is not None and declared <= SMALL_BODY:
+                    # Small and of known length (checked against the route's limit
+                    # already): one piece, so it goes out in one write with the headers.
+                    body = await request.read()
+                    if attempt is not None:
+                        attempt.sent(body)
+                else:
+                    body = _stream_body(request.content, route.max_body_bytes, attempt)
+            except (ConnectionError, asyncio.CancelledError) as exc:
+                # The client left before its body arrived: nothing was forwarded.
+                self._abandon(ex, reservation, attempt)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                return ex.reply(
+                    errors.bad_request("The client closed the connection"), Outcome.BAD_REQUEST
+                )
 
         # What to do with the reservation once the exchange is over:
         # None = void; an int = post that charge.
@@ -686,6 +695,15 @@ class Pipeline:
                 attempt.response_body() if complete else None,
             )
         )
+
+    def _abandon(
+        self, ex: Exchange, reservation: _Reservation | None, attempt: idempotency.Attempt | None
+    ) -> None:
+        """Give back what an exchange that never reached the upstream had taken."""
+        if reservation is not None and not reservation.settled:
+            self._settle(ex, reservation, None, False)
+        if attempt is not None:
+            self._record_attempt(attempt, None, False)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)

@@ -416,3 +416,29 @@ async def test_forwarded_header_only_from_trusted_proxies(
     assert "Forwarded" not in seen[-1]
     assert seen[-1]["X-Forwarded-Proto"] == "http"
     assert seen[-1]["X-Forwarded-Host"] != "evil"
+
+
+async def test_client_leaving_during_a_small_upload_voids(
+    make_gateway: MakeGateway, scripted: Scripted
+) -> None:
+    scripted.handler = lambda request: web.json_response({})
+    gw = await gateway_on(make_gateway, scripted)
+    key = await gw.key(credits=1)
+    assert gw.client.server.port is not None
+    _reader, writer = await asyncio.open_connection("127.0.0.1", gw.client.server.port)
+    writer.write(
+        f"POST /api/v1/assess HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
+        "Content-Length: 1000\r\n\r\npartial".encode()
+    )
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    for _ in range(50):
+        await gw.settle()
+        if await gw.gateway.backend.pending_count() == 0 and await gw.balance() == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert await gw.balance() == 1
+    assert await gw.gateway.backend.pending_count() == 0
+    assert scripted.events == [] and gw.upstream.requests == []
+    await gw.assert_reconciled()
