@@ -133,8 +133,13 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                # A background task that died must not keep the ledger from flushing.
+                log.exception("background task %s had failed", task.get_name())
         self._tasks = []
         await self.pipeline.close()
         await self.credits.close()

@@ -86,6 +86,7 @@ class Credits:
         self._void_retry: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._oldest_post = 0.0
+        self._flushing = 0
         self.late_resolutions = 0
 
     async def _reserve_many(self, requests: Sequence[ReserveRequest]) -> list[ReserveResult]:
@@ -162,6 +163,9 @@ class Credits:
         if self._posts:
             posts, self._posts = self._posts, []
             oldest = self._oldest_post
+            # Counted as unflushed while the statement is out, so nobody reads
+            # "nothing left to write" in the middle of a write that may fail.
+            self._flushing = len(posts)
             try:
                 with self._metrics.backend_call(self._backend, "post"):
                     applied = await self._ledger.post_batch(posts)
@@ -169,12 +173,14 @@ class Credits:
                 log.warning("posting %d reservations failed, will retry: %s", len(posts), exc)
                 self._posts[:0] = posts
                 self._oldest_post = oldest
-            else:
-                late = len(posts) - applied
-                if late:
-                    # Already resolved (the sweeper got there first): never applied twice.
-                    self.late_resolutions += late
-                    self._metrics.late_resolutions.inc(late)
+                applied = len(posts)
+            finally:
+                self._flushing = 0
+            late = len(posts) - applied
+            if late > 0:
+                # Already resolved (the sweeper got there first): never applied twice.
+                self.late_resolutions += late
+                self._metrics.late_resolutions.inc(late)
         if self._void_retry:
             ids = list(self._void_retry)
             try:
@@ -187,7 +193,7 @@ class Credits:
 
     @property
     def unflushed(self) -> int:
-        return len(self._posts) + len(self._void_retry)
+        return len(self._posts) + self._flushing + len(self._void_retry)
 
     async def sweep(self) -> int:
         """Resolve reservations whose lease ran out, by the configured policy."""
@@ -206,7 +212,9 @@ class Credits:
             tick += 1
             try:
                 await self.flush()
-                if tick % sweep_every == 0:
+                # While posts this process holds cannot be written, sweeping could
+                # void the very reservations they charge: wait until they are written.
+                if tick % sweep_every == 0 and not self._posts:
                     swept = await self.sweep()
                     if swept:
                         log.info("resolved %d reservations whose lease ran out", swept)

@@ -224,4 +224,14 @@ class KeyCache:
             self.following = False
 
         self.following = False
-        await subscribe(on_change, on_connected, on_lost)
+        while True:
+            try:
+                await subscribe(on_change, on_connected, on_lost)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Whatever broke the subscription, keys must not be trusted for a
+                # minute meanwhile: fall back to 1 s re-checks and subscribe again.
+                on_lost()
+                log.exception("key change subscription failed; subscribing again")
+                await asyncio.sleep(1.0)

@@ -1,0 +1,1 @@
+"""Fault injection under load: real gateway, Redis, PostgreSQL and upstream processes."""

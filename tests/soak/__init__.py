@@ -1,0 +1,1 @@
+"""Long-running soak tests (``-m soak``; excluded from the default run)."""
