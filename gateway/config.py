@@ -50,6 +50,7 @@ __all__ = [
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _STATUS_CLASS = re.compile(r"^[345]xx$|^[345]\d\d$")
 
 
@@ -428,8 +429,10 @@ def _field_path(location: tuple[int | str, ...]) -> str:
     for part in location:
         if isinstance(part, int):
             out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
+        elif _PLAIN_NAME.match(part):
+            out += f".{part}" if out else part
+        else:  # a name no config has: shown quoted, so the message stays one line
+            out += f"[{part!r}]"
     return out or "<root>"
 
 

@@ -272,3 +272,32 @@ async def test_workers_share_limits_and_metrics(
             assert ok == 30
     finally:
         assert await node.stop() == 0, node.log()[-3000:]
+
+
+async def test_idempotent_retries_across_replicas_are_charged_once(
+    tmp_path: Path, postgres_dsn: str, upstream: Counting
+) -> None:
+    async with Replicas(tmp_path, postgres_dsn, upstream, 2) as replicas:
+        key = (await replicas.key("idem", credits=10, rate_limit=1000))["key"]
+
+        async def send(node: int) -> tuple[int, str | None]:
+            headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "order-77"}
+            url = replicas.nodes[node].url + "/api/v1/assess"
+            async with replicas.session.post(url, headers=headers, data=b"{}") as resp:
+                await resp.read()
+                return resp.status, resp.headers.get("Idempotent-Replayed")
+
+        # Racing the first attempt from both replicas: one is served, the other
+        # is told the first is in flight (or, if it lost the race late, replayed).
+        first = await asyncio.gather(send(0), send(1))
+        statuses = sorted(status for status, _ in first)
+        assert statuses in ([200, 409], [200, 200])
+        await asyncio.sleep(0.3)  # the first attempt's record is written in the background
+        for node in (0, 1, 0, 1):
+            status, replayed = await send(node)
+            assert (status, replayed) == (200, "true")
+        assert upstream.served == 1
+        await asyncio.sleep(0.6)
+        credits = await replicas.admin("GET", "/admin/v1/teams/idem/credits", node=1)
+        assert credits["balances"]["live"] == 9
+    replicas.reconcile()
