@@ -67,6 +67,10 @@ def supervise(config_path: str, workers: int) -> int:
                 _mark_dead(child.pid, metrics_dir)
                 if stopping:
                     children.remove(child)
+                    # A worker still starting when the signal came dies of it: that is
+                    # a clean stop too, not a failure.
+                    if code in (-signal.SIGTERM, -signal.SIGINT):
+                        code = 0
                     exit_code = exit_code or code
                     continue
                 log.error("worker %d exited with %d; restarting it", child.pid, code)

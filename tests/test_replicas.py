@@ -238,6 +238,14 @@ async def test_workers_share_limits_and_metrics(
     )
     await node.start("--workers", "2")
     try:
+        # /readyz may come from either worker; the admin listener is worker 0's.
+        for _ in range(100):
+            try:
+                _reader, writer = await asyncio.open_connection("127.0.0.1", node.admin_port)
+                writer.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
         async with aiohttp.ClientSession() as session:
 
             async def admin(path: str, body: Any) -> Any:

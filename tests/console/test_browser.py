@@ -166,6 +166,9 @@ async def test_operator_and_team_token_in_a_browser(
 
     # Create a key; read it from the one-time dialog and copy it.
     await page.get_by_role("link", name="API Keys").click()
+    # The new page must be in place before the keyboard is used on it.
+    await expect(page.get_by_role("heading", name="API Keys", exact=True)).to_be_visible()
+    await page.wait_for_load_state("load")
     # Keyboard: the first Tab reaches the skip link, which moves focus to the content.
     await page.keyboard.press("Tab")
     await expect(page.get_by_role("link", name="Skip to content")).to_be_focused()
