@@ -19,10 +19,11 @@ for a day, remembered addresses are capped per key.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gateway.config import AnomalySettings
 from gateway.metrics import Metrics
@@ -54,7 +55,11 @@ class _KeyState:
     team_id: str
     count: int = 0
     baseline: float | None = None
-    seen_ips: dict[str, float] = field(default_factory=dict)
+    # The addresses seen and when. Most keys are used from one address, and an
+    # empty dict alone costs more than the rest of this state: the first
+    # address is kept in ``ip`` (seen at ``last_seen``), a dict only from the second.
+    ip: str | None = None
+    more_ips: dict[str, float] | None = None
     new_ips: int = 0
     last_seen: float = 0.0
 
@@ -188,16 +193,30 @@ class AnomalyDetector:
         if state is None:
             state = self._keys[key_id] = _KeyState(team_id)
         state.count += 1
-        state.last_seen = now
-        seen = state.seen_ips
+        memory = self._settings.new_ip_memory_seconds
+        if state.more_ips is None:
+            if state.ip is None:
+                if state.baseline is not None:
+                    state.new_ips += 1
+                # Kept for a day: one copy of each address however many keys use it.
+                state.ip = sys.intern(client_ip)
+                state.last_seen = now
+                return
+            if state.ip == client_ip and now - state.last_seen <= memory:
+                state.last_seen = now
+                return
+            # A second address (or the first one again after too long): keep a dict.
+            state.more_ips = {state.ip: state.last_seen}
+        seen = state.more_ips
         last = seen.get(client_ip)
-        if last is None or now - last > self._settings.new_ip_memory_seconds:
+        if last is None or now - last > memory:
             # A key's first window only learns its addresses: they are not "new".
             if state.baseline is not None:
                 state.new_ips += 1
             if len(seen) >= _MAX_IPS_PER_KEY:
                 seen.pop(next(iter(seen)))
         seen[client_ip] = now
+        state.last_seen = now
 
     def auth_failure(self, prefix: str | None, client_ip: str) -> None:
         """One refused credential (its display prefix, if it had the key shape)."""

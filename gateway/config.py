@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.deadlines import MAX_RESOLUTION
+
 __all__ = [
     "AdminSettings",
     "AnomalySettings",
@@ -372,11 +374,17 @@ class Settings(_Frozen):
                 seen.add((route.path, method))
         lease = self.credits.reservation_lease_seconds
         if lease is not None:
-            floor = self.longest_route_seconds + self.credits.post_flush_interval_seconds
+            # An exchange is cut up to MAX_RESOLUTION after its max_duration_seconds.
+            floor = (
+                self.longest_route_seconds
+                + MAX_RESOLUTION
+                + self.credits.post_flush_interval_seconds
+            )
             if lease <= floor:
                 raise ValueError(
                     f"credits.reservation_lease_seconds ({lease:g}) must be longer than the "
-                    f"longest route max_duration_seconds plus the post flush interval ({floor:g})"
+                    f"longest route max_duration_seconds plus the post flush interval and "
+                    f"{MAX_RESOLUTION:g} s ({floor:g})"
                 )
         serving = info.context is None or info.context.get("serving", True)
         if serving and self.admin.enabled and self.admin.token is None:

@@ -15,55 +15,26 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Sequence
+from dataclasses import dataclass
 
+from gateway.batching import Grouper
 from gateway.config import CreditSettings
 from gateway.metrics import Metrics
 from gateway.models import Environment
 from gateway.storage import IdempotencyClaim, Ledger, ReserveRequest, ReserveResult
 
-__all__ = ["Credits"]
+__all__ = ["Credits", "PendingReserve"]
 
 log = logging.getLogger("gateway.credits")
 
-Req = TypeVar("Req")
-Res = TypeVar("Res")
-_MAX_BATCH = 512
 
+@dataclass(frozen=True, slots=True)
+class PendingReserve:
+    """A reservation sent to the ledger whose outcome the request has not read yet."""
 
-class _Grouper(Generic[Req, Res]):
-    """Run calls one batch at a time; calls made meanwhile form the next batch."""
-
-    def __init__(self, run: Callable[[Sequence[Req]], Awaitable[Sequence[Res]]]) -> None:
-        self._run = run
-        self._queue: list[tuple[Req, asyncio.Future[Res]]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    def submit(self, item: Req) -> asyncio.Future[Res]:
-        future: asyncio.Future[Res] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
-        if self._task is None:
-            self._task = asyncio.create_task(self._drain())
-        return future
-
-    async def _drain(self) -> None:
-        try:
-            while self._queue:
-                batch = self._queue[:_MAX_BATCH]
-                del self._queue[:_MAX_BATCH]
-                try:
-                    results = await self._run([item for item, _ in batch])
-                except Exception as exc:  # the batch's outcome is unknown: tell every caller
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                for (_, future), result in zip(batch, results, strict=True):
-                    if not future.done():
-                        future.set_result(result)
-        finally:
-            self._task = None
+    id: str
+    future: asyncio.Future[ReserveResult]
 
 
 class Credits:
@@ -80,13 +51,14 @@ class Credits:
         self._settings = settings
         self._metrics = metrics if metrics is not None else Metrics()
         self._backend = backend_name
-        self._reserves: _Grouper[ReserveRequest, ReserveResult] = _Grouper(self._reserve_many)
-        self._voids: _Grouper[str, int] = _Grouper(self._void_many)
+        self._reserves: Grouper[ReserveRequest, ReserveResult] = Grouper(self._reserve_many)
+        self._voids: Grouper[str, int] = Grouper(self._void_many)
         self._posts: list[tuple[str, int]] = []
         self._void_retry: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._oldest_post = 0.0
         self._flushing = 0
+        self._flush_lock = asyncio.Lock()
         self.late_resolutions = 0
 
     async def _reserve_many(self, requests: Sequence[ReserveRequest]) -> list[ReserveResult]:
@@ -112,23 +84,48 @@ class Credits:
         In that case the reservation id is queued for voiding, so a client that
         is answered 503 can never be charged.
         """
+        pending = self.start_reserve(team_id, environment, key_id, amount, claim)
+        return await self.finish_reserve(pending)
+
+    def start_reserve(
+        self,
+        team_id: str,
+        environment: Environment,
+        key_id: str,
+        amount: int,
+        claim: IdempotencyClaim | None = None,
+    ) -> PendingReserve:
+        """Send a reservation on its way without waiting for it.
+
+        The caller must then either :meth:`finish_reserve` or :meth:`abandon` it.
+        """
         reservation_id = "rsv_" + secrets.token_hex(12)
         request = ReserveRequest(reservation_id, team_id, environment, key_id, amount, claim)
-        future = self._reserves.submit(request)
+        return PendingReserve(reservation_id, self._reserves.submit(request))
+
+    async def finish_reserve(self, pending: PendingReserve) -> tuple[str, ReserveResult]:
+        """The outcome of :meth:`start_reserve` (the same contract as :meth:`reserve`)."""
         try:
-            result = await asyncio.shield(future)
+            result = await asyncio.shield(pending.future)
         except asyncio.CancelledError:
             # The caller left while the batch was in the database: give it back.
-            future.add_done_callback(lambda f: self._void_if_granted(reservation_id, f))
+            self.abandon(pending)
             raise
         except Exception:
-            self._void_retry.add(reservation_id)
+            self._void_retry.add(pending.id)
             raise
-        return reservation_id, result
+        return pending.id, result
 
-    def _void_if_granted(self, reservation_id: str, future: asyncio.Future[ReserveResult]) -> None:
-        if future.cancelled() or future.exception() is not None or future.result().granted:
+    def abandon(self, pending: PendingReserve) -> None:
+        """Give back a reservation its request no longer needs, once its outcome is known."""
+        pending.future.add_done_callback(lambda f: self._give_back(pending.id, f))
+
+    def _give_back(self, reservation_id: str, future: asyncio.Future[ReserveResult]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            # The outcome is unknown: voided when the database answers again.
             self._void_retry.add(reservation_id)
+        elif future.result().granted:
+            self.void_soon(reservation_id)  # at once, so the balance is whole again
 
     def post(self, reservation_id: str, charged: int) -> None:
         """Make a reservation final for ``charged`` (≤ reserved); flushed in the background."""
@@ -159,7 +156,16 @@ class Credits:
         task.add_done_callback(self._tasks.discard)
 
     async def flush(self) -> None:
-        """Write buffered posts and retry failed voids (also called at shutdown)."""
+        """Write buffered posts and retry failed voids (also called at shutdown).
+
+        One flush at a time: a caller that finds one under way waits for it, so
+        that when this returns, everything buffered before the call is written
+        (or queued again after a failure).
+        """
+        async with self._flush_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         if self._posts:
             posts, self._posts = self._posts, []
             oldest = self._oldest_post
@@ -169,10 +175,14 @@ class Credits:
             try:
                 with self._metrics.backend_call(self._backend, "post"):
                     applied = await self._ledger.post_batch(posts)
-            except Exception as exc:
-                log.warning("posting %d reservations failed, will retry: %s", len(posts), exc)
+            except BaseException as exc:
+                # Failed or cancelled with the outcome unknown: queued again. A post
+                # the database did apply is not applied twice (counted as late).
                 self._posts[:0] = posts
                 self._oldest_post = oldest
+                if not isinstance(exc, Exception):
+                    raise
+                log.warning("posting %d reservations failed, will retry: %s", len(posts), exc)
                 applied = len(posts)
             finally:
                 self._flushing = 0
@@ -225,6 +235,10 @@ class Credits:
 
     async def close(self) -> None:
         """Finish voids under way and flush what is buffered; called after the listeners stopped."""
+        # A reserve still in the database may belong to a request that no longer
+        # wants it (abandoned): wait for its outcome, so that its void goes out now.
+        with contextlib.suppress(Exception):
+            await self._reserves.idle()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(Exception):

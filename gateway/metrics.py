@@ -17,9 +17,12 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from gateway.local_metrics import GaugeChild, LocalCounter, LocalGauge, LocalHistogram
 
 __all__ = ["LATENCY_BUCKETS", "Metrics"]
 
@@ -39,27 +42,32 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         r = self.registry
-        self.requests = Counter(
+        # The per-request metrics: in one process they are plain numbers rendered
+        # at scrape (gateway/local_metrics.py); with workers they must live in
+        # prometheus-client's shared files.
+        counter: Any = Counter if self.multiprocess else LocalCounter
+        histogram: Any = Histogram if self.multiprocess else LocalHistogram
+        self.requests = counter(
             "gateway_requests",
             "Requests answered, by route, method, status class and outcome.",
             ["route", "method", "status_class", "outcome"],
             registry=r,
         )
-        self.request_duration = Histogram(
+        self.request_duration = histogram(
             "gateway_request_duration_seconds",
             "Time from request received to response handed to the client.",
             ["route"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.upstream_duration = Histogram(
+        self.upstream_duration = histogram(
             "gateway_upstream_duration_seconds",
             "Time from forwarding to the upstream's status line.",
             ["upstream"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.credits = Counter(
+        self.credits = counter(
             "gateway_credits",
             "Credits reserved, posted (charged) and voided (returned).",
             ["operation"],
@@ -70,7 +78,7 @@ class Metrics:
             "Posts or voids that arrived after their reservation was already resolved.",
             registry=r,
         )
-        self.key_cache = Counter(
+        self.key_cache = counter(
             "gateway_key_cache_lookups",
             "Key cache lookups: hit (answered from memory) or miss (asked the store).",
             ["result"],
@@ -82,7 +90,7 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.limiter_decisions = Counter(
+        self.limiter_decisions = counter(
             "gateway_rate_limit_decisions",
             "Rate limit decisions by result and by which limiter decided.",
             ["result", "limiter"],
@@ -94,7 +102,7 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
-        self.backend_duration = Histogram(
+        self.backend_duration = histogram(
             "gateway_backend_call_duration_seconds",
             "Latency of calls to Redis and the database, by backend and operation.",
             ["backend", "operation"],
@@ -107,12 +115,18 @@ class Metrics:
             ["backend", "operation"],
             registry=r,
         )
-        self.in_flight = Gauge(
-            "gateway_requests_in_flight",
-            "Requests being handled right now.",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
+        self.in_flight: GaugeChild
+        if self.multiprocess:
+            self.in_flight = Gauge(
+                "gateway_requests_in_flight",
+                "Requests being handled right now.",
+                registry=r,
+                multiprocess_mode="livesum",
+            )
+        else:
+            self.in_flight = LocalGauge(
+                "gateway_requests_in_flight", "Requests being handled right now.", registry=r
+            )
         self.pending_reservations = Gauge(
             "gateway_reservations_pending",
             "Reservations neither posted nor voided yet (sampled by the sweeper).",
@@ -147,6 +161,9 @@ class Metrics:
         self._team_limit = team_label_limit
         self._teams: set[str] = set()
         self._request_children: dict[tuple[str, str, int, str], Counter] = {}
+        # Children of the per-request metrics by label values; every label here
+        # comes from the configuration (routes, upstreams) or a fixed set.
+        self._children: dict[tuple[object, ...], Any] = {}
 
     def collector_registry(self) -> CollectorRegistry:
         """What ``/metrics`` renders: this process, or every worker in multiprocess mode."""
@@ -155,6 +172,26 @@ class Metrics:
         aggregate = CollectorRegistry()
         MultiProcessCollector(aggregate)  # type: ignore[no-untyped-call]
         return aggregate
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        # Label lookups cost more than the increment itself; keep the children.
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def observe_request(self, route: str, seconds: float) -> None:
+        self._child(self.request_duration, route).observe(seconds)
+
+    def observe_upstream(self, upstream: str, seconds: float) -> None:
+        self._child(self.upstream_duration, upstream).observe(seconds)
+
+    def count_decision(self, decision: str, decided_by: str) -> None:
+        self._child(self.limiter_decisions, decision, decided_by).inc()
+
+    def count_credits(self, kind: str, amount: int) -> None:
+        self._child(self.credits, kind).inc(amount)
 
     def count_request(
         self, route: str, method: str, status: int, outcome: str, team: str | None = None
@@ -184,4 +221,6 @@ class Metrics:
             self.backend_errors.labels(backend, operation).inc()
             raise
         finally:
-            self.backend_duration.labels(backend, operation).observe(time.perf_counter() - started)
+            self._child(self.backend_duration, backend, operation).observe(
+                time.perf_counter() - started
+            )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
@@ -58,6 +58,9 @@ class KeyRecord:
     disabled: bool
     expires_at: float | None
     revoked_at: float | None
+    # When this process's key cache read it (its clock); not part of the key.
+    # Kept here rather than beside it: a (record, time) pair per key costs 56 bytes.
+    loaded_at: float = field(default=0.0, compare=False)
 
     def usable_at(self, now: float) -> bool:
         if self.disabled or self.revoked_at is not None:

@@ -26,21 +26,23 @@ from multidict import CIMultiDict
 from gateway import errors, idempotency
 from gateway.anomaly import AnomalyDetector
 from gateway.config import Settings
-from gateway.credits import Credits
+from gateway.credits import Credits, PendingReserve
+from gateway.deadlines import Deadline, Deadlines, resolution_for
 from gateway.keycache import CacheMiss, KeyCache
 from gateway.keys import display_prefix, hash_secret, parse_key
 from gateway.limiter import Decision, Limit, Limiter, LimiterUnavailable
 from gateway.limiter.memory import MemoryLimiter
+from gateway.limiter.watch import ReserveAhead
 from gateway.metrics import Metrics
 from gateway.models import Environment, KeyRecord, Outcome
 from gateway.proxy import (
     CHARGE_HEADER,
     ClientAddress,
+    HeaderPolicy,
     UpstreamPool,
-    request_headers,
-    response_headers,
+    upstream_url,
 )
-from gateway.routing import BadPath, Route, Router, canonical_path, encode_path
+from gateway.routing import BadPath, Route, Router, checked_path
 from gateway.storage import IdempotencyClaim, IdempotencyRecord, Ledger, StorageError
 from gateway.usage import UsageRecorder
 
@@ -153,6 +155,24 @@ async def _stream_body(
         yield chunk
 
 
+def _deadline_resolution(settings: Settings) -> float:
+    """How often exchange deadlines are checked: a tenth of the shortest limit, 5-50 ms."""
+    limits = [r.max_duration_seconds for r in settings.routes]
+    for upstream in settings.upstreams.values():
+        limits += (upstream.timeout_seconds, upstream.read_timeout_seconds)
+    return resolution_for(min(limits, default=1.0))
+
+
+async def _read_whole(upstream_response: aiohttp.ClientResponse, deadline: Deadline) -> bytes:
+    """A (small) answer's body, each chunk counting as progress against the quiet limit."""
+    chunks: list[bytes] = []
+    read = upstream_response.content.readany
+    while chunk := await read():
+        chunks.append(chunk)
+        deadline.progress()
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 class Pipeline:
     def __init__(
         self,
@@ -188,9 +208,15 @@ class Pipeline:
         self._default_burst = limits.burst or limits.per_minute
         self._metered_test = settings.credits.test_environment == "metered"
         self._identity = settings.identity_headers
+        self._headers = HeaderPolicy(settings.identity_headers)
         self._limiter_kind = settings.limiter.kind
         self._unknown_keys_per_ip = settings.security.unknown_keys_per_minute_per_ip
         self._lookup_limiter = MemoryLimiter()
+        # Overlapping the reserve with the limit decision only pays when the
+        # decision is a round trip of its own (Redis).
+        self._overlap = settings.limiter.kind == "redis"
+        self._ahead = ReserveAhead()
+        self._deadlines = Deadlines(resolution=_deadline_resolution(settings))
 
     # -- the handler ----------------------------------------------------------------
 
@@ -221,7 +247,8 @@ class Pipeline:
 
     async def _handle(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         try:
-            path = canonical_path(request.raw_path.partition("?")[0])
+            raw_path, _, query = request.raw_path.partition("?")
+            path, encoded_path = checked_path(raw_path)
         except BadPath as exc:
             return ex.reply(
                 self._unread(request, errors.bad_request(str(exc))), Outcome.BAD_REQUEST
@@ -254,21 +281,39 @@ class Pipeline:
             return ex.reply(self._unread(request, response), Outcome.BAD_REQUEST)
 
         if not route.auth or request.method == "OPTIONS":
-            return await self._forward(request, ex, route, path, None)
+            return await self._forward(request, ex, route, encoded_path, query, None)
 
         key = await self._authenticate(request, ex)
         if isinstance(key, web.Response):
             return key
-        refused = await self._rate_limit(request, ex, key)
+        cost = route.charges(request.method)
+        metered = bool(cost) and (key.environment == "live" or self._metered_test)
+        declared = request.content_length
+        early: PendingReserve | None = None
+        if (
+            self._overlap
+            and metered
+            and (declared is None or declared <= route.max_body_bytes)
+            and "Idempotency-Key" not in request.headers
+            and self._ahead.take(key.id)
+        ):
+            # Reserve while the limiter decides: one round trip of waiting, not two.
+            early = self._credits.start_reserve(key.team_id, key.environment, key.id, cost)
+        try:
+            refused = await self._rate_limit(request, ex, key)
+        except BaseException:
+            if early is not None:
+                self._credits.abandon(early)
+            raise
         if refused is not None:
+            if early is not None:
+                self._credits.abandon(early)
             return refused
 
-        declared = request.content_length
         if declared is not None and declared > route.max_body_bytes:
             return ex.reply(self._too_large(request, route), Outcome.PAYLOAD_TOO_LARGE)
 
         reservation: _Reservation | None = None
-        cost = route.charges(request.method)
         claim: IdempotencyClaim | None = None
         idempotency_key = request.headers.get("Idempotency-Key")
         if idempotency_key is not None and cost:
@@ -278,11 +323,14 @@ class Pipeline:
                 )
                 return ex.reply(self._unread(request, response), Outcome.BAD_REQUEST)
             claim = IdempotencyClaim(idempotency_key, request.method, path)
-        if cost and (key.environment == "live" or self._metered_test):
+        if metered:
             try:
-                reservation_id, result = await self._credits.reserve(
-                    key.team_id, key.environment, key.id, cost, claim
-                )
+                if early is not None:
+                    reservation_id, result = await self._credits.finish_reserve(early)
+                else:
+                    reservation_id, result = await self._credits.reserve(
+                        key.team_id, key.environment, key.id, cost, claim
+                    )
             except StorageError:
                 log.warning("credit reservation failed: database unavailable")
                 response = errors.error_response(503, "Service temporarily unavailable")
@@ -294,7 +342,7 @@ class Pipeline:
                 response = errors.insufficient_credits(cost, result.available)
                 return ex.reply(self._unread(request, response), Outcome.INSUFFICIENT_CREDITS)
             reservation = _Reservation(reservation_id, cost, result.available)
-            self._metrics.credits.labels("reserved").inc(cost)
+            self._metrics.count_credits("reserved", cost)
         elif claim is not None:
             try:
                 record = await self._ledger.claim_idempotency(key.team_id, key.environment, claim)
@@ -306,7 +354,7 @@ class Pipeline:
         attempt = None
         if claim is not None:
             attempt = idempotency.Attempt(claim.key, key.team_id, key.environment, self._replay_cap)
-        return await self._forward(request, ex, route, path, reservation, attempt)
+        return await self._forward(request, ex, route, encoded_path, query, reservation, attempt)
 
     async def _replayed(
         self,
@@ -454,11 +502,13 @@ class Pipeline:
             response = errors.error_response(503, "Service temporarily unavailable")
             return ex.reply(self._unread(request, response), Outcome.UNAVAILABLE)
         ex.rate_headers = _rate_headers(decision)
+        if self._overlap:
+            self._ahead.saw(key.id, decision)
         decided_by = "fallback" if getattr(self._limiter, "degraded", False) else self._limiter_kind
         if decision.allowed:
-            self._metrics.limiter_decisions.labels("allowed", decided_by).inc()
+            self._metrics.count_decision("allowed", decided_by)
             return None
-        self._metrics.limiter_decisions.labels("rejected", decided_by).inc()
+        self._metrics.count_decision("rejected", decided_by)
         response = errors.rate_limited(decision.retry_after, decision.rejected_limit)
         return ex.reply(self._unread(request, response), Outcome.RATE_LIMITED)
 
@@ -487,7 +537,8 @@ class Pipeline:
         request: web.Request,
         ex: Exchange,
         route: Route,
-        path: str,
+        encoded_path: str,
+        query: str,
         reservation: _Reservation | None,
         attempt: idempotency.Attempt | None = None,
     ) -> web.StreamResponse:
@@ -496,17 +547,16 @@ class Pipeline:
         if key is not None and key.environment == "test" and route.test_upstream:
             name = route.test_upstream
         upstream = self._upstreams[name]
-        query = request.rel_url.raw_query_string
-        url = upstream.base_url + encode_path(path) + ("?" + query if query else "")
+        # The query as the client sent it (a fragment never goes upstream).
+        url = upstream_url(upstream.base_url, encoded_path, query.partition("#")[0])
         identity: dict[str, str] = {}
         if key is not None:
             ids = self._identity
             identity = {ids.team: key.team_id, ids.key: key.id, ids.environment: key.environment}
         peer = request.remote or ""
         trusted = self._addresses.trusts(peer)
-        headers = request_headers(
+        headers = self._headers.upstream(
             request.headers,
-            identity=self._identity,
             identity_values=identity,
             extra=upstream.extra_headers,
             peer=peer,
@@ -543,22 +593,28 @@ class Pipeline:
         complete = client_left = False
         upstream_response: aiohttp.ClientResponse | None = None
         response: web.StreamResponse | None = None
+        # First the upstream's time to answer; once it has, the route's limit on
+        # the whole exchange, counted from the same start, and the quiet time
+        # allowed between body chunks.
+        until_answer = min(upstream.settings.timeout_seconds, route.max_duration_seconds)
+        sent = time.monotonic()
         try:
-            async with asyncio.timeout(route.max_duration_seconds):
-                sent = time.monotonic()
+            async with self._deadlines.until(sent + until_answer) as deadline:
                 try:
-                    async with asyncio.timeout(upstream.settings.timeout_seconds):
-                        upstream_response = await upstream.session.request(
-                            request.method, url, headers=headers, data=body, allow_redirects=False
-                        )
-                except TimeoutError:
+                    upstream_response = await upstream.session.request(
+                        request.method, url, headers=headers, data=body, allow_redirects=False
+                    )
+                except TimeoutError:  # aiohttp's own connect and read timeouts
                     return await self._fail(request, ex, reservation, 504, "Upstream timed out")
                 except (aiohttp.ClientError, OSError, _BodyTooLarge) as exc:
                     if isinstance(exc, _BodyTooLarge) or isinstance(exc.__cause__, _BodyTooLarge):
                         return await self._fail_too_large(request, ex, route, reservation)
                     return await self._fail(request, ex, reservation, 502, "Upstream unavailable")
+                deadline.answered(
+                    sent + route.max_duration_seconds, upstream.settings.read_timeout_seconds
+                )
                 ex.upstream_seconds = time.monotonic() - sent
-                self._metrics.upstream_duration.labels(upstream.name).observe(ex.upstream_seconds)
+                self._metrics.observe_upstream(upstream.name, ex.upstream_seconds)
                 status = upstream_response.status
                 ex.status, ex.outcome = status, _outcome_for(status)
                 if reservation is not None:
@@ -574,7 +630,7 @@ class Pipeline:
                     # A small answer of known length is read whole and sent in one
                     # write; if the upstream breaks off first, nothing went out yet.
                     try:
-                        data = await upstream_response.read()
+                        data = await _read_whole(upstream_response, deadline)
                     except (aiohttp.ClientError, OSError):
                         return await self._fail(request, ex, reservation, 502, "Upstream broke off")
                     if attempt is not None:
@@ -592,7 +648,7 @@ class Pipeline:
                 )
                 if length is not None:
                     response.content_length = length
-                relayed = await self._relay(request, upstream_response, response, attempt)
+                relayed = await self._relay(request, upstream_response, response, attempt, deadline)
                 complete = relayed is _Relay.COMPLETE
                 client_left = relayed is _Relay.CLIENT_LEFT
                 if complete:
@@ -600,8 +656,8 @@ class Pipeline:
                         await response.write_eof()
                 return response
         except TimeoutError:
-            # max_duration_seconds ran out: before the status line that is a 504,
-            # after it the client connection is cut (never a clean ending).
+            # A limit ran out: before the status line that is a 504, after it
+            # (max_duration_seconds) the client connection is cut (never a clean ending).
             if response is None:
                 return await self._fail(request, ex, reservation, 504, "Upstream timed out")
             self._abort(request)
@@ -626,7 +682,7 @@ class Pipeline:
         reservation: _Reservation | None,
         charge: int | None,
     ) -> CIMultiDict[str]:
-        headers = response_headers(upstream_response.headers)
+        headers = self._headers.client(upstream_response.headers)
         headers["X-Request-Id"] = ex.request_id
         if ex.rate_headers:
             headers.update(ex.rate_headers)
@@ -642,6 +698,7 @@ class Pipeline:
         upstream_response: aiohttp.ClientResponse,
         response: web.StreamResponse,
         attempt: idempotency.Attempt | None,
+        deadline: Deadline,
     ) -> _Relay:
         """Send the status line and copy the body until one side ends or breaks off."""
         try:
@@ -659,6 +716,7 @@ class Pipeline:
                 return _Relay.UPSTREAM_BROKE
             if not chunk:
                 return _Relay.COMPLETE
+            deadline.progress()
             if attempt is not None:
                 attempt.received(chunk)
             try:
@@ -719,6 +777,7 @@ class Pipeline:
         """Wait for background writes (called at shutdown)."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        await self._deadlines.close()
 
     def _settle(
         self, ex: Exchange, reservation: _Reservation, charge: int | None, stands: bool
@@ -728,12 +787,12 @@ class Pipeline:
         if charge is not None and stands:
             self._credits.post(reservation.id, charge)
             ex.credits = charge
-            self._metrics.credits.labels("posted").inc(charge)
+            self._metrics.count_credits("posted", charge)
             if charge < reservation.amount:
-                self._metrics.credits.labels("voided").inc(reservation.amount - charge)
+                self._metrics.count_credits("voided", reservation.amount - charge)
             return
         self._credits.void_soon(reservation.id)
-        self._metrics.credits.labels("voided").inc(reservation.amount)
+        self._metrics.count_credits("voided", reservation.amount)
 
     async def _fail(
         self,
@@ -759,7 +818,7 @@ class Pipeline:
             return
         reservation.settled = True
         await self._credits.void(reservation.id)
-        self._metrics.credits.labels("voided").inc(reservation.amount)
+        self._metrics.count_credits("voided", reservation.amount)
 
     # -- small helpers ------------------------------------------------------------------
 
@@ -810,7 +869,7 @@ class Pipeline:
         self._metrics.count_request(
             ex.route, ex.method, ex.status, ex.outcome.value, ex.key.team_id if ex.key else None
         )
-        self._metrics.request_duration.labels(ex.route).observe(elapsed)
+        self._metrics.observe_request(ex.route, elapsed)
         if access_log.isEnabledFor(logging.INFO):
             key = ex.key
             access_log.info(

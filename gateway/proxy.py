@@ -6,20 +6,22 @@ nothing: bytes pass through as they are.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from gateway.config import IdentityHeaderSettings, UpstreamSettings
 
 __all__ = [
     "ClientAddress",
+    "HeaderPolicy",
     "Upstream",
     "UpstreamPool",
-    "request_headers",
-    "response_headers",
+    "upstream_url",
 ]
 
 # RFC 9110 §7.6.1, plus the old Proxy-Connection; Host and Content-Length are
@@ -43,12 +45,50 @@ _NOT_RETURNED = HOP_BY_HOP | {"x-gateway-charge", "content-length"}
 CHARGE_HEADER = "X-Gateway-Charge"
 
 
+# What nearly every Connection header says; neither names another header.
+_PLAIN_CONNECTION = frozenset({"keep-alive", "close", "Keep-Alive", "Close"})
+
+
 def _connection_listed(headers: CIMultiDictProxy[str]) -> set[str]:
     """Header names a Connection header declares hop-by-hop."""
     listed: set[str] = set()
-    for value in headers.getall("Connection", ()):
+    values = headers.getall("Connection", ())
+    if len(values) == 1 and values[0] in _PLAIN_CONNECTION:
+        return listed
+    for value in values:
         listed.update(t.strip().lower() for t in value.split(",") if t.strip())
     return listed
+
+
+# aiohttp adds Accept, Accept-Encoding, User-Agent and a Content-Type the client
+# never sent unless told to skip them; an added Accept-Encoding would even make
+# the upstream compress answers the client cannot read (nothing is decompressed
+# here). Skipping them through ``skip_auto_headers`` costs a sort, a copy and two
+# multidicts per request, so this request class skips all four, always.
+_NO_AUTO_HEADERS: CIMultiDict[None] = CIMultiDict(
+    (name, None) for name in ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
+)
+
+
+class _PassThroughRequest(aiohttp.ClientRequest):
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        self._skip_auto_headers = _NO_AUTO_HEADERS
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_url(text: str) -> URL:
+    return URL(text, encoded=True)
+
+
+def upstream_url(base: str, encoded_path: str, raw_query: str) -> URL:
+    """The upstream URL, from parts already validated and encoded (never re-quoted).
+
+    Parsing a URL costs more than the rest of the header work; the same paths
+    come again and again, so query-less URLs are kept (a bounded cache).
+    """
+    if raw_query:
+        return URL(f"{base}{encoded_path}?{raw_query}", encoded=True)
+    return _cached_url(base + encoded_path)
 
 
 class Upstream:
@@ -77,12 +117,10 @@ class Upstream:
                 connector=connector,
                 cookie_jar=aiohttp.DummyCookieJar(),
                 auto_decompress=False,
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    sock_connect=s.connect_timeout_seconds,
-                    sock_read=s.read_timeout_seconds,
-                ),
-                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+                # No sock_read: it arms a timer per response (and moves it per
+                # chunk); the pipeline's Deadlines keep the read limits instead.
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_seconds),
+                request_class=_PassThroughRequest,
                 raise_for_status=False,
             )
         return self._session
@@ -131,51 +169,91 @@ class ClientAddress:
         return hops[0] if hops else (peer or "")
 
 
-def request_headers(
-    incoming: CIMultiDictProxy[str],
-    *,
-    identity: IdentityHeaderSettings,
-    identity_values: Mapping[str, str],
-    extra: Mapping[str, str],
-    peer: str,
-    trusted: bool,
-    scheme: str,
-    request_id: str,
-) -> CIMultiDict[str]:
-    """Headers for the upstream request."""
-    drop = _NOT_FORWARDED | _connection_listed(incoming)
-    prefix = identity.prefix.lower()
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
+# Header names seen so far and what to do with each: deciding costs a lower()
+# and several set lookups, and the same few names come with every request.
+# Bounded, so that a client inventing names cannot grow it without end.
+_VERDICT_CACHE_SIZE = 4096
+_DROP, _KEEP, _IF_TRUSTED = 0, 1, 2
+
+
+class HeaderPolicy:
+    """Which client headers go upstream and which upstream headers go back."""
+
+    def __init__(self, identity: IdentityHeaderSettings) -> None:
+        self._identity_prefix = identity.prefix.lower()
+        self._inbound: dict[str, int] = {}
+        self._outbound: dict[str, bool] = {}
+
+    def _inbound_verdict(self, name: str) -> int:
+        verdict = self._inbound.get(name)
+        if verdict is not None:
+            return verdict
         lower = name.lower()
-        if lower in drop or lower.startswith(prefix) or lower.startswith("x-forwarded-"):
-            continue
-        if lower == "forwarded" and not trusted:
-            continue
-        if lower == "x-request-id":
-            continue
-        out.add(name, value)
-    if "Content-Length" in incoming:
-        out["Content-Length"] = incoming["Content-Length"]
-    prior = incoming.get("X-Forwarded-For") if trusted else None
-    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    out["X-Forwarded-Proto"] = (incoming.get("X-Forwarded-Proto") if trusted else None) or scheme
-    host = (incoming.get("X-Forwarded-Host") if trusted else None) or incoming.get("Host")
-    if host:
-        out["X-Forwarded-Host"] = host
-    out["X-Request-Id"] = request_id
-    for name, value in identity_values.items():
-        out[name] = value
-    for name, value in extra.items():
-        out[name] = value
-    return out
+        if (
+            lower in _NOT_FORWARDED
+            or lower.startswith(self._identity_prefix)
+            or lower.startswith("x-forwarded-")
+            or lower == "x-request-id"
+        ):
+            verdict = _DROP
+        elif lower == "forwarded":
+            verdict = _IF_TRUSTED
+        else:
+            verdict = _KEEP
+        if len(self._inbound) < _VERDICT_CACHE_SIZE:
+            self._inbound[name] = verdict
+        return verdict
 
-
-def response_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """Headers for the client: hop-by-hop and the charge header removed."""
-    drop = _NOT_RETURNED | _connection_listed(incoming)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        if name.lower() not in drop:
+    def upstream(
+        self,
+        incoming: CIMultiDictProxy[str],
+        *,
+        identity_values: Mapping[str, str],
+        extra: Mapping[str, str],
+        peer: str,
+        trusted: bool,
+        scheme: str,
+        request_id: str,
+    ) -> CIMultiDict[str]:
+        """Headers for the upstream request."""
+        listed = _connection_listed(incoming) if "Connection" in incoming else None
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in incoming.items():
+            verdict = self._inbound_verdict(name)
+            if verdict == _DROP or (verdict == _IF_TRUSTED and not trusted):
+                continue
+            if listed and name.lower() in listed:
+                continue
             out.add(name, value)
-    return out
+        length = incoming.get("Content-Length")
+        if length is not None:
+            out["Content-Length"] = length
+        prior = incoming.get("X-Forwarded-For") if trusted else None
+        out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        out["X-Forwarded-Proto"] = (
+            incoming.get("X-Forwarded-Proto") if trusted else None
+        ) or scheme
+        host = (incoming.get("X-Forwarded-Host") if trusted else None) or incoming.get("Host")
+        if host:
+            out["X-Forwarded-Host"] = host
+        out["X-Request-Id"] = request_id
+        for name, value in identity_values.items():
+            out[name] = value
+        for name, value in extra.items():
+            out[name] = value
+        return out
+
+    def client(self, incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+        """Headers for the client: hop-by-hop and the charge header removed."""
+        listed = _connection_listed(incoming) if "Connection" in incoming else None
+        out: CIMultiDict[str] = CIMultiDict()
+        cache = self._outbound
+        for name, value in incoming.items():
+            keep = cache.get(name)
+            if keep is None:
+                keep = name.lower() not in _NOT_RETURNED
+                if len(cache) < _VERDICT_CACHE_SIZE:
+                    cache[name] = keep
+            if keep and not (listed and name.lower() in listed):
+                out.add(name, value)
+        return out

@@ -8,13 +8,14 @@ a free route's prefix.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 from gateway.config import RouteSettings, Settings
 
-__all__ = ["BadPath", "Match", "Route", "Router", "canonical_path"]
+__all__ = ["BadPath", "Match", "Route", "Router", "canonical_path", "checked_path", "encode_path"]
 
 _ENCODED_SEPARATOR = re.compile(r"%(2[fF]|5[cC])")
 _SAFE_PATH_CHARS = "/:@!$&'()*+,;=-._~"
@@ -105,6 +106,18 @@ def canonical_path(raw_path: str) -> str:
 def encode_path(decoded: str) -> str:
     """The canonical encoded form of an already validated, decoded path."""
     return quote(decoded, safe=_SAFE_PATH_CHARS)
+
+
+@functools.lru_cache(maxsize=4096)
+def checked_path(raw_path: str) -> tuple[str, str]:
+    """``raw_path`` decoded and re-encoded canonically; raises :class:`BadPath`.
+
+    Decoding, checking and quoting again cost more than all the rest of the
+    routing, and a gateway sees the same few paths over and over: the answers
+    are kept (bounded; a refused path is never kept).
+    """
+    decoded = canonical_path(raw_path)
+    return decoded, encode_path(decoded)
 
 
 class Router:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,14 +13,9 @@ import aiohttp
 import yaml
 
 from .conftest import ADMIN_TOKEN
+from .services import free_port
 
 __all__ = ["GatewayProcess", "free_port", "rss_bytes"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_bytes(pid: int, field: str = "VmRSS") -> int:

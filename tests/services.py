@@ -8,6 +8,7 @@ loopback ports in a directory of their own and must be stopped by their owner.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -53,16 +54,41 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+# Ports handed out by this process: a port is free until its server binds it, so
+# two callers in a row must not get the same one.
+_handed_out: set[int] = set()
+# Listening ports come from below the kernel's ephemeral range: a port picked from
+# inside it can be taken, before the server binds it, by any outgoing connection
+# (a gateway's pool to PostgreSQL, say) - CI once failed on exactly that.
+_LISTEN_LOW = 12000
+_rng = random.Random(os.getpid() ^ time.time_ns())
+
+
 def free_port(cluster_bus: bool = False) -> int:
     """A loopback port nothing listens on (and, for a cluster node, its bus port too)."""
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port: int = probe.getsockname()[1]
-        if not cluster_bus:
-            return port
-        if port + _CLUSTER_BUS_OFFSET < 65536 and _bindable(port + _CLUSTER_BUS_OFFSET):
-            return port
+    ephemeral_low, ephemeral_high = _ephemeral_range()
+    high = min(ephemeral_low, 65536) - 1 - (_CLUSTER_BUS_OFFSET if cluster_bus else 0)
+    if high - _LISTEN_LOW < 1000:  # an unusual kernel range: fall back to above it
+        low, high = ephemeral_high + 1, 65535 - (_CLUSTER_BUS_OFFSET if cluster_bus else 0)
+    else:
+        low = _LISTEN_LOW
+    for _ in range(1000):
+        port = _rng.randint(low, high)
+        if port in _handed_out or not _bindable(port):
+            continue
+        if cluster_bus and not _bindable(port + _CLUSTER_BUS_OFFSET):
+            continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {low}-{high}")
 
 
 def redis_ping(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:

@@ -106,3 +106,35 @@ def test_idle_minutes_lower_the_baseline() -> None:
     d.tick()
     minute(d, clock, 400)
     assert kinds(d) == ["rate_spike"]
+
+
+def test_new_addresses_of_a_single_address_key_are_counted_exactly() -> None:
+    # A key used from one address keeps that address without a table of its
+    # own; a second address, or the first after it was forgotten, is new.
+    d, clock, _ = detector(new_ips_threshold=2, new_ip_memory_seconds=600)
+    minute(d, clock, 5)  # learns 10.0.0.0
+    minute(d, clock, 5)  # the same address: nothing new
+    assert kinds(d) == []
+    d.request("key_a", "team_1", "10.0.0.0")
+    d.request("key_a", "team_1", "192.0.2.1")  # 1 new
+    clock.now += 60
+    d.tick()
+    assert kinds(d) == []  # 1 < 2
+    clock.now += 900  # both addresses forgotten (idle minutes close on the next tick)
+    d.request("key_a", "team_1", "10.0.0.0")
+    d.request("key_a", "team_1", "192.0.2.1")
+    clock.now += 60
+    d.tick()
+    assert kinds(d) == ["new_ips"]
+    assert d.recent[0].observed == 2
+
+
+def test_a_single_address_key_seen_again_after_the_memory_is_new() -> None:
+    d, clock, _ = detector(new_ips_threshold=1, new_ip_memory_seconds=600)
+    minute(d, clock, 3)
+    clock.now += 900
+    d.tick()
+    d.request("key_a", "team_1", "10.0.0.0")
+    clock.now += 60
+    d.tick()
+    assert kinds(d) == ["new_ips"]

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, load_settings, settings_from_mapping
+from gateway.deadlines import MAX_RESOLUTION
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,6 +100,16 @@ def test_lease_must_outlast_the_longest_route() -> None:
     }
     with pytest.raises(ConfigError, match="reservation_lease_seconds"):
         settings_from_mapping(raw)
+    # An exchange may be cut up to MAX_RESOLUTION late: the lease allows for that too.
+    flush = 1.0
+    raw["credits"] = {
+        "reservation_lease_seconds": 60 + flush + 0.01,
+        "post_flush_interval_seconds": flush,
+    }
+    with pytest.raises(ConfigError, match=r"0\.05 s"):
+        settings_from_mapping(raw)
+    raw["credits"]["reservation_lease_seconds"] = 60 + flush + MAX_RESOLUTION + 0.01
+    assert settings_from_mapping(raw).lease_seconds == pytest.approx(61.06)
 
 
 def test_admin_token_required_and_masked() -> None:

@@ -355,6 +355,71 @@ async def test_max_duration_before_the_status_line_is_504(
     assert await gw.balance() == 1
 
 
+async def quiet_gateway(make_gateway: MakeGateway, scripted: Scripted) -> Harness:
+    """A gateway whose upstream may stay silent for 0.5 s between body chunks."""
+    return await make_gateway(
+        upstreams={
+            "assess": {"url": scripted.url, "timeout_seconds": 5, "read_timeout_seconds": 0.5}
+        },
+        routes=[{"path": "/api/v1/assess", "methods": ["POST"], "upstream": "assess", "cost": 1}],
+    )
+
+
+async def test_stream_silent_past_read_timeout_is_cut_and_refunded(
+    make_gateway: MakeGateway, scripted: Scripted
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(15):  # 1.5 s of chunks, 0.1 s apart: three times the quiet limit
+            await response.write(b"tick")
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(5)  # then silence
+        return response
+
+    scripted.handler = handler
+    gw = await quiet_gateway(make_gateway, scripted)
+    key = await gw.key(credits=1)
+    received = b""
+    loop = asyncio.get_running_loop()
+    async with gw.client.post("/api/v1/assess", headers=bearer(key)) as resp:
+        assert resp.status == 200
+        started = loop.time()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async for chunk in resp.content.iter_any():
+                received += chunk
+        cut_after = loop.time() - started
+    # Every chunk arrived (progress restarts the quiet time), then the silence was cut
+    # well before the upstream's 5 s of it ended.
+    assert received == b"tick" * 15
+    assert 1.5 <= cut_after < 4, cut_after
+    await gw.settle()
+    assert await gw.balance() == 1
+    await gw.assert_reconciled()
+
+
+async def test_small_answer_silent_past_read_timeout_is_504_and_refunded(
+    make_gateway: MakeGateway, scripted: Scripted
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = 100
+        await response.prepare(request)
+        await response.write(b"x" * 10)  # 10 of the 100 bytes promised, then silence
+        await asyncio.sleep(5)
+        return response
+
+    scripted.handler = handler
+    gw = await quiet_gateway(make_gateway, scripted)
+    key = await gw.key(credits=1)
+    resp = await gw.client.post("/api/v1/assess", headers=bearer(key))
+    assert resp.status == 504
+    assert await resp.json() == {"error": "Upstream timed out"}
+    await gw.settle()
+    assert await gw.balance() == 1
+    await gw.assert_reconciled()
+
+
 @pytest.mark.parametrize(("header", "charged"), [("0", 0), ("1", 1), ("7", 1), ("-1", 1), ("x", 1)])
 async def test_upstream_charge_header(
     make_gateway: MakeGateway, scripted: Scripted, header: str, charged: int

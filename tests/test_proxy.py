@@ -100,6 +100,39 @@ async def test_request_headers_are_cleaned(gw: Harness) -> None:
     assert key not in str(seen)
 
 
+async def test_no_header_the_client_did_not_send_is_added(gw: Harness) -> None:
+    # A raw request with no User-Agent, Accept, Accept-Encoding or Content-Type:
+    # the HTTP client library must not invent them (an Accept-Encoding would
+    # make the upstream compress an answer this client never asked to decode).
+    key = await gw.key()
+    request = (
+        "POST /api/v1/assess HTTP/1.1\r\nHost: gw\r\n"
+        f"Authorization: Bearer {key}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    ).encode()
+    status, _ = await raw_http(gw.client, request)
+    assert status == 200
+    seen = {k.lower() for k in gw.upstream.requests[-1].headers}
+    for name in ("user-agent", "accept", "accept-encoding", "content-type"):
+        assert name not in seen, name
+    assert gw.upstream.requests[-1].body == b"{}"
+
+
+async def test_headers_are_judged_the_same_way_every_time(gw: Harness) -> None:
+    # Verdicts per header name are remembered; a name's case or a Connection
+    # listing in a later request must still be honoured.
+    key = await gw.key()
+    for hop in ("X-Hop", "x-hop"):
+        resp = await gw.client.post(
+            "/api/v1/assess",
+            headers={**bearer(key), "X-Kept": "1", "Connection": f"keep-alive, {hop}", hop: "v"},
+        )
+        assert resp.status == 200
+        seen = {k.lower() for k in gw.upstream.requests[-1].headers}
+        assert "x-kept" in seen and "x-hop" not in seen
+    resp = await gw.client.post("/api/v1/assess", headers={**bearer(key), "X-Hop": "v"})
+    assert "x-hop" in {k.lower() for k in gw.upstream.requests[-1].headers}
+
+
 async def test_trusted_proxy_forwarded_for_is_kept(make_gateway: MakeGateway) -> None:
     gw = await make_gateway(trusted_proxies=["127.0.0.0/8"])
     key = await gw.key()

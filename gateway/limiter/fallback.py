@@ -1,7 +1,8 @@
 """The failure policy around a remote limiter: what to decide while Redis is unreachable.
 
-Every call to the primary is bounded by ``timeout_seconds``, so a slow Redis
-costs a request at most that. On a failure the limiter turns *degraded* and
+Every call to the primary is bounded by ``timeout_seconds`` (kept by
+gateway.deadlines' sweep, within a tenth of it, rather than a timer per call),
+so a slow Redis costs a request at most that. On a failure the limiter turns *degraded* and
 applies ``on_unavailable``: decide in process (``fallback``), refuse
 (``fail_closed``, raising :class:`LimiterUnavailable`) or admit (``fail_open``).
 While degraded one request at most every ``retry_interval_seconds`` tries the
@@ -10,12 +11,12 @@ primary again; the first that succeeds ends the degraded state.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Sequence
 
 from gateway.config import LimiterSettings
+from gateway.deadlines import Deadlines, resolution_for
 from gateway.limiter import Decision, Limit, Limiter, LimiterUnavailable
 from gateway.limiter.memory import MemoryLimiter
 
@@ -41,6 +42,7 @@ class FallbackLimiter:
         self._primary = primary
         self._fallback = fallback if fallback is not None else MemoryLimiter()
         self._timeout = settings.timeout_seconds
+        self._deadlines = Deadlines(resolution=resolution_for(self._timeout))
         self._policy = settings.on_unavailable
         self._retry_interval = settings.retry_interval_seconds
         self._retry_at = 0.0
@@ -57,7 +59,7 @@ class FallbackLimiter:
             # Set before the await: concurrent requests keep to the fallback meanwhile.
             self._retry_at = now + self._retry_interval
         try:
-            async with asyncio.timeout(self._timeout):
+            async with self._deadlines.until(time.monotonic() + self._timeout):
                 decision = await self._primary.check(limits, group)
         except (LimiterUnavailable, TimeoutError) as exc:
             self._failed(exc)
@@ -91,6 +93,7 @@ class FallbackLimiter:
         return Decision(True, own.per_minute, own.burst, 0.0, 0.0)
 
     async def close(self) -> None:
+        await self._deadlines.close()
         try:
             await self._primary.close()
         finally:

@@ -1,15 +1,22 @@
-"""The Redis limiter: one Lua script per decision, with Redis ``TIME`` as the clock.
+"""The Redis limiter: decisions batched into one Lua script call, with Redis ``TIME`` as the clock.
 
 Every replica shares the buckets, so a limit holds across the whole fleet. The
 script is :func:`gateway.limiter.decide` done in integer microseconds: a
 theoretical arrival time (TAT) is stored exactly, so adding intervals to it
 never drifts, and the server's clock means replicas with skewed clocks still
 agree. All buckets of one decision share one hash tag (the group), so on Redis
-Cluster the script runs on a single slot.
+Cluster a decision runs on a single slot.
+
+Concurrent decisions are micro-batched (:class:`gateway.batching.Grouper`):
+one ``EVALSHA`` carries every decision that arrived while the previous call
+was out, and the script takes them in order, each seeing the ones before it,
+exactly as separate calls would. Alone, a decision still goes out at once.
+On Cluster a batch only holds decisions of one group (one slot).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Final
 
@@ -20,6 +27,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
+from gateway.batching import Grouper
 from gateway.config import LimiterSettings
 from gateway.limiter import Decision, Limit, LimiterUnavailable
 
@@ -29,48 +37,69 @@ _US: Final = 1_000_000
 _MINUTE_US: Final = 60 * _US
 _MAX_CONNECTIONS: Final = 100
 
-# KEYS[i] is bucket i; ARGV[2i-1] and ARGV[2i] are its interval and capacity in µs.
-# Reply when admitted: {1, remaining, reset_after, next_after}; when refused:
+# A batch of decisions. ARGV[1] is one string of decimal numbers (one argument
+# instead of three a decision: redis-py encodes each argument in Python), per
+# decision: its number of buckets n, then n pairs of interval and capacity in
+# µs; its n buckets are the next n KEYS.
+# Per decision the reply holds five numbers: when admitted
+# {1, remaining, reset_after, next_after, 0}; when refused
 # {0, remaining_before, reset_before, retry_after, index of the limit that refused}.
 # Lua numbers are doubles: µs since the epoch (~2^51) are still exact integers,
 # and string.format keeps them out of tostring()'s 14-digit rounding.
 _SCRIPT: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local tats = {}
-local remaining, reset_after, remaining_before, reset_before
-local next_after, worst, worst_wait = 0, 0, 0
-for i = 1, #KEYS do
-  local interval = tonumber(ARGV[2 * i - 1])
-  local capacity = tonumber(ARGV[2 * i])
-  local base = tonumber(redis.call('GET', KEYS[i]))
-  if not base or base < now then base = now end
-  local ahead = base + interval - now
-  if ahead <= capacity then
-    tats[i] = base + interval
-    local wait = ahead + interval - capacity
-    if wait > next_after then next_after = wait end
-    if i == 1 then
-      remaining = math.floor((capacity - ahead) / interval)
-      reset_after = ahead
-      remaining_before = math.floor((capacity - (base - now)) / interval)
+local args = {}
+for v in string.gmatch(ARGV[1], '%d+') do args[#args + 1] = tonumber(v) end
+local out = {}
+local k, a = 0, 1
+while a <= #args do
+  local n = args[a]
+  local tats = {}
+  local remaining, reset_after, remaining_before, reset_before
+  local next_after, worst, worst_wait = 0, 0, 0
+  for i = 1, n do
+    local interval = args[a + 2 * i - 1]
+    local capacity = args[a + 2 * i]
+    local base = tonumber(redis.call('GET', KEYS[k + i]))
+    if not base or base < now then base = now end
+    local ahead = base + interval - now
+    if ahead <= capacity then
+      tats[i] = base + interval
+      local wait = ahead + interval - capacity
+      if wait > next_after then next_after = wait end
+      if i == 1 then
+        remaining = math.floor((capacity - ahead) / interval)
+        reset_after = ahead
+        remaining_before = math.floor((capacity - (base - now)) / interval)
+      end
+    else
+      if ahead - capacity > worst_wait then worst, worst_wait = i, ahead - capacity end
+      if i == 1 then remaining_before = 0 end
     end
-  else
-    if ahead - capacity > worst_wait then worst, worst_wait = i, ahead - capacity end
-    if i == 1 then remaining_before = 0 end
+    if i == 1 then reset_before = base - now end
   end
-  if i == 1 then reset_before = base - now end
+  local o = #out
+  if worst > 0 then
+    out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] =
+      0, remaining_before, reset_before, worst_wait, worst - 1
+  else
+    for i = 1, n do
+      -- The key expires when its bucket is full again: a missing key means a full bucket.
+      redis.call('SET', KEYS[k + i], string.format('%.0f', tats[i]),
+        'PXAT', string.format('%.0f', math.ceil(tats[i] / 1000)))
+    end
+    out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] =
+      1, remaining, reset_after, next_after, 0
+  end
+  k = k + n
+  a = a + 2 * n + 1
 end
-if worst > 0 then
-  return {0, remaining_before, reset_before, worst_wait, worst - 1}
-end
-for i = 1, #KEYS do
-  -- The key expires when its bucket is full again: a missing key means a full bucket.
-  redis.call('SET', KEYS[i], string.format('%.0f', tats[i]),
-    'PXAT', string.format('%.0f', math.ceil(tats[i] / 1000)))
-end
-return {1, remaining, reset_after, next_after}
+return out
 """
+# A batch holds this many decisions at most: the script runs them all while
+# Redis serves nobody else, so a batch must stay short (256 take ~0.3 ms).
+_MAX_BATCH: Final = 256
 
 _REDIS_ERRORS: Final = (RedisError, RedisClusterException, OSError)
 
@@ -81,13 +110,19 @@ def bucket_key(group: str, bucket: str) -> str:
     return f"gw:rl:{{{group or '_'}}}:{bucket}"
 
 
+@functools.lru_cache(maxsize=4096)
+def _encoded_key(group: str, bucket: str) -> bytes:
+    # Bytes go through redis-py's encoder untouched; a busy key is built once.
+    return bucket_key(group, bucket).encode()
+
+
 def _interval_us(limit: Limit) -> int:
     # Rounded up, so that rounding can never admit more than per_minute a minute.
     return -(-_MINUTE_US // limit.per_minute)
 
 
 class RedisLimiter:
-    """GCRA buckets in Redis (single node or Cluster); one ``EVALSHA`` per decision.
+    """GCRA buckets in Redis (single node or Cluster); one ``EVALSHA`` per batch of decisions.
 
     Raises :class:`LimiterUnavailable` when Redis cannot be reached or fails; the
     failure policy around it is :class:`gateway.limiter.fallback.FallbackLimiter`'s.
@@ -102,6 +137,7 @@ class RedisLimiter:
             "retry": Retry(NoBackoff(), 1),
         }
         self._client: redis.asyncio.Redis | RedisCluster
+        self._cluster = settings.cluster
         if settings.cluster:
             self._client = RedisCluster.from_url(settings.url, **options)
         else:
@@ -115,30 +151,58 @@ class RedisLimiter:
             )
             self._client = redis.asyncio.Redis.from_pool(pool)
         self._script = self._client.register_script(_SCRIPT)
+        # One batcher for a single node; on Cluster one per group (a batch must
+        # stay on one slot), dropped again when its group goes quiet.
+        self._batchers: dict[str, Grouper[_Pending, Decision]] = {}
 
     async def check(self, limits: Sequence[Limit], group: str) -> Decision:
-        keys = [bucket_key(group, limit.bucket) for limit in limits]
+        tag = group if self._cluster else ""
+        batcher = self._batchers.get(tag)
+        if batcher is None:
+            batcher = Grouper(
+                functools.partial(self._decide_many, group),
+                max_batch=_MAX_BATCH,
+                on_idle=functools.partial(self._forget, tag) if self._cluster else None,
+            )
+            self._batchers[tag] = batcher
+        return await batcher.submit((limits, group))
+
+    def _forget(self, tag: str) -> None:
+        self._batchers.pop(tag, None)
+
+    async def _decide_many(self, group: str, batch: Sequence[_Pending]) -> list[Decision]:
+        keys: list[bytes] = []
         args: list[int] = []
-        for limit in limits:
-            interval = _interval_us(limit)
-            args += (interval, interval * limit.burst)
+        for limits, decision_group in batch:
+            args.append(len(limits))
+            for limit in limits:
+                keys.append(_encoded_key(decision_group, limit.bucket))
+                interval = _interval_us(limit)
+                args += (interval, interval * limit.burst)
         try:
-            reply = await self._script(keys, args)
+            reply = await self._script(keys, [" ".join(map(str, args))])
         except _REDIS_ERRORS as exc:
             raise LimiterUnavailable(f"Redis: {exc}") from exc
-        own = limits[0].per_minute
-        if reply[0]:
-            return Decision(True, own, reply[1], reply[2] / _US, reply[3] / _US)
-        wait: float = reply[3] / _US
-        return Decision(
-            False,
-            own,
-            reply[1],
-            reply[2] / _US,
-            wait,
-            retry_after=wait,
-            rejected_limit=limits[reply[4]].per_minute,
-        )
+        return [_decision(limits, reply, 5 * i) for i, (limits, _) in enumerate(batch)]
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+_Pending = tuple[Sequence[Limit], str]
+
+
+def _decision(limits: Sequence[Limit], reply: Sequence[int], at: int) -> Decision:
+    own = limits[0].per_minute
+    if reply[at]:
+        return Decision(True, own, reply[at + 1], reply[at + 2] / _US, reply[at + 3] / _US)
+    wait: float = reply[at + 3] / _US
+    return Decision(
+        False,
+        own,
+        reply[at + 1],
+        reply[at + 2] / _US,
+        wait,
+        retry_after=wait,
+        rejected_limit=limits[reply[at + 4]].per_minute,
+    )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,14 +22,9 @@ import pytest
 import yaml
 
 from ..conftest import ADMIN_TOKEN
+from ..services import free_port
 
 pytestmark = pytest.mark.timeout(900)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _admin(url: str, method: str, path: str, body: object) -> dict[str, object]:
@@ -47,7 +41,7 @@ def _admin(url: str, method: str, path: str, body: object) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def admin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     work: Path = tmp_path_factory.mktemp("schemathesis")
-    ports = [_free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(3)]
     config = work / "gw.yaml"
     config.write_text(
         yaml.safe_dump(

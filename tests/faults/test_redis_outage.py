@@ -197,7 +197,13 @@ async def test_redis_outage_mid_load_falls_back_and_recovers(
         f"{fault_upstream.served[ASSESS]}"
     )
     assert ledger.charged == ledger.posted == ok == fault_upstream.served[ASSESS]
-    assert ledger.voided == 0 and ledger.expired == 0
+    # A void is a reservation sent while the limit decision was out (the pipeline
+    # overlaps the two on Redis) for a request the limiter then refused: the key's
+    # room changed under it (the switch to the fallback and back). Never charged,
+    # and only ever for a refused request.
+    refused = sum(o.status == 429 for o in traffic.results)
+    assert ledger.reservations == ledger.posted + ledger.voided
+    assert ledger.voided <= refused and ledger.expired == 0
     assert ledger.balance == 1_000_000 - ok
     assert (await reconcile(gateway.config_path))["pending_reservations"] == 0
     assert await gateway.stop() == 0, gateway.log()[-3000:]

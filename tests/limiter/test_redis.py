@@ -284,6 +284,59 @@ async def test_one_evalsha_per_decision_and_recovery_from_script_flush(
         await limiter.close()
 
 
+async def test_concurrent_decisions_share_calls_and_decide_as_one_at_a_time(
+    redis_server: services.RedisServer,
+) -> None:
+    limiter = RedisLimiter(LimiterSettings(url=redis_server.url, timeout_seconds=2.0))
+    admin = redis.asyncio.from_url(redis_server.url)
+    try:
+        await admin.config_resetstat()
+        # 100 at once on one 60/min bucket, mixed with a key and team pair whose
+        # team allows 3: batched, each decision still sees those before it.
+        own = [limiter.check([limit(60)], "g") for _ in range(100)]
+        paired = [limiter.check([limit(10, bucket=f"k:{i % 2}"), limit(3, bucket="t")], "g")
+                  for i in range(10)]
+        decisions = await asyncio.gather(*own, *paired)
+        solo, pairs = decisions[:100], decisions[100:]
+        assert sum(d.allowed for d in solo) == 60
+        assert sorted(d.remaining for d in solo if d.allowed) == list(range(60))
+        assert all(math.ceil(d.retry_after) == 1 for d in solo if not d.allowed)
+        assert sum(d.allowed for d in pairs) == 3
+        assert {d.rejected_limit for d in pairs if not d.allowed} == {3}
+        # A refusal charged neither bucket: 3 admitted requests are all key 0 and 1 took.
+        taken = [await stored_tat(admin, "g", f"k:{i}") for i in range(2)]
+        now = await redis_now_us(admin)
+        interval = -(-60 * US // 10)
+        assert sum(round((t - now) / interval) for t in taken if t is not None) == 3
+        calls = (await admin.info("commandstats"))["cmdstat_evalsha"]
+        assert calls["calls"] - calls["failed_calls"] < 110 / 10  # far fewer calls than decisions
+    finally:
+        await admin.aclose()
+        await limiter.close()
+
+
+async def test_on_a_cluster_a_batch_never_spans_two_groups(
+    redis_cluster: services.RedisCluster,
+) -> None:
+    settings = LimiterSettings(url=redis_cluster.url, cluster=True, timeout_seconds=2.0)
+    limiter = RedisLimiter(settings)
+    try:
+        # As the gateway does at start: the script is loaded on every node first.
+        # (redis-py's cluster client, racing NOSCRIPT recoveries on fresh nodes,
+        # loses connections now and then, batched or not.)
+        assert (await limiter.check([limit(5, bucket="warm-up")], "warm-up")).allowed
+        groups = [uuid.uuid4().hex for _ in range(12)]  # spread over the three nodes
+        checks = [limiter.check([limit(5, bucket="k"), limit(100, bucket="t")], g)
+                  for g in groups for _ in range(8)]
+        decisions = await asyncio.gather(*checks)  # a CROSSSLOT refusal would raise here
+        for i in range(len(groups)):
+            mine = decisions[i * 8 : (i + 1) * 8]
+            assert [d.allowed for d in mine] == [True] * 5 + [False] * 3
+        assert limiter._batchers == {}  # quiet groups leave nothing behind
+    finally:
+        await limiter.close()
+
+
 async def test_on_a_three_node_cluster(redis_cluster: services.RedisCluster) -> None:
     settings = LimiterSettings(url=redis_cluster.url, cluster=True, timeout_seconds=2.0)
     limiter = RedisLimiter(settings)

@@ -20,8 +20,10 @@ from pydantic import SecretStr
 
 from gateway.config import PostgresSettings
 from gateway.storage import (
+    IdempotencyClaim,
     KeyChange,
     ReserveRequest,
+    ReserveResult,
     StorageUnavailable,
     open_backend,
 )
@@ -234,6 +236,205 @@ async def test_the_statement_cache_can_be_off(replicas: Replicas) -> None:
     assert await node.balance(team.id, "live") == 2
     async with node._connection() as conn:  # the one pooled connection
         assert await conn.fetchval("SELECT count(*) FROM pg_prepared_statements") == 0
+
+
+async def test_reserve_and_post_never_scan_the_whole_reservations_table(
+    replicas: Replicas,
+) -> None:
+    # PL/pgSQL caches a generic plan after five calls, blind to how many ids a
+    # batch holds: for posts that was a hash join over a sequential scan, and
+    # every flush then read every reservation ever made.
+    node = await replicas.open(pool_max_size=1)
+    team = await node.create_team("t")
+    await node.grant(team.id, "live", 10_000, "seed", "test")
+    async with node._connection() as conn, conn.transaction():
+        for i in range(12):
+            ids = [f"scan-{i}-{j}" for j in range(200)]
+            rows = await conn.fetch(
+                "SELECT * FROM gateway_reserve($1, $2, $3, $4, $5, 60.0)",
+                ids,
+                [team.id] * 200,
+                ["live"] * 200,
+                ["key_1"] * 200,
+                [1] * 200,
+            )
+            assert all(r["granted"] for r in rows)
+            posted = await conn.fetchval("SELECT gateway_resolve($1, $2, 'post')", ids, [1] * 200)
+            assert posted == 200
+        scans = await conn.fetchrow(
+            "SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables WHERE relname = 'reservations'"
+        )
+    assert scans is not None
+    assert scans["idx_scan"] >= 24  # the lookups were seen, and all went by index
+    assert scans["seq_scan"] == 0
+
+
+async def test_hot_ledger_functions_keep_one_plan_without_sequential_scans(
+    replicas: Replicas,
+) -> None:
+    # Planned per call, the reserve spent more time planning than running
+    # (migration 5); a cached plan is only safe because none may scan a table.
+    node = await replicas.open()
+    async with node._connection() as conn:
+        rows = await conn.fetch(
+            "SELECT p.oid::regprocedure::text AS signature, p.proconfig FROM pg_proc p "
+            "WHERE p.proname IN ('gateway_reserve', 'gateway_reserve_one', 'gateway_resolve', "
+            "'gateway_claim_idempotency') "
+            "AND p.prolang = (SELECT oid FROM pg_language WHERE lanname = 'plpgsql')"
+        )
+    assert len(rows) == 4, [r["signature"] for r in rows]
+    for row in rows:
+        settings = set(row["proconfig"] or [])
+        assert {"plan_cache_mode=force_generic_plan", "enable_seqscan=off"} <= settings, row
+
+
+async def test_a_lone_reservation_is_answered_as_the_batch_function_would(
+    replicas: Replicas,
+) -> None:
+    # gateway_reserve_one (migration 6) stands in for gateway_reserve on a batch
+    # of one without a claim: same answers and same writes, case by case, each
+    # case run through both functions on twin accounts.
+    node = await replicas.open()
+    cases = [
+        # balance row, amount, id already reserved -> granted, available, balance, rows
+        ((None, 1, False), (False, 0, 0, 0)),  # no balance row
+        ((0, 1, False), (False, 0, 0, 0)),
+        ((4, 5, False), (False, 4, 4, 0)),  # short
+        ((5, 5, False), (True, 0, 0, 1)),  # exactly enough
+        ((9, 2, False), (True, 7, 7, 1)),
+        ((9, 2, True), (True, 9, 9, 1)),  # a retry: granted, nothing taken twice
+        ((1, 2, True), (False, 1, 1, 1)),  # a retry once the balance fell short
+    ]
+    async with node._connection() as conn:
+        for n, ((balance, amount, retry), expected) in enumerate(cases):
+            for function in ("batch", "one"):
+                team = (await node.create_team(f"twin-{n}-{function}")).id
+                if balance is not None:
+                    await conn.execute(
+                        "INSERT INTO balances (team_id, environment, available) "
+                        "VALUES ($1, 'live', $2)",
+                        team,
+                        balance,
+                    )
+                rid = f"one-{n}-{function}"
+                if retry:
+                    await conn.execute(
+                        "INSERT INTO reservations (id, team_id, environment, key_id, amount, "
+                        "created_at, lease_deadline) "
+                        "VALUES ($1, $2, 'live', 'key_1', $3, now(), now() + interval '1 minute')",
+                        rid,
+                        team,
+                        amount,
+                    )
+                if function == "batch":
+                    row = await conn.fetchrow(
+                        "SELECT granted, available FROM gateway_reserve($1, $2, $3, $4, $5, 60.0)",
+                        [rid],
+                        [team],
+                        ["live"],
+                        ["key_1"],
+                        [amount],
+                    )
+                else:
+                    row = await conn.fetchrow(
+                        "SELECT granted, available "
+                        "FROM gateway_reserve_one($1, $2, 'live', 'key_1', $3, 60.0)",
+                        rid,
+                        team,
+                        amount,
+                    )
+                assert row is not None
+                rows = await conn.fetchval(
+                    "SELECT count(*) FROM reservations WHERE team_id = $1", team
+                )
+                got = (row["granted"], row["available"], await node.balance(team, "live"), rows)
+                assert got == expected, (function, cases[n], got)
+
+
+async def test_reserve_batch_sends_a_lone_unclaimed_reservation_to_the_lean_function(
+    replicas: Replicas, postgres_dsn: str
+) -> None:
+    node = await replicas.open()
+    team = (await node.create_team("lean")).id
+    await node.grant(team, "live", 10, "seed", "test")
+    # This test's own database: the lean function is wrapped to leave a trace.
+    async with raw(postgres_dsn) as conn:
+        await conn.execute(
+            "CREATE TABLE lean_calls (id text); "
+            "ALTER FUNCTION gateway_reserve_one(text, text, text, text, integer, double precision) "
+            "RENAME TO gateway_reserve_one_inner; "
+            "CREATE FUNCTION gateway_reserve_one(a text, b text, c text, d text, e integer, "
+            "f double precision) RETURNS TABLE (granted boolean, available bigint) "
+            "LANGUAGE sql AS $$ INSERT INTO lean_calls VALUES (a); "
+            "SELECT * FROM gateway_reserve_one_inner(a, b, c, d, e, f) $$"
+        )
+    assert await node.reserve_batch([ReserveRequest("r1", team, "live", "key_1", 4)]) == [
+        ReserveResult(True, 6)
+    ]
+    claimed = IdempotencyClaim("idem-1", "POST", "/x")
+    assert await node.reserve_batch([ReserveRequest("r2", team, "live", "key_1", 1, claimed)]) == [
+        ReserveResult(True, 5)
+    ]
+    both = [ReserveRequest(f"r{i}", team, "live", "key_1", 3) for i in (3, 4)]
+    assert await node.reserve_batch(both) == [ReserveResult(True, 2), ReserveResult(False, 2)]
+    assert await node.reserve_batch([ReserveRequest("r5", team, "live", "key_1", 3)]) == [
+        ReserveResult(False, 2)
+    ]
+    async with raw(postgres_dsn) as conn:
+        lean = [r["id"] for r in await conn.fetch("SELECT id FROM lean_calls")]
+    assert lean == ["r1", "r5"]  # not the claim, not the batch of two
+    assert await node.balance(team, "live") == 2
+
+
+async def test_reserve_keeps_one_connection_and_replaces_it_when_it_breaks(
+    replicas: Replicas, postgres_dsn: str
+) -> None:
+    node = await replicas.open(pool_max_size=3)
+    team = (await node.create_team("pinned")).id
+    await node.grant(team, "live", 100, "seed", "test")
+
+    def one(rid: str) -> list[ReserveRequest]:
+        return [ReserveRequest(rid, team, "live", "key_1", 1)]
+
+    async def reserving_sessions(conn: asyncpg.Connection[asyncpg.Record]) -> set[int]:
+        rows = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND query LIKE '%gateway_reserve_one%' AND pid <> pg_backend_pid()"
+        )
+        return {r["pid"] for r in rows}
+
+    async with raw(postgres_dsn) as conn:
+        for n in range(5):
+            assert await node.reserve_batch(one(f"p{n}")) == [ReserveResult(True, 99 - n)]
+        first = await reserving_sessions(conn)
+        assert len(first) == 1  # every batch on the same session
+        # Concurrent callers do not wait for it: the others go through the pool.
+        results = await asyncio.gather(*(node.reserve_batch(one(f"c{n}")) for n in range(6)))
+        assert sorted(r[0].available for r in results) == list(range(89, 95))
+        # The kept session dies: that batch fails as unavailable, the next gets a new one.
+        await conn.execute("SELECT pg_terminate_backend($1)", first.pop())
+        with pytest.raises(StorageUnavailable):
+            await node.reserve_batch(one("after-kill"))
+        assert await node.reserve_batch(one("again")) == [ReserveResult(True, 88)]
+        # Ended while idle, once its close has arrived: never used, replaced.
+        await conn.execute(
+            "SELECT pg_terminate_backend($1)", (await reserving_sessions(conn)).pop()
+        )
+        await asyncio.sleep(0.3)
+        assert await node.reserve_batch(one("closed")) == [ReserveResult(True, 87)]
+    assert await node.balance(team, "live") == 87
+    await node.close()  # returns the kept connection: close does not wait for it
+
+
+async def test_a_small_pool_keeps_no_connection_for_reserves(replicas: Replicas) -> None:
+    node = await replicas.open(pool_min_size=1, pool_max_size=2)
+    team = (await node.create_team("small")).id
+    await node.grant(team, "live", 10, "seed", "test")
+    for n in range(3):
+        assert await node.reserve_batch([ReserveRequest(f"s{n}", team, "live", "k", 1)]) == [
+            ReserveResult(True, 9 - n)
+        ]
+    assert node._pinned is None  # both connections stay in the pool
 
 
 async def test_open_backend_picks_postgres_for_both_url_schemes(postgres_dsn: str) -> None:
