@@ -1,6 +1,6 @@
 """Profile the gateway's hot path under wrk load with py-spy; print where the time goes.
 
-    python bench/profile.py [plain|embedded] [--seconds 10] [--out bench/results/profile-NAME.txt]
+    python bench/profile.py [plain|embedded|redis_pg] [--seconds 10] [--out bench/results/profile-NAME.txt]
 
 Starts the nginx upstream and one gateway process like bench/run.py, drives it
 with wrk, samples it with py-spy (pip install py-spy; needs ptrace, fine as
@@ -22,7 +22,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import ROOT, GatewayRun, free_port, make_keys, start_nginx, wait_port, wrk  # noqa: E402
+from run import (  # noqa: E402
+    ROOT,
+    GatewayRun,
+    drop_database,
+    make_keys,
+    redis_url,
+    scratch_database,
+    start_upstream,
+    wait_port,
+    wrk,
+)
 
 
 def summarize(collapsed: Path, top: int = 30) -> str:
@@ -37,7 +47,13 @@ def summarize(collapsed: Path, top: int = 30) -> str:
         own[frames[-1]] += n
         for frame in set(frames):
             inclusive[frame] += n
-    out = [f"{total} samples", "", "by own time:"]
+    packages: collections.Counter[str] = collections.Counter()
+    for name, n in own.items():
+        where = name.rpartition("(")[2]
+        packages[where.split("/")[0] if "/" in where else where.split(":")[0]] += n
+    out = [f"{total} samples", "", "by package (own time):"]
+    out += [f"  {n / total:6.1%}  {name}" for name, n in packages.most_common(12)]
+    out += ["", "by own time:"]
     out += [f"  {n / total:6.1%}  {name}" for name, n in own.most_common(top)]
     out += ["", "inclusive:"]
     out += [f"  {n / total:6.1%}  {name}" for name, n in inclusive.most_common(top)]
@@ -46,27 +62,33 @@ def summarize(collapsed: Path, top: int = 30) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("target", choices=("plain", "embedded"), nargs="?", default="embedded")
+    parser.add_argument("target", choices=("plain", "embedded", "redis_pg"), nargs="?", default="embedded")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--out")
+    parser.add_argument("--summarize", metavar="STACKS", help="only summarize a saved .stacks file")
     args = parser.parse_args()
+    if args.summarize:
+        print(summarize(Path(args.summarize)))
+        return
     workdir = Path(tempfile.mkdtemp(prefix="gateway-profile-"))
-    upstream_port = free_port()
-    nginx = start_nginx(workdir, "upstream", f"""
-    server {{
-        listen 127.0.0.1:{upstream_port} backlog=4096;
-        keepalive_requests 1000000;
-        location / {{ default_type application/json; return 200 '{{"score": 42}}'; }}
-    }}""")
+    nginx, upstream_port = start_upstream(workdir)
     gateway = None
+    db_name = None
     try:
         wait_port(upstream_port)
         route = {"path": "/api/v1/assess", "methods": ["POST"], "upstream": "assess", "cost": 1}
         if args.target == "plain":
             route = {**route, "auth": False}
+        storage: dict[str, str] = {"storage": f"sqlite:///{workdir}/gw.db"}
+        if args.target == "redis_pg":
+            import redis
+
+            redis.Redis.from_url(redis_url()).flushdb()
+            db_name, dsn = scratch_database()
+            storage = {"storage": dsn, "limiter": redis_url()}
         gateway = GatewayRun(workdir, args.target, {
-            "storage": f"sqlite:///{workdir}/gw.db",
+            **storage,
             "upstreams": {"assess": {"url": f"http://127.0.0.1:{upstream_port}", "max_connections": 128}},
             "routes": [route],
         })
@@ -96,6 +118,8 @@ def main() -> None:
             gateway.stop()
         nginx.send_signal(signal.SIGQUIT)
         nginx.wait(5)
+        if db_name:
+            drop_database(db_name)
         shutil.rmtree(workdir, ignore_errors=True)
         _ = ROOT
 

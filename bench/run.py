@@ -1,25 +1,29 @@
 """The benchmark: the gateway against nginx and against itself, in one run, on one machine.
 
-    python bench/run.py [--seconds 10] [--rate 500] [--connections 64] [--only NAME ...]
+    python bench/run.py [--repeat 3] [--seconds 10] [--rate 500] [--connections 64] [--only NAME ...]
 
 Starts nginx serving a small static JSON answer (the upstream, fast enough not
 to be the bottleneck) and measures, one after another under the same load:
 
   direct        wrk straight to the upstream
   nginx         nginx proxy_pass to it (the reference proxy), one worker
+  aiohttp_min   the simplest aiohttp pass-through (bench/minimal_proxy.py), uvloop
   plain         the gateway, one worker, on a public ``auth: false`` route
   embedded      the gateway, one worker, full enforcement on SQLite + in-process limiter
   redis_pg      the gateway, one worker, full enforcement on Redis + PostgreSQL
   redis_pg_w2   the same with ``--workers 2``
   teams100      redis_pg with the load spread over 100 teams instead of one
+  keys100k      RSS of one gateway process with 100,000 keys cached (bench/key_memory.py)
 
 Full enforcement = key auth, rate limit, one credit reserved and posted per
 request, usage counting. For each: requests/s (wrk, closed loop), latency
 p50/p99/p99.9 at a fixed arrival rate measured from the intended send time
 (bench/openloop.py), the gateway's CPU time per 1,000 requests, its peak RSS,
 errors, and, on Redis + PostgreSQL, the remote calls per request read from the
-servers themselves (Redis INFO commandstats; PostgreSQL committed transactions,
-each reserve or flush being one statement in one transaction).
+servers themselves (Redis INFO commandstats, round trips only; PostgreSQL
+committed transactions, each reserve or flush being one statement in one
+transaction). The targets run in interleaved rounds; each figure is the median
+of its rounds, so that a slow spell of the machine does not land on one target.
 
 Prints one table with ratios to the plain-proxy floor and to nginx, and writes
 it as JSON under bench/results/. Traffic stays on loopback; every run is bounded.
@@ -107,6 +111,18 @@ http {{
 """
     )
     return subprocess.Popen(["nginx", "-c", str(conf), "-p", str(workdir)])  # noqa: S603,S607
+
+
+def start_upstream(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """The fast upstream every benchmark uses: nginx answering a small static JSON."""
+    port = free_port()
+    process = start_nginx(workdir, "upstream", f"""
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        keepalive_requests 1000000;
+        location / {{ default_type application/json; return 200 '{{"score": 42}}'; }}
+    }}""")
+    return process, port
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -298,8 +314,13 @@ def backend_counters(dsn: str, db_name: str) -> Any:
     client = redis.Redis.from_url(redis_url())
 
     def read() -> tuple[int, int]:
+        # Redis counts the commands a script runs as calls of their own; TIME, GET
+        # and SET only ever run inside the limiter's script (the gateway never
+        # sends them), so the round trips are every other command but INFO (ours).
         stats = client.info("commandstats")
-        calls = sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_") and k != "cmdstat_info")
+        inside_script = {"cmdstat_time", "cmdstat_get", "cmdstat_set", "cmdstat_info"}
+        calls = sum(int(v["calls"]) for k, v in stats.items()
+                    if k.startswith("cmdstat_") and k not in inside_script)
         tx = asyncio.run(_pg(dsn, f"SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = '{db_name}'"))
         return calls, int(tx)
 
@@ -307,6 +328,29 @@ def backend_counters(dsn: str, db_name: str) -> Any:
 
 
 # -- the run --------------------------------------------------------------------------------
+
+
+def combine(results: list[Result]) -> list[Result]:
+    """One result per target: the median of each figure over the rounds, errors summed."""
+    import statistics
+
+    by_name: dict[str, list[Result]] = {}
+    for r in results:
+        by_name.setdefault(r.name, []).append(r)
+    combined = []
+    for name, rounds in by_name.items():
+        merged = Result(name)
+        for f in ("rps", "p50_ms", "p99_ms", "p999_ms", "cpu_ms_per_1k", "peak_rss_mb",
+                  "redis_calls_per_request", "pg_transactions_per_request"):
+            values = [getattr(r, f) for r in rounds if getattr(r, f) is not None]
+            setattr(merged, f, statistics.median(values) if values else None)
+        merged.wrk_errors = sum(r.wrk_errors for r in rounds)
+        merged.open_loop_errors = sum(r.open_loop_errors for r in rounds)
+        merged.notes = [f"rounds: {len(rounds)}; req/s " + ", ".join(f"{r.rps:.0f}" for r in rounds)
+                        + "; CPU ms/1k " + ", ".join(f"{r.cpu_ms_per_1k:.0f}" for r in rounds
+                                                     if r.cpu_ms_per_1k is not None)]
+        combined.append(merged)
+    return combined
 
 
 def render(results: list[Result]) -> str:
@@ -334,10 +378,12 @@ def render(results: list[Result]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=10, help="wrk duration per target")
-    parser.add_argument("--open-seconds", type=float, default=8, help="open-loop duration per target")
+    parser.add_argument("--seconds", type=float, default=8, help="wrk duration per target")
+    parser.add_argument("--open-seconds", type=float, default=6, help="open-loop duration per target")
     parser.add_argument("--rate", type=float, default=500, help="open-loop arrival rate (req/s)")
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds over all targets; each figure is the median of its rounds")
     parser.add_argument("--only", nargs="*", help="run only these targets")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
@@ -345,19 +391,17 @@ def main() -> None:
         if shutil.which(tool) is None:
             sys.exit(f"bench: {tool} is missing (Debian: apt-get install nginx wrk)")
 
-    wanted = set(args.only or ["direct", "nginx", "plain", "embedded", "redis_pg", "redis_pg_w2", "teams100"])
+    wanted = set(args.only or ["direct", "nginx", "aiohttp_min", "plain", "embedded", "redis_pg",
+                               "redis_pg_w2", "teams100", "keys100k"])
+    key_memory: dict[str, Any] | None = None
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
-    upstream_port, proxy_port = free_port(), free_port()
+    proxy_port = free_port()
     processes: list[subprocess.Popen[bytes]] = []
     results: list[Result] = []
     db_name = None
     try:
-        processes.append(start_nginx(workdir, "upstream", f"""
-    server {{
-        listen 127.0.0.1:{upstream_port} backlog=4096;
-        keepalive_requests 1000000;
-        location / {{ default_type application/json; return 200 '{{"score": 42}}'; }}
-    }}"""))
+        upstream_process, upstream_port = start_upstream(workdir)
+        processes.append(upstream_process)
         processes.append(start_nginx(workdir, "proxy", f"""
     upstream assess {{ server 127.0.0.1:{upstream_port}; keepalive 128; }}
     server {{
@@ -373,41 +417,62 @@ def main() -> None:
         public = {"path": "/api/v1/assess", "methods": ["POST"], "upstream": "assess", "auth": False}
         upstreams = {"assess": {"url": upstream_url, "max_connections": 128}}
 
-        if "direct" in wanted:
-            results.append(measure("direct", upstream_url + "/api/v1/assess", [], args, workdir))
-        if "nginx" in wanted:
-            results.append(measure("nginx", f"http://127.0.0.1:{proxy_port}/api/v1/assess", [], args, workdir,
-                                   pids=children_of(processes[1].pid) or nginx_pids))
+        # Rounds interleave the targets, so that the machine's slow and fast
+        # spells fall on all of them alike; each figure is the median of its rounds.
+        for round_no in range(args.repeat):
+            if "direct" in wanted:
+                results.append(measure("direct", upstream_url + "/api/v1/assess", [], args, workdir))
+            if "nginx" in wanted:
+                results.append(measure("nginx", f"http://127.0.0.1:{proxy_port}/api/v1/assess", [], args, workdir,
+                                       pids=children_of(processes[1].pid) or nginx_pids))
 
-        def run_gateway(name: str, config: dict[str, Any], teams: int, workers: int = 1,
-                        counters: Any = None) -> None:
-            gateway = GatewayRun(workdir, name, {"upstreams": upstreams, **config}, workers)
-            try:
-                keys = make_keys(gateway, teams) if teams else []
-                gateway.start()
-                results.append(measure(name, f"http://127.0.0.1:{gateway.port}/api/v1/assess", keys, args,
-                                       workdir, pids=gateway.pids, counters=counters))
-            finally:
-                gateway.stop()
-
-        if "plain" in wanted:
-            run_gateway("plain", {"storage": f"sqlite:///{workdir}/plain.db", "routes": [public]}, 0)
-        if "embedded" in wanted:
-            run_gateway("embedded", {"storage": f"sqlite:///{workdir}/embedded.db", "routes": [route]}, 1)
-        if wanted & {"redis_pg", "redis_pg_w2", "teams100"}:
-            for name, teams, workers in (("redis_pg", 1, 1), ("redis_pg_w2", 1, 2), ("teams100", 100, 1)):
-                if name not in wanted:
-                    continue
-                db_name, dsn = scratch_database()
+            if "aiohttp_min" in wanted:
+                port = free_port()
+                minimal = subprocess.Popen(  # noqa: S603
+                    [sys.executable, str(ROOT / "bench" / "minimal_proxy.py"),
+                     "--listen", f"127.0.0.1:{port}", "--upstream", upstream_url],
+                )
                 try:
-                    import redis
-
-                    redis.Redis.from_url(redis_url()).flushdb()
-                    config = {"storage": dsn, "limiter": redis_url(), "routes": [route]}
-                    run_gateway(name, config, teams, workers, counters=backend_counters(dsn, db_name))
+                    wait_port(port)
+                    results.append(measure("aiohttp_min", f"http://127.0.0.1:{port}/api/v1/assess", [],
+                                           args, workdir, pids=[minimal.pid]))
                 finally:
-                    drop_database(db_name)
-                    db_name = None
+                    minimal.terminate()
+                    minimal.wait(10)
+
+            def run_gateway(name: str, config: dict[str, Any], teams: int, workers: int = 1,
+                            counters: Any = None) -> None:
+                gateway = GatewayRun(workdir, name, {"upstreams": upstreams, **config}, workers)
+                try:
+                    keys = make_keys(gateway, teams) if teams else []
+                    gateway.start()
+                    results.append(measure(name, f"http://127.0.0.1:{gateway.port}/api/v1/assess", keys, args,
+                                           workdir, pids=gateway.pids, counters=counters))
+                finally:
+                    gateway.stop()
+
+            if "plain" in wanted:
+                run_gateway("plain", {"storage": f"sqlite:///{workdir}/plain-{round_no}.db", "routes": [public]}, 0)
+            if "embedded" in wanted:
+                run_gateway("embedded", {"storage": f"sqlite:///{workdir}/embedded-{round_no}.db", "routes": [route]}, 1)
+            if wanted & {"redis_pg", "redis_pg_w2", "teams100"}:
+                for name, teams, workers in (("redis_pg", 1, 1), ("redis_pg_w2", 1, 2), ("teams100", 100, 1)):
+                    if name not in wanted:
+                        continue
+                    db_name, dsn = scratch_database()
+                    try:
+                        import redis
+
+                        redis.Redis.from_url(redis_url()).flushdb()
+                        config = {"storage": dsn, "limiter": redis_url(), "routes": [route]}
+                        run_gateway(name, config, teams, workers, counters=backend_counters(dsn, db_name))
+                    finally:
+                        drop_database(db_name)
+                        db_name = None
+        if "keys100k" in wanted:
+            from key_memory import measure as measure_key_memory
+
+            key_memory = measure_key_memory(workdir, upstream_url, 100_000)
     finally:
         for process in processes:
             process.send_signal(signal.SIGQUIT)
@@ -419,7 +484,12 @@ def main() -> None:
             drop_database(db_name)
         shutil.rmtree(workdir, ignore_errors=True)
 
+    results = combine(results)
     table = render(results)
+    if key_memory is not None:
+        table += (f"\n\n100,000 keys cached: RSS {key_memory['rss_baseline_mb']} -> "
+                  f"{key_memory['rss_with_keys_mb']} MB (+{key_memory['added_mb']} MB, "
+                  f"{key_memory['bytes_per_key']} bytes a key; {key_memory['keys_loaded']} loaded)")
     print(table)
     stamp = time.strftime("%Y-%m-%d")
     out = Path(args.out)
@@ -428,8 +498,10 @@ def main() -> None:
         "date": stamp,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "method": {"wrk": f"-t2 -c{args.connections} -d{args.seconds:g}s after a 2 s warm-up",
+                   "rounds": f"{args.repeat} interleaved rounds, median of each figure",
                    "open_loop": f"{args.rate:g} req/s for {args.open_seconds:g} s, from the intended send time"},
         "results": [asdict(r) for r in results],
+        "key_memory": key_memory,
         "table": table,
     }
     path = out / f"bench-{stamp}.json"
