@@ -75,15 +75,23 @@ async def test_manage_and_revoke_from_another_process(
     code, out, err = await cli(config, "keys", "revoke", created["id"])
     assert code == 0, err
     revoked_at = time.monotonic()
-    while (await gw.client.post("/api/v1/assess", headers=bearer(secret))).status != 401:
+    # Requests sent before the revocation reaches this process are still served
+    # (and charged): count them, so the balance check below is exact.
+    served = 1
+    while (
+        status := (await gw.client.post("/api/v1/assess", headers=bearer(secret))).status
+    ) != 401:
+        assert status in (200, 402), status
+        served += status == 200
         assert time.monotonic() - revoked_at < 1.0, "revocation from another process took over 1 s"
         await asyncio.sleep(0.02)
-    print(f"revocation visible after {time.monotonic() - revoked_at:.3f} s")
+    print(f"revocation visible after {time.monotonic() - revoked_at:.3f} s, {served} served")
 
     await gw.settle()
     code, out, err = await cli(config, "credits", "balance", "--team", "cli-team", "--json")
     assert code == 0, err
-    assert json.loads(out)["balances"] == {"live": 2, "test": 0}
+    assert served <= 3
+    assert json.loads(out)["balances"] == {"live": 3 - served, "test": 0}
     code, out, err = await cli(config, "credits", "reconcile")
     assert code == 0, err
     assert out.startswith("OK")
