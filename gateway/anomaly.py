@@ -19,8 +19,10 @@ for a day, remembered addresses are capped per key.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ _IDLE_SECONDS = 86400.0
 # Distinct prefixes or addresses counted per window; past this an attack is
 # obvious anyway, and memory stays bounded.
 _MAX_FAILURE_SUBJECTS = 100_000
+_NO_BASELINE = math.nan
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,18 +53,64 @@ class Anomaly:
     detail: str
 
 
-@dataclass(slots=True)
-class _KeyState:
-    team_id: str
-    count: int = 0
-    baseline: float | None = None
-    # The addresses seen and when. Most keys are used from one address, and an
-    # empty dict alone costs more than the rest of this state: the first
-    # address is kept in ``ip`` (seen at ``last_seen``), a dict only from the second.
-    ip: str | None = None
-    more_ips: dict[str, float] | None = None
-    new_ips: int = 0
-    last_seen: float = 0.0
+class _KeyTable:
+    """Every key's state, one row per key across parallel arrays.
+
+    An object per key cost about 200 bytes (object, two floats, dict growth);
+    a row here is 32 bytes of arrays, two list slots and the id's dict entry.
+    Rows of keys dropped for idleness are reused.
+    """
+
+    __slots__ = (
+        "baseline",
+        "count",
+        "free",
+        "ip",
+        "last_seen",
+        "more_ips",
+        "new_ips",
+        "rows",
+        "team",
+    )
+
+    def __init__(self) -> None:
+        self.rows: dict[str, int] = {}  # key id -> row
+        self.team: list[str] = []
+        # The addresses seen and when. Most keys are used from one address, and a
+        # dict per key would cost more than the rest of the row: the first address
+        # is kept in ``ip`` (seen at ``last_seen``), a dict only from the second.
+        self.ip: list[str | None] = []
+        self.more_ips: dict[int, dict[str, float]] = {}
+        self.count = array("Q")
+        self.new_ips = array("Q")
+        self.baseline = array("d")  # NaN until the key's first window closes
+        self.last_seen = array("d")
+        self.free: list[int] = []
+
+    def add(self, key_id: str, team_id: str) -> int:
+        if self.free:
+            row = self.free.pop()
+            self.team[row] = team_id
+            self.count[row] = 0
+            self.new_ips[row] = 0
+            self.baseline[row] = _NO_BASELINE
+            self.last_seen[row] = 0.0
+        else:
+            row = len(self.team)
+            self.team.append(team_id)
+            self.ip.append(None)
+            self.count.append(0)
+            self.new_ips.append(0)
+            self.baseline.append(_NO_BASELINE)
+            self.last_seen.append(0.0)
+        self.rows[key_id] = row
+        return row
+
+    def drop(self, key_id: str) -> None:
+        row = self.rows.pop(key_id)
+        self.ip[row] = None
+        self.more_ips.pop(row, None)
+        self.free.append(row)
 
 
 class AnomalyDetector:
@@ -75,7 +124,7 @@ class AnomalyDetector:
         self._metrics = metrics
         self._clock = clock
         self._window = self._window_of(clock())
-        self._keys: dict[str, _KeyState] = {}
+        self._keys = _KeyTable()
         self._failures_by_prefix: dict[str, int] = {}
         self._failures_by_ip: dict[str, int] = {}
         self.recent: deque[Anomaly] = deque(maxlen=_MAX_RECENT)
@@ -90,56 +139,63 @@ class AnomalyDetector:
             return
         self._close_window(now)
         # Windows with no traffic at all also count towards the baselines.
+        rows = self._keys.rows.values()
         for _ in range(min(window - self._window - 1, self._settings.baseline_windows)):
-            for state in self._keys.values():
-                self._update_baseline(state, 0)
+            for row in rows:
+                self._update_baseline(row, 0)
         self._window = window
 
-    def _update_baseline(self, state: _KeyState, count: int) -> None:
-        if state.baseline is None:
-            state.baseline = float(count)
+    def _update_baseline(self, row: int, count: int) -> None:
+        baselines = self._keys.baseline
+        baseline = baselines[row]
+        if math.isnan(baseline):
+            baselines[row] = float(count)
         else:
-            state.baseline += self._alpha * (count - state.baseline)
+            baselines[row] = baseline + self._alpha * (count - baseline)
 
     def _close_window(self, now: float) -> None:
         s = self._settings
+        table = self._keys
+        counts, new_ips, baselines = table.count, table.new_ips, table.baseline
         idle: list[str] = []
-        for key_id, state in self._keys.items():
-            baseline = state.baseline
-            if baseline is not None:
+        for key_id, row in table.rows.items():
+            count = counts[row]
+            baseline = baselines[row]
+            if not math.isnan(baseline):
                 limit = max(s.rate_spike_min_requests, s.rate_spike_factor * baseline)
-                if state.count >= limit:
+                if count >= limit:
                     self._raise(
                         Anomaly(
                             "rate_spike",
                             now,
                             key_id,
-                            state.team_id,
-                            state.count,
+                            table.team[row],
+                            count,
                             limit,
-                            f"{state.count} requests in {s.window_seconds:g} s against a recent "
+                            f"{count} requests in {s.window_seconds:g} s against a recent "
                             f"mean of {baseline:.1f}",
                         )
                     )
-            if state.new_ips >= s.new_ips_threshold:
+            fresh = new_ips[row]
+            if fresh >= s.new_ips_threshold:
                 self._raise(
                     Anomaly(
                         "new_ips",
                         now,
                         key_id,
-                        state.team_id,
-                        state.new_ips,
+                        table.team[row],
+                        fresh,
                         s.new_ips_threshold,
-                        f"used from {state.new_ips} new client addresses in {s.window_seconds:g} s",
+                        f"used from {fresh} new client addresses in {s.window_seconds:g} s",
                     )
                 )
-            self._update_baseline(state, state.count)
-            state.count = 0
-            state.new_ips = 0
-            if now - state.last_seen > _IDLE_SECONDS:
+            self._update_baseline(row, count)
+            counts[row] = 0
+            new_ips[row] = 0
+            if now - table.last_seen[row] > _IDLE_SECONDS:
                 idle.append(key_id)
         for key_id in idle:
-            del self._keys[key_id]
+            table.drop(key_id)
         for subject, count in self._failures_by_prefix.items():
             if count >= s.auth_failure_threshold:
                 self._raise(
@@ -189,34 +245,37 @@ class AnomalyDetector:
         """One authenticated request."""
         now = self._clock()
         self._roll(now)
-        state = self._keys.get(key_id)
-        if state is None:
-            state = self._keys[key_id] = _KeyState(team_id)
-        state.count += 1
+        table = self._keys
+        row = table.rows.get(key_id)
+        if row is None:
+            row = table.add(key_id, team_id)
+        table.count[row] += 1
+        learning = math.isnan(table.baseline[row])
         memory = self._settings.new_ip_memory_seconds
-        if state.more_ips is None:
-            if state.ip is None:
-                if state.baseline is not None:
-                    state.new_ips += 1
+        seen = table.more_ips.get(row)
+        if seen is None:
+            first = table.ip[row]
+            if first is None:
+                if not learning:
+                    table.new_ips[row] += 1
                 # Kept for a day: one copy of each address however many keys use it.
-                state.ip = sys.intern(client_ip)
-                state.last_seen = now
+                table.ip[row] = sys.intern(client_ip)
+                table.last_seen[row] = now
                 return
-            if state.ip == client_ip and now - state.last_seen <= memory:
-                state.last_seen = now
+            if first == client_ip and now - table.last_seen[row] <= memory:
+                table.last_seen[row] = now
                 return
             # A second address (or the first one again after too long): keep a dict.
-            state.more_ips = {state.ip: state.last_seen}
-        seen = state.more_ips
+            seen = table.more_ips[row] = {first: table.last_seen[row]}
         last = seen.get(client_ip)
         if last is None or now - last > memory:
             # A key's first window only learns its addresses: they are not "new".
-            if state.baseline is not None:
-                state.new_ips += 1
+            if not learning:
+                table.new_ips[row] += 1
             if len(seen) >= _MAX_IPS_PER_KEY:
                 seen.pop(next(iter(seen)))
         seen[client_ip] = now
-        state.last_seen = now
+        table.last_seen[row] = now
 
     def auth_failure(self, prefix: str | None, client_ip: str) -> None:
         """One refused credential (its display prefix, if it had the key shape)."""

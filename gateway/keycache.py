@@ -24,6 +24,8 @@ __all__ = ["MISS", "CacheMiss", "KeyCache"]
 
 log = logging.getLogger("gateway.keycache")
 _UNFOLLOWED_TTL = 1.0
+# Distinct rate limits kept as shared objects; a deployment has a handful.
+_MAX_SHARED_LIMITS = 1024
 Subscribe = Callable[
     [Callable[[KeyChange], None], Callable[[], None], Callable[[], None]], Awaitable[None]
 ]
@@ -68,6 +70,7 @@ class KeyCache:
         self._positive: dict[bytes | str, KeyRecord] = {}
         self._negative: dict[str, float] = {}
         self._inflight: dict[str, asyncio.Task[KeyRecord | None]] = {}
+        self._limits: dict[int, int] = {}
         self._generation = 0
         self._seq = 0
         self.following = False
@@ -141,32 +144,47 @@ class KeyCache:
         finally:
             self._inflight.pop(key_hash, None)
         if generation == self._generation:  # no invalidation raced this lookup
-            self._remember(key_hash, record)
+            return self._remember(key_hash, record)
         return record
 
-    def _remember(self, key_hash: str, record: KeyRecord | None) -> None:
+    def _remember(self, key_hash: str, record: KeyRecord | None) -> KeyRecord | None:
+        """Cache what the store said; returns the record as cached (callers use that one)."""
         now = self._clock()
         if record is None:
             negative = self._negative
             if len(negative) >= self._settings.negative_cache_size:
                 negative.pop(next(iter(negative)))
             negative[key_hash] = now + self._settings.negative_cache_ttl_seconds
-            return
+            return None
         positive = self._positive
         slot = _compact(key_hash)
         positive.pop(slot, None)
-        # Every row read brings its own copies of the team id and environment;
-        # many keys share a team, so one copy each is kept (the cache's memory
-        # is per key: about 1/10 less with 100,000 keys).
+        # Every row read brings its own copies of the team id, environment and
+        # limits; many keys share them, so one copy of each is kept (the cache's
+        # memory is per key: about 1/10 less with 100,000 keys). The requests
+        # that waited for this lookup get this copy too, so that what they leave
+        # behind (anomaly signals keep the team id) shares it as well.
         record = dataclasses.replace(
             record,
             team_id=sys.intern(record.team_id),
             environment="live" if record.environment == "live" else "test",
+            rate_limit_per_minute=self._shared(record.rate_limit_per_minute),
+            team_rate_limit_per_minute=self._shared(record.team_rate_limit_per_minute),
             loaded_at=now,
         )
         if len(positive) >= self._settings.cache_size:
             positive.pop(next(iter(positive)))
         positive[slot] = record
+        return record
+
+    def _shared(self, limit: int | None) -> int | None:
+        # Python keeps one copy of each int only up to 256; a limit of 1,000 read
+        # for 100,000 keys would otherwise be 100,000 objects of 28 bytes.
+        if limit is None:
+            return None
+        if len(self._limits) >= _MAX_SHARED_LIMITS:
+            return limit
+        return self._limits.setdefault(limit, limit)
 
     def invalidate(self, key_hash: str) -> None:
         self._generation += 1

@@ -138,3 +138,31 @@ def test_a_single_address_key_seen_again_after_the_memory_is_new() -> None:
     clock.now += 60
     d.tick()
     assert kinds(d) == ["new_ips"]
+
+
+def test_a_key_idle_for_a_day_is_forgotten_and_its_row_starts_clean() -> None:
+    d, clock, _ = detector()
+    for _ in range(5):
+        minute(d, clock, 10, key="key_old", ips=3)  # a baseline and three addresses
+    clock.now += 86400 + 60
+    d.tick()  # key_old has been idle for over a day: dropped
+    # A new key takes the freed row. Its first window only learns, whatever the
+    # row held before: no baseline, no remembered addresses, nothing raised.
+    for i in range(25):
+        d.request("key_new", "team_2", f"192.0.2.{i}")
+    clock.now += 60
+    d.tick()
+    assert kinds(d) == []
+    # From its second window on it is judged like any key: 25 new addresses.
+    for i in range(25):
+        d.request("key_new", "team_2", f"198.51.100.{i}")
+    clock.now += 60
+    d.tick()
+    assert kinds(d) == ["new_ips"]
+    assert d.recent[0].subject == "key_new" and d.recent[0].team_id == "team_2"
+    # key_old comes back as a stranger: its first window learns again.
+    for i in range(25):
+        d.request("key_old", "team_1", f"203.0.113.{i}")
+    clock.now += 60
+    d.tick()
+    assert kinds(d) == ["new_ips"]
