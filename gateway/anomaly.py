@@ -57,7 +57,7 @@ class _KeyTable:
     """Every key's state, one row per key across parallel arrays.
 
     An object per key cost about 200 bytes (object, two floats, dict growth);
-    a row here is 32 bytes of arrays, two list slots and the id's dict entry.
+    a row here is two floats in arrays, four list slots and the id's dict entry.
     Rows of keys dropped for idleness are reused.
     """
 
@@ -67,7 +67,6 @@ class _KeyTable:
         "free",
         "ip",
         "last_seen",
-        "more_ips",
         "new_ips",
         "rows",
         "team",
@@ -78,11 +77,12 @@ class _KeyTable:
         self.team: list[str] = []
         # The addresses seen and when. Most keys are used from one address, and a
         # dict per key would cost more than the rest of the row: the first address
-        # is kept in ``ip`` (seen at ``last_seen``), a dict only from the second.
-        self.ip: list[str | None] = []
-        self.more_ips: dict[int, dict[str, float]] = {}
-        self.count = array("Q")
-        self.new_ips = array("Q")
+        # is kept as a string (seen at ``last_seen``), a dict only from the second.
+        self.ip: list[str | dict[str, float] | None] = []
+        # Lists rather than arrays: a window's counts are mostly ints under 257,
+        # which Python shares, so a slot costs the same 8 bytes and is faster.
+        self.count: list[int] = []
+        self.new_ips: list[int] = []
         self.baseline = array("d")  # NaN until the key's first window closes
         self.last_seen = array("d")
         self.free: list[int] = []
@@ -109,7 +109,6 @@ class _KeyTable:
     def drop(self, key_id: str) -> None:
         row = self.rows.pop(key_id)
         self.ip[row] = None
-        self.more_ips.pop(row, None)
         self.free.append(row)
 
 
@@ -250,27 +249,25 @@ class AnomalyDetector:
         if row is None:
             row = table.add(key_id, team_id)
         table.count[row] += 1
-        learning = math.isnan(table.baseline[row])
         memory = self._settings.new_ip_memory_seconds
-        seen = table.more_ips.get(row)
+        seen = table.ip[row]
         if seen is None:
-            first = table.ip[row]
-            if first is None:
-                if not learning:
-                    table.new_ips[row] += 1
-                # Kept for a day: one copy of each address however many keys use it.
-                table.ip[row] = sys.intern(client_ip)
-                table.last_seen[row] = now
-                return
-            if first == client_ip and now - table.last_seen[row] <= memory:
+            if not math.isnan(table.baseline[row]):  # a key's first window only learns
+                table.new_ips[row] += 1
+            # Kept for a day: one copy of each address however many keys use it.
+            table.ip[row] = sys.intern(client_ip)
+            table.last_seen[row] = now
+            return
+        if isinstance(seen, str):
+            if seen == client_ip and now - table.last_seen[row] <= memory:
                 table.last_seen[row] = now
                 return
             # A second address (or the first one again after too long): keep a dict.
-            seen = table.more_ips[row] = {first: table.last_seen[row]}
+            seen = table.ip[row] = {seen: table.last_seen[row]}
         last = seen.get(client_ip)
         if last is None or now - last > memory:
             # A key's first window only learns its addresses: they are not "new".
-            if not learning:
+            if not math.isnan(table.baseline[row]):
                 table.new_ips[row] += 1
             if len(seen) >= _MAX_IPS_PER_KEY:
                 seen.pop(next(iter(seen)))
