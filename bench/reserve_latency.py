@@ -1,6 +1,6 @@
 """What one credit reservation costs PostgreSQL, alone, against the statements around it.
 
-    python bench/reserve_latency.py [--dsn DSN] [--calls 2000]
+    python bench/reserve_latency.py [--dsn DSN] [--calls 2000] [--gap-ms 2]
 
 On a scratch database (created on the server named by ``--dsn``, default
 ``$GATEWAY_TEST_POSTGRES_DSN`` or the local server, and dropped at the end),
@@ -11,11 +11,16 @@ function ``gateway_reserve`` with a batch of one, the lean
 (the lean function through the kept connection, as the gateway calls it).
 Prints p50 and p99 in milliseconds after 200 warm-up calls. This is the floor
 under an enforced request's latency when it has the ledger to itself.
+
+Then the backend's call again with ``--gap-ms`` of idleness before each call,
+as at 500 requests/s: what waking an idle server process costs on this machine
+(back to back, it never sleeps).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import time
 import uuid
@@ -32,11 +37,15 @@ from gateway.storage.postgres import PostgresBackend
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
-async def timed(label: str, call: Callable[[], Awaitable[object]], calls: int) -> None:
+async def timed(
+    label: str, call: Callable[[], Awaitable[object]], calls: int, gap: float = 0.0
+) -> None:
     for _ in range(200):
         await call()
     took = []
     for _ in range(calls):
+        if gap:
+            await asyncio.sleep(gap)
         started = time.perf_counter()
         await call()
         took.append(time.perf_counter() - started)
@@ -49,6 +58,8 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dsn", default=os.environ.get("GATEWAY_TEST_POSTGRES_DSN", DEFAULT_DSN))
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--gap-ms", type=float, default=2.0,
+                        help="idle time before each call of the last measurement")
     args = parser.parse_args()
 
     name = f"gateway_reserve_latency_{uuid.uuid4().hex[:8]}"
@@ -92,10 +103,13 @@ async def main() -> None:
                 ),
                 args.calls,
             )
+            def reserve() -> Awaitable[object]:
+                return backend.reserve_batch([ReserveRequest(new_id(), team, "live", "key", 1)])
+
+            await timed("PostgresBackend.reserve_batch (one request)", reserve, args.calls)
             await timed(
-                "PostgresBackend.reserve_batch (one request)",
-                lambda: backend.reserve_batch([ReserveRequest(new_id(), team, "live", "key", 1)]),
-                args.calls,
+                f"  the same, {args.gap_ms:g} ms idle before each", reserve, args.calls,
+                gap=args.gap_ms / 1000,
             )
         finally:
             await conn.close()
