@@ -45,17 +45,17 @@ class ParsedKey:
     environment: Environment
 
 
-def _base62(number: int, width: int) -> str:
-    digits = []
-    while number:
-        number, rem = divmod(number, 62)
-        digits.append(BASE62[rem])
-    return "".join(reversed(digits)).rjust(width, "0")
+# Every pair of base62 digits, in order: a CRC32 (< 62**6) is three of them.
+# Checked on every request, so three table lookups instead of six divisions.
+_PAIRS = tuple(a + b for a in BASE62 for b in BASE62)
+_PAIR = len(_PAIRS)
 
 
 def checksum(body: str) -> str:
     """CRC32 of the ASCII body, as 6 base62 digits, most significant first."""
-    return _base62(zlib.crc32(body.encode("ascii")), CHECKSUM_LENGTH)
+    high, rest = divmod(zlib.crc32(body.encode("ascii")), _PAIR * _PAIR)
+    middle, low = divmod(rest, _PAIR)
+    return _PAIRS[high] + _PAIRS[middle] + _PAIRS[low]
 
 
 def _random_part() -> str:

@@ -38,7 +38,12 @@ def test_generated_keys_have_the_contract_shape() -> None:
 def test_checksum_is_left_padded() -> None:
     # A body whose CRC32 is small still yields six digits.
     assert len(checksum("")) == 6
-    assert checksum("") == _base62(zlib.crc32(b""))
+    assert checksum("") == _base62(zlib.crc32(b"")) == "000000"  # CRC32 of nothing is 0
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60))
+def test_checksum_is_crc32_in_six_base62_digits(body: str) -> None:
+    assert checksum(body) == _base62(zlib.crc32(body.encode()))
 
 
 def test_keys_are_random() -> None:
