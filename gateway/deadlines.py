@@ -65,6 +65,10 @@ class Deadline:
         """A body chunk moved: the quiet time starts again."""
         self.last = time.monotonic()
 
+    def client_turn(self) -> None:
+        """Waiting on the client, not the upstream: no quiet limit until the next progress."""
+        self.last = math.inf
+
     def due(self, now: float) -> bool:
         return now >= self.end or now - self.last >= self.quiet
 

@@ -564,20 +564,36 @@ class Pipeline:
             scheme=request.scheme,
             request_id=ex.request_id,
         )
+        # The route's limit on the whole exchange counts from here, before the
+        # body is read: a reservation is held from now on, and its lease allows
+        # for max_duration_seconds, not for a client trickling its body forever.
+        started = time.monotonic()
+        end = started + route.max_duration_seconds
         body: bytes | AsyncIterator[bytes] | None = None
         if request.body_exists:
             try:
-                if request.headers.get("Expect", "").lower() == "100-continue":
-                    await request.writer.write(_CONTINUE)
-                declared = request.content_length
-                if declared is not None and declared <= SMALL_BODY:
-                    # Small and of known length (checked against the route's limit
-                    # already): one piece, so it goes out in one write with the headers.
-                    body = await request.read()
-                    if attempt is not None:
-                        attempt.sent(body)
-                else:
-                    body = _stream_body(request.content, route.max_body_bytes, attempt)
+                async with self._deadlines.until(end):
+                    if request.headers.get("Expect", "").lower() == "100-continue":
+                        await request.writer.write(_CONTINUE)
+                    declared = request.content_length
+                    if declared is not None and declared <= SMALL_BODY:
+                        # Small and of known length (checked against the route's limit
+                        # already): one piece, so it goes out in one write with the headers.
+                        body = await request.read()
+                        if attempt is not None:
+                            attempt.sent(body)
+                    else:
+                        body = _stream_body(request.content, route.max_body_bytes, attempt)
+            except TimeoutError:
+                self._abandon(ex, reservation, attempt)
+                late = errors.bad_request(
+                    "The request body did not arrive within this route's time limit"
+                )
+                late = self._unread(request, late)
+                # The client has stalled: end its body here, or aiohttp would linger
+                # for the rest of it before closing the connection.
+                request.content.feed_eof()
+                return ex.reply(late, Outcome.BAD_REQUEST)
             except (ConnectionError, asyncio.CancelledError) as exc:
                 # The client left before its body arrived: nothing was forwarded.
                 self._abandon(ex, reservation, attempt)
@@ -594,12 +610,13 @@ class Pipeline:
         upstream_response: aiohttp.ClientResponse | None = None
         response: web.StreamResponse | None = None
         # First the upstream's time to answer; once it has, the route's limit on
-        # the whole exchange, counted from the same start, and the quiet time
-        # allowed between body chunks.
-        until_answer = min(upstream.settings.timeout_seconds, route.max_duration_seconds)
+        # the whole exchange (counted from before the body was read), and the
+        # quiet time allowed between upstream body chunks.
         sent = time.monotonic()
         try:
-            async with self._deadlines.until(sent + until_answer) as deadline:
+            async with self._deadlines.until(
+                min(sent + upstream.settings.timeout_seconds, end)
+            ) as deadline:
                 try:
                     upstream_response = await upstream.session.request(
                         request.method, url, headers=headers, data=body, allow_redirects=False
@@ -610,9 +627,7 @@ class Pipeline:
                     if isinstance(exc, _BodyTooLarge) or isinstance(exc.__cause__, _BodyTooLarge):
                         return await self._fail_too_large(request, ex, route, reservation)
                     return await self._fail(request, ex, reservation, 502, "Upstream unavailable")
-                deadline.answered(
-                    sent + route.max_duration_seconds, upstream.settings.read_timeout_seconds
-                )
+                deadline.answered(end, upstream.settings.read_timeout_seconds)
                 ex.upstream_seconds = time.monotonic() - sent
                 self._metrics.observe_upstream(upstream.name, ex.upstream_seconds)
                 status = upstream_response.status
@@ -652,6 +667,7 @@ class Pipeline:
                 complete = relayed is _Relay.COMPLETE
                 client_left = relayed is _Relay.CLIENT_LEFT
                 if complete:
+                    deadline.client_turn()
                     with contextlib.suppress(ConnectionError):
                         await response.write_eof()
                 return response
@@ -716,14 +732,17 @@ class Pipeline:
                 return _Relay.UPSTREAM_BROKE
             if not chunk:
                 return _Relay.COMPLETE
-            deadline.progress()
             if attempt is not None:
                 attempt.received(chunk)
+            # The quiet limit is the upstream's silence: a client slow to take
+            # the chunk does not count against it (max_duration_seconds still does).
+            deadline.client_turn()
             try:
                 await response.write(chunk)
             except ConnectionError:
                 upstream_response.close()
                 return _Relay.CLIENT_LEFT
+            deadline.progress()
 
     def _record_attempt(
         self,

@@ -56,6 +56,33 @@ async def test_progress_restarts_the_quiet_time_and_silence_is_cut() -> None:
     await deadlines.close()
 
 
+async def test_waiting_on_the_client_pauses_the_quiet_time_but_not_the_end() -> None:
+    deadlines = Deadlines(RESOLUTION)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        async with deadlines.until(_monotonic_in(60)) as deadline:
+            deadline.answered(_monotonic_in(0.6), quiet=0.1)
+            deadline.client_turn()
+            await asyncio.sleep(0.3)  # three quiet limits, all on the client's side
+            paused_for = loop.time() - started
+            deadline.progress()  # the upstream's turn again: its silence counts
+            await asyncio.sleep(5)
+    cut_after = loop.time() - started
+    assert paused_for >= 0.3
+    assert paused_for + 0.1 <= cut_after < paused_for + 0.1 + 10 * RESOLUTION, cut_after
+
+    # The whole exchange's end holds while the client is slow.
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        async with deadlines.until(_monotonic_in(60)) as deadline:
+            deadline.answered(_monotonic_in(0.2), quiet=0.05)
+            deadline.client_turn()
+            await asyncio.sleep(5)
+    assert 0.2 <= loop.time() - started < 0.2 + 10 * RESOLUTION
+    await deadlines.close()
+
+
 async def test_the_whole_exchange_limit_holds_despite_progress() -> None:
     deadlines = Deadlines(RESOLUTION)
     loop = asyncio.get_running_loop()

@@ -507,3 +507,67 @@ async def test_client_leaving_during_a_small_upload_voids(
     assert await gw.gateway.backend.pending_count() == 0
     assert scripted.events == [] and gw.upstream.requests == []
     await gw.assert_reconciled()
+
+
+async def test_a_client_slow_to_read_is_not_upstream_silence(
+    make_gateway: MakeGateway, scripted: Scripted
+) -> None:
+    # The upstream sends its whole answer at once; the client takes it only
+    # after three times the quiet limit. The gateway waits on the client
+    # meanwhile, and that is not the upstream going quiet: the answer arrives
+    # whole and is charged.
+    size = 32 * 1024 * 1024  # more than loopback socket buffers hold
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        chunk = b"z" * 65536
+        for _ in range(size // len(chunk)):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    scripted.handler = handler
+    gw = await quiet_gateway(make_gateway, scripted)
+    key = await gw.key(credits=1)
+    async with gw.client.post("/api/v1/assess", headers=bearer(key)) as resp:
+        assert resp.status == 200
+        await asyncio.sleep(1.5)
+        received = 0
+        async for chunk in resp.content.iter_any():
+            received += len(chunk)
+    assert received == size
+    await gw.settle()
+    assert await gw.balance() == 0
+    await gw.assert_reconciled()
+
+
+async def test_a_small_body_trickled_past_the_routes_limit_is_refused_and_refunded(
+    make_gateway: MakeGateway, scripted: Scripted
+) -> None:
+    # The reservation is held while the body arrives: the route's limit on the
+    # whole exchange covers that wait too, so the reservation never outlives
+    # its lease while the client takes its time.
+    async def handler(request: web.Request) -> web.Response:
+        scripted.events.append("upstream called")
+        return web.json_response({})
+
+    scripted.handler = handler
+    gw = await gateway_on(make_gateway, scripted, max_duration_seconds=0.5)
+    key = await gw.key(credits=1)
+    head = (
+        "POST /api/v1/assess HTTP/1.1\r\nHost: gw\r\n"
+        f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 100\r\n\r\n"
+    ).encode()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    status, body = await raw_http(gw.client, head + b'{"essay": "', timeout=5)
+    took = loop.time() - started
+    assert status == 400
+    assert b"did not arrive within this route's time limit" in body
+    assert 0.5 <= took < 3, took
+    assert scripted.events == []
+    await gw.settle()
+    assert await gw.balance() == 1
+    await gw.assert_reconciled()
