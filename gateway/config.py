@@ -374,17 +374,21 @@ class Settings(_Frozen):
                 seen.add((route.path, method))
         lease = self.credits.reservation_lease_seconds
         if lease is not None:
-            # An exchange is cut up to MAX_RESOLUTION after its max_duration_seconds.
+            # A reservation may be sent while the Redis decision is out (up to its
+            # budget, kept by a sweep up to MAX_RESOLUTION late) before the exchange
+            # starts; an exchange is cut up to MAX_RESOLUTION after its
+            # max_duration_seconds; its post then waits for the next flush.
             floor = (
-                self.longest_route_seconds
-                + MAX_RESOLUTION
+                self.limiter.timeout_seconds
+                + self.longest_route_seconds
+                + 2 * MAX_RESOLUTION
                 + self.credits.post_flush_interval_seconds
             )
             if lease <= floor:
                 raise ValueError(
                     f"credits.reservation_lease_seconds ({lease:g}) must be longer than the "
-                    f"longest route max_duration_seconds plus the post flush interval and "
-                    f"{MAX_RESOLUTION:g} s ({floor:g})"
+                    f"longest route max_duration_seconds plus limiter.timeout_seconds, the "
+                    f"post flush interval and {2 * MAX_RESOLUTION:g} s ({floor:g})"
                 )
         serving = info.context is None or info.context.get("serving", True)
         if serving and self.admin.enabled and self.admin.token is None:
