@@ -94,6 +94,31 @@ async def test_a_key_past_its_limit_costs_the_ledger_nothing(
     assert await gw.balance() == 48
 
 
+async def test_a_team_limit_tighter_than_the_key_costs_the_ledger_nothing(
+    make_gateway: MakeGateway, postgres_dsn: str
+) -> None:
+    # The key could send 60 a minute, its team only 3: after the first decision
+    # the room to reserve ahead is the team's, so the requests the team's limit
+    # refuses never reserve (held credits could otherwise turn an admitted
+    # request of a team with a low balance into a 402).
+    gw = await _gateway(make_gateway, postgres_dsn)
+    m = gw.gateway.management
+    team = await m.create_team("tight", rate_limit_per_minute=3)
+    await m.grant(team.id, 20, "trial")
+    key = (await m.create_key(team.id, "k", "live", 60)).secret
+    first = await gw.client.post(ASSESS, headers=bearer(key), data=b"{}")
+    assert first.status == 200
+    answers = await asyncio.gather(
+        *(gw.client.post(ASSESS, headers=bearer(key), data=b"{}") for _ in range(10))
+    )
+    statuses = sorted(a.status for a in answers)
+    assert statuses == [200, 200] + [429] * 8
+    await gw.assert_reconciled()
+    resolutions = [(r["resolution"], r["charged"]) for r in await _reservations(postgres_dsn)]
+    assert resolutions == [("post", 1)] * 3  # nothing reserved and voided
+    assert await gw.gateway.backend.balance(team.id, "live") == 17
+
+
 async def test_a_refusal_another_replica_caused_gives_the_credit_back(
     make_gateway: MakeGateway, postgres_dsn: str
 ) -> None:

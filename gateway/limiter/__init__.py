@@ -36,6 +36,9 @@ class Decision:
     first limit (the key's own), which is what the response headers show.
     On rejection ``retry_after`` is the longest wait among the rejecting
     limits and ``rejected_limit`` is that limit's per-minute figure.
+    ``room`` is, when admitted, how many more requests every limit would still
+    admit right now: the fewest left in any bucket (the team's may have fewer
+    than the key's).
     """
 
     allowed: bool
@@ -45,6 +48,7 @@ class Decision:
     next_after: float
     retry_after: float = 0.0
     rejected_limit: int = 0
+    room: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +88,11 @@ def decide(
     own = steps[0]
     if all(s.allowed for s in steps):
         next_after = max(s.wait for s in steps)
+        room = min(s.remaining for s in steps)
         return (
-            Decision(True, limits[0].per_minute, own.remaining, own.reset_after, next_after),
+            Decision(
+                True, limits[0].per_minute, own.remaining, own.reset_after, next_after, room=room
+            ),
             [s.new_tat for s in steps],
         )
     worst_index = max(

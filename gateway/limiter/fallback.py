@@ -90,7 +90,7 @@ class FallbackLimiter:
         if self._policy == "fallback":
             return self._fallback.check_now(limits, time.monotonic())
         own = limits[0]
-        return Decision(True, own.per_minute, own.burst, 0.0, 0.0)
+        return Decision(True, own.per_minute, own.burst, 0.0, 0.0, room=own.burst)
 
     async def close(self) -> None:
         await self._deadlines.close()

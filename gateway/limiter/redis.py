@@ -41,9 +41,10 @@ _MAX_CONNECTIONS: Final = 100
 # instead of three a decision: redis-py encodes each argument in Python), per
 # decision: its number of buckets n, then n pairs of interval and capacity in
 # µs; its n buckets are the next n KEYS.
-# Per decision the reply holds five numbers: when admitted
-# {1, remaining, reset_after, next_after, 0}; when refused
-# {0, remaining_before, reset_before, retry_after, index of the limit that refused}.
+# Per decision the reply holds six numbers: when admitted
+# {1, remaining, reset_after, next_after, 0, room}, room being the fewest
+# requests any of its buckets still admits; when refused
+# {0, remaining_before, reset_before, retry_after, index of the limit that refused, 0}.
 # Lua numbers are doubles: µs since the epoch (~2^51) are still exact integers,
 # and string.format keeps them out of tostring()'s 14-digit rounding.
 _SCRIPT: Final = """
@@ -58,6 +59,7 @@ while a <= #args do
   local tats = {}
   local remaining, reset_after, remaining_before, reset_before
   local next_after, worst, worst_wait = 0, 0, 0
+  local room
   for i = 1, n do
     local interval = args[a + 2 * i - 1]
     local capacity = args[a + 2 * i]
@@ -68,8 +70,10 @@ while a <= #args do
       tats[i] = base + interval
       local wait = ahead + interval - capacity
       if wait > next_after then next_after = wait end
+      local left = math.floor((capacity - ahead) / interval)
+      if not room or left < room then room = left end
       if i == 1 then
-        remaining = math.floor((capacity - ahead) / interval)
+        remaining = left
         reset_after = ahead
         remaining_before = math.floor((capacity - (base - now)) / interval)
       end
@@ -81,16 +85,16 @@ while a <= #args do
   end
   local o = #out
   if worst > 0 then
-    out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] =
-      0, remaining_before, reset_before, worst_wait, worst - 1
+    out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5], out[o + 6] =
+      0, remaining_before, reset_before, worst_wait, worst - 1, 0
   else
     for i = 1, n do
       -- The key expires when its bucket is full again: a missing key means a full bucket.
       redis.call('SET', KEYS[k + i], string.format('%.0f', tats[i]),
         'PXAT', string.format('%.0f', math.ceil(tats[i] / 1000)))
     end
-    out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] =
-      1, remaining, reset_after, next_after, 0
+    out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5], out[o + 6] =
+      1, remaining, reset_after, next_after, 0, room
   end
   k = k + n
   a = a + 2 * n + 1
@@ -183,19 +187,22 @@ class RedisLimiter:
             reply = await self._script(keys, [" ".join(map(str, args))])
         except _REDIS_ERRORS as exc:
             raise LimiterUnavailable(f"Redis: {exc}") from exc
-        return [_decision(limits, reply, 5 * i) for i, (limits, _) in enumerate(batch)]
+        return [_decision(limits, reply, _REPLY * i) for i, (limits, _) in enumerate(batch)]
 
     async def close(self) -> None:
         await self._client.aclose()
 
 
 _Pending = tuple[Sequence[Limit], str]
+_REPLY: Final = 6  # numbers per decision in the script's reply
 
 
 def _decision(limits: Sequence[Limit], reply: Sequence[int], at: int) -> Decision:
     own = limits[0].per_minute
     if reply[at]:
-        return Decision(True, own, reply[at + 1], reply[at + 2] / _US, reply[at + 3] / _US)
+        return Decision(
+            True, own, reply[at + 1], reply[at + 2] / _US, reply[at + 3] / _US, room=reply[at + 5]
+        )
     wait: float = reply[at + 3] / _US
     return Decision(
         False,

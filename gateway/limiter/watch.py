@@ -48,9 +48,9 @@ class ReserveAhead:
 
     def saw(self, key_id: str, decision: Decision) -> None:
         """Take the room the limiter just reported for ``key_id``."""
-        # next_after > 0: some bucket (the key's or its team's) has no token left.
-        room = decision.remaining if decision.allowed and decision.next_after <= 0 else 0
-        self._remember(key_id, room)
+        # The room of every bucket, the team's too: a key with room in a team
+        # that has none would otherwise reserve for requests its team refuses.
+        self._remember(key_id, decision.room if decision.allowed else 0)
 
     def _remember(self, key_id: str, room: int) -> None:
         # Re-inserted, so the dict's order is the order of last decisions.

@@ -155,6 +155,7 @@ STATES: list[tuple[list[Limit], list[int | None]]] = [
     ([limit(60, bucket="k"), limit(30, bucket="t")], [None, 29]),
     ([limit(60, bucket="k"), limit(30, bucket="t")], [59, 29]),
     ([limit(60, bucket="k"), limit(30, bucket="t")], [30, 5]),
+    ([limit(60, bucket="k"), limit(100, bucket="t")], [None, 98]),  # the team has less room
 ]
 
 
@@ -177,11 +178,12 @@ async def test_the_script_decides_as_decide_does(
 
     got = await redis_limiter.check(limits, group)
 
-    assert (got.allowed, got.limit, got.remaining, got.rejected_limit) == (
+    assert (got.allowed, got.limit, got.remaining, got.rejected_limit, got.room) == (
         expected.allowed,
         expected.limit,
         expected.remaining,
         expected.rejected_limit,
+        expected.room,
     )
     assert math.ceil(got.retry_after) == math.ceil(expected.retry_after)
     for field in ("reset_after", "next_after", "retry_after"):
