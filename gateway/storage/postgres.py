@@ -324,6 +324,11 @@ class PostgresBackend:
                 with contextlib.suppress(Exception):
                     await pool.release(conn)
                 raise
+            if self._pinned is not conn:
+                # close() ran while this batch had the connection: hand it back
+                # now, or pool.close() would wait for it until its timeout.
+                with contextlib.suppress(Exception):
+                    await pool.release(conn)
         except _UNAVAILABLE as exc:
             raise StorageUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
         finally:

@@ -426,6 +426,35 @@ async def test_reserve_keeps_one_connection_and_replaces_it_when_it_breaks(
     await node.close()  # returns the kept connection: close does not wait for it
 
 
+async def test_close_during_a_reserve_batch_waits_for_it_not_for_the_timeout(
+    replicas: Replicas, postgres_dsn: str
+) -> None:
+    node = await replicas.open(pool_max_size=3, command_timeout_seconds=3)
+    team = (await node.create_team("closing")).id
+    await node.grant(team, "live", 10, "seed", "test")
+    assert await node.reserve_batch([ReserveRequest("warm", team, "live", "k", 1)])
+    loop = asyncio.get_running_loop()
+    async with raw(postgres_dsn) as conn:
+        # Hold the team's balance row: the next batch waits on the kept connection.
+        holding = conn.transaction()
+        await holding.start()
+        await conn.execute("SELECT 1 FROM balances WHERE team_id = $1 FOR UPDATE", team)
+        reserving = asyncio.create_task(
+            node.reserve_batch([ReserveRequest("late", team, "live", "k", 1)])
+        )
+        await asyncio.sleep(0.2)
+        closing = asyncio.create_task(node.close())
+        await asyncio.sleep(0.2)
+        assert not reserving.done() and not closing.done()
+        await holding.commit()
+        released = loop.time()
+        assert await reserving == [ReserveResult(True, 8)]
+        await closing
+        # The batch handed its connection back as it finished: pool.close() did
+        # not wait out the 3 s command timeout for it.
+        assert loop.time() - released < 2.0
+
+
 async def test_a_small_pool_keeps_no_connection_for_reserves(replicas: Replicas) -> None:
     node = await replicas.open(pool_min_size=1, pool_max_size=2)
     team = (await node.create_team("small")).id
