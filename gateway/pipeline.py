@@ -571,19 +571,23 @@ class Pipeline:
         end = started + route.max_duration_seconds
         body: bytes | AsyncIterator[bytes] | None = None
         if request.body_exists:
+            declared = request.content_length
+            # Small and of known length (checked against the route's limit already):
+            # read whole, so it goes out in one write with the headers.
+            small = declared is not None and declared <= SMALL_BODY
             try:
-                async with self._deadlines.until(end):
-                    if request.headers.get("Expect", "").lower() == "100-continue":
-                        await request.writer.write(_CONTINUE)
-                    declared = request.content_length
-                    if declared is not None and declared <= SMALL_BODY:
-                        # Small and of known length (checked against the route's limit
-                        # already): one piece, so it goes out in one write with the headers.
-                        body = await request.read()
-                        if attempt is not None:
-                            attempt.sent(body)
-                    else:
-                        body = _stream_body(request.content, route.max_body_bytes, attempt)
+                if small and request.content.is_eof():
+                    body = await request.read()  # it came with the headers: no wait
+                else:
+                    async with self._deadlines.until(end):
+                        if request.headers.get("Expect", "").lower() == "100-continue":
+                            await request.writer.write(_CONTINUE)
+                        if small:
+                            body = await request.read()
+                        else:
+                            body = _stream_body(request.content, route.max_body_bytes, attempt)
+                if attempt is not None and isinstance(body, bytes):
+                    attempt.sent(body)
             except TimeoutError:
                 self._abandon(ex, reservation, attempt)
                 late = errors.bad_request(
