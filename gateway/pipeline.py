@@ -281,6 +281,9 @@ class Pipeline:
             return ex.reply(self._unread(request, response), Outcome.BAD_REQUEST)
 
         if not route.auth or request.method == "OPTIONS":
+            declared = request.content_length
+            if declared is not None and declared > route.max_body_bytes:
+                return ex.reply(self._too_large(request, route), Outcome.PAYLOAD_TOO_LARGE)
             return await self._forward(request, ex, route, encoded_path, query, None)
 
         key = await self._authenticate(request, ex)

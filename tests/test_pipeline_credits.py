@@ -148,6 +148,17 @@ async def test_declared_body_over_limit_is_413(make_gateway: MakeGateway) -> Non
     assert ok.status == 200
 
 
+async def test_declared_body_over_a_public_routes_limit_is_413(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(
+        routes=[{"path": "/public", "upstream": "assess", "auth": False, "max_body_bytes": 10}]
+    )
+    resp = await gw.client.post("/public", data=b"x" * 11)
+    assert resp.status == 413
+    assert "10 bytes" in (await resp.json())["error"]
+    assert gw.upstream.requests == []
+    assert (await gw.client.post("/public", data=b"x" * 10)).status == 200
+
+
 async def test_upstream_lowers_the_charge(make_gateway: MakeGateway) -> None:
     gw = await make_gateway(routes=[{"path": "/api/v1/assess", "upstream": "assess", "cost": 3}])
     key = await gw.key(credits=10)

@@ -324,9 +324,11 @@ class PostgresBackend:
                 with contextlib.suppress(Exception):
                     await pool.release(conn)
                 raise
-            if self._pinned is not conn:
-                # close() ran while this batch had the connection: hand it back
-                # now, or pool.close() would wait for it until its timeout.
+            if self._pool is not pool or self._pinned is not conn:
+                # close() ran while this batch had (or was taking) the connection:
+                # hand it back now, or pool.close() would wait for it until its timeout.
+                if self._pinned is conn:
+                    self._pinned = None
                 with contextlib.suppress(Exception):
                     await pool.release(conn)
         except _UNAVAILABLE as exc:
