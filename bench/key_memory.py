@@ -71,32 +71,33 @@ def _misses(status_port: int) -> int:
     return int(float(match.group(1))) if match else 0
 
 
-def _send_each(url: str, keys: list[str]) -> int:
-    """Every key once, over 16 keep-alive connections; returns how many got a 2xx."""
+async def send_each(url: str, keys: list[str], connections: int = 16) -> int:
+    """Every key once, over ``connections`` keep-alive connections; returns how many got a 2xx."""
     from openloop import _read_response, _request_bytes
 
-    async def run() -> int:
-        ok = 0
+    ok = 0
 
-        async def connection(mine: list[str]) -> None:
-            nonlocal ok
-            host, port, _ = _request_bytes(url, "POST", [], b"")
-            reader, writer = await asyncio.open_connection(host, port)
-            try:
-                for key in mine:
-                    _, _, request = _request_bytes(
-                        url, "POST", [f"Authorization: Bearer {key}"], b'{"essay": "memory"}'
-                    )
-                    writer.write(request)
-                    status = await _read_response(reader)
-                    ok += 200 <= status < 300
-            finally:
-                writer.close()
+    async def connection(mine: list[str]) -> None:
+        nonlocal ok
+        host, port, _ = _request_bytes(url, "POST", [], b"")
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            for key in mine:
+                _, _, request = _request_bytes(
+                    url, "POST", [f"Authorization: Bearer {key}"], b'{"essay": "memory"}'
+                )
+                writer.write(request)
+                status = await _read_response(reader)
+                ok += 200 <= status < 300
+        finally:
+            writer.close()
 
-        await asyncio.gather(*(connection(keys[i::16]) for i in range(16)))
-        return ok
+    await asyncio.gather(*(connection(keys[i::connections]) for i in range(connections)))
+    return ok
 
-    return asyncio.run(run())
+
+def _send_each(url: str, keys: list[str]) -> int:
+    return asyncio.run(send_each(url, keys))
 
 
 def measure(workdir: Path, upstream_url: str, count: int, anomalies: bool = True) -> dict[str, Any]:

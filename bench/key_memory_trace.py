@@ -30,8 +30,7 @@ from aiohttp.test_utils import TestServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from key_memory import _create_keys  # noqa: E402
-from openloop import _read_response, _request_bytes  # noqa: E402
+from key_memory import _create_keys, send_each  # noqa: E402
 
 from gateway.app import create_app  # noqa: E402
 from gateway.config import settings_from_mapping  # noqa: E402
@@ -56,22 +55,9 @@ def _pymalloc_allocated() -> int:
 
 
 async def _send_each(url: str, keys: list[str]) -> None:
-    async def connection(mine: list[str]) -> None:
-        host, port, _ = _request_bytes(url, "POST", [], b"")
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            for key in mine:
-                _, _, request = _request_bytes(
-                    url, "POST", [f"Authorization: Bearer {key}"], b'{"essay": "memory"}'
-                )
-                writer.write(request)
-                status = await _read_response(reader)
-                if status != 200:
-                    raise RuntimeError(f"the gateway answered {status}")
-        finally:
-            writer.close()
-
-    await asyncio.gather(*(connection(keys[i::8]) for i in range(8)))
+    answered = await send_each(url, keys, connections=8)
+    if answered != len(keys):
+        raise RuntimeError(f"only {answered} of {len(keys)} requests were answered 2xx")
 
 
 async def measure(count: int, anomalies: bool, top: int) -> None:
