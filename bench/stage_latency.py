@@ -120,7 +120,7 @@ async def main() -> None:
         key = await gateway.management.create_key(team.id, "bench", "live", 10_000_000)
         await gateway.management.grant(team.id, 10**9, "bench", environment="live")
 
-        time_calls(gateway.pipeline, "_rate_limit", "rate-limit decision")
+        time_calls(gateway.pipeline._limits, "check", "rate-limit decision")
         time_calls(gateway.credits, "finish_reserve", "reserve, after the decision")
         time_calls(gateway.backend, "reserve_batch", "reserve database call")
 

@@ -67,6 +67,7 @@ class Gateway:
             router=self.router,
             keys=self.keys,
             limiter=self.limiter,
+            lookups=MemoryLimiter(),
             credits=self.credits,
             ledger=self.backend,
             upstreams=self.upstreams,

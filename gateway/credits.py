@@ -53,6 +53,7 @@ class Credits:
         self._backend = backend_name
         self._reserves: Grouper[ReserveRequest, ReserveResult] = Grouper(self._reserve_many)
         self._voids: Grouper[str, int] = Grouper(self._void_many)
+        self._posts_now: Grouper[tuple[str, int], int] = Grouper(self._post_many)
         self._posts: list[tuple[str, int]] = []
         self._void_retry: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -70,6 +71,18 @@ class Credits:
             applied = await self._ledger.void_batch(ids)
         # The batch result is a count; each caller only needs to know it was done.
         return [applied] * len(ids)
+
+    async def _post_many(self, posts: Sequence[tuple[str, int]]) -> list[int]:
+        with self._metrics.backend_call(self._backend, "post"):
+            applied = await self._ledger.post_batch(posts)
+        self._count_late(len(posts) - applied)
+        return [applied] * len(posts)
+
+    def _count_late(self, late: int) -> None:
+        if late > 0:
+            # Already resolved (the sweeper got there first): never applied twice.
+            self.late_resolutions += late
+            self._metrics.late_resolutions.inc(late)
 
     async def reserve(
         self,
@@ -133,6 +146,21 @@ class Credits:
             self._oldest_post = time.monotonic()
         self._posts.append((reservation_id, charged))
 
+    async def post_now(self, reservation_id: str, charged: int) -> None:
+        """Post at once, for a charge the upstream lowered: the part returned is in the
+        balance before the client has its answer (a buffered post would show it late).
+
+        If the ledger cannot be reached the post is buffered like any other.
+        """
+        try:
+            await asyncio.shield(self._posts_now.submit((reservation_id, charged)))
+        except asyncio.CancelledError:
+            self.post(reservation_id, charged)
+            raise
+        except Exception as exc:
+            log.warning("posting a lowered charge failed, will retry: %s", exc)
+            self.post(reservation_id, charged)
+
     @property
     def flush_lag(self) -> float:
         """How long the oldest unwritten post has waited."""
@@ -186,11 +214,7 @@ class Credits:
                 applied = len(posts)
             finally:
                 self._flushing = 0
-            late = len(posts) - applied
-            if late > 0:
-                # Already resolved (the sweeper got there first): never applied twice.
-                self.late_resolutions += late
-                self._metrics.late_resolutions.inc(late)
+            self._count_late(len(posts) - applied)
         if self._void_retry:
             ids = list(self._void_retry)
             try:
@@ -239,6 +263,8 @@ class Credits:
         # wants it (abandoned): wait for its outcome, so that its void goes out now.
         with contextlib.suppress(Exception):
             await self._reserves.idle()
+        with contextlib.suppress(Exception):
+            await self._posts_now.idle()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(Exception):

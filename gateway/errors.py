@@ -7,8 +7,11 @@ import math
 import orjson
 from aiohttp import web
 
+from gateway.models import Outcome
+
 __all__ = [
     "MISSING_KEY",
+    "Refusal",
     "bad_request",
     "error_response",
     "insufficient_credits",
@@ -70,3 +73,107 @@ def insufficient_credits(required: int, available: int) -> web.Response:
 
 def bad_request(message: str = "Bad request") -> web.Response:
     return error_response(400, message)
+
+
+class Refusal(Exception):
+    """A request the gateway answers itself, raised by the stage that decided it.
+
+    ``render()`` is the one place a refusal becomes the contract's response;
+    the pipeline records ``outcome`` for metrics, usage and logs. ``unread``
+    says the request body was never read, so the connection must close after
+    the answer (or a client waiting on ``Expect: 100-continue`` is released).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        outcome: Outcome,
+        headers: dict[str, str] | None = None,
+        *,
+        payload: dict[str, object] | None = None,
+        unread: bool = True,
+        close: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.outcome = outcome
+        self.headers = headers
+        self.payload = payload
+        self.unread = unread
+        self.close = close
+
+    def render(self) -> web.Response:
+        body = self.payload if self.payload is not None else {"error": self.message}
+        response = json_response(self.status, body, self.headers)
+        if self.close:
+            response.force_close()
+        return response
+
+
+def refuse_missing_key() -> Refusal:
+    return Refusal(
+        401, MISSING_KEY, Outcome.UNAUTHORIZED, {"WWW-Authenticate": 'Bearer realm="api"'}
+    )
+
+
+def refuse_invalid_key() -> Refusal:
+    return Refusal(
+        401,
+        INVALID_KEY,
+        Outcome.UNAUTHORIZED,
+        {"WWW-Authenticate": 'Bearer realm="api", error="invalid_token"'},
+    )
+
+
+def refuse_rate_limited(retry_after_seconds: float, limit: int) -> Refusal:
+    retry_after = max(1, math.ceil(retry_after_seconds - 1e-9))
+    return Refusal(
+        429,
+        "Rate limit exceeded",
+        Outcome.RATE_LIMITED,
+        {"Retry-After": str(retry_after)},
+        payload={"error": "Rate limit exceeded", "retry_after": retry_after, "limit": limit},
+    )
+
+
+def refuse_insufficient_credits(required: int, available: int) -> Refusal:
+    return Refusal(
+        402,
+        "Insufficient credits",
+        Outcome.INSUFFICIENT_CREDITS,
+        payload={
+            "error": "Insufficient credits",
+            "credits_required": required,
+            "credits_available": available,
+        },
+    )
+
+
+def refuse_bad_request(message: str) -> Refusal:
+    return Refusal(400, message, Outcome.BAD_REQUEST)
+
+
+def refuse_not_found() -> Refusal:
+    return Refusal(404, "Not found", Outcome.NOT_FOUND)
+
+
+def refuse_method(allowed: frozenset[str] | set[str]) -> Refusal:
+    return Refusal(
+        405, "Method not allowed", Outcome.NOT_FOUND, {"Allow": ", ".join(sorted(allowed))}
+    )
+
+
+def refuse_too_large(limit: int) -> Refusal:
+    message = f"Request body is larger than this route's limit of {limit} bytes"
+    return Refusal(413, message, Outcome.PAYLOAD_TOO_LARGE, close=True)
+
+
+def refuse_unavailable() -> Refusal:
+    return Refusal(503, "Service temporarily unavailable", Outcome.UNAVAILABLE)
+
+
+def refuse_upstream(status: int, message: str) -> Refusal:
+    """502 (unreachable, broke off, malformed answer) or 504 (timed out)."""
+    return Refusal(status, message, Outcome.UPSTREAM_ERROR)

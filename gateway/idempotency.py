@@ -14,10 +14,9 @@ import re
 
 from aiohttp import web
 
-from gateway import errors
 from gateway.storage import IdempotencyRecord
 
-__all__ = ["Attempt", "replay", "valid_key"]
+__all__ = ["Attempt", "body_hash", "replay", "valid_key"]
 
 _VISIBLE_ASCII = re.compile(r"^[\x21-\x7e]{1,255}$")
 
@@ -73,21 +72,3 @@ def replay(record: IdempotencyRecord, headers: dict[str, str]) -> web.Response:
         response.headers["Content-Type"] = record.content_type
     response.headers["Idempotent-Replayed"] = "true"
     return response
-
-
-def in_flight() -> web.Response:
-    return errors.error_response(409, "A request with this Idempotency-Key is still in progress")
-
-
-def not_stored() -> web.Response:
-    return errors.error_response(
-        409,
-        "The first response to this Idempotency-Key was too large (or not received whole) "
-        "to be replayed; it was charged once and cannot be sent again",
-    )
-
-
-def mismatch() -> web.Response:
-    return errors.error_response(
-        422, "This Idempotency-Key was already used for a different request"
-    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 
 import aiohttp
@@ -19,6 +20,7 @@ from gateway.config import IdentityHeaderSettings, UpstreamSettings
 __all__ = [
     "ClientAddress",
     "HeaderPolicy",
+    "MalformedAnswer",
     "Upstream",
     "UpstreamPool",
     "upstream_url",
@@ -43,6 +45,20 @@ HOP_BY_HOP = frozenset(
 _NOT_FORWARDED = HOP_BY_HOP | {"host", "authorization", "expect", "content-length"}
 _NOT_RETURNED = HOP_BY_HOP | {"x-gateway-charge", "content-length"}
 CHARGE_HEADER = "X-Gateway-Charge"
+
+# What an HTTP/1.1 server must not write in a status line or a header (RFC 9110
+# §5.5: no control characters but tab), and lone surrogates: bytes that were
+# not UTF-8 upstream, which cannot be written back as they came.
+_UNWRITABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
+
+
+class MalformedAnswer(ValueError):
+    """An upstream answer the gateway cannot relay as it is (the client gets a 502)."""
+
+
+def writable(text: str) -> bool:
+    """Whether ``text`` can go out in a status line or a header field unchanged."""
+    return (text.isascii() and text.isprintable()) or _UNWRITABLE.search(text) is None
 
 
 # What nearly every Connection header says; neither names another header.
@@ -244,16 +260,23 @@ class HeaderPolicy:
         return out
 
     def client(self, incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-        """Headers for the client: hop-by-hop and the charge header removed."""
+        """Headers for the client: hop-by-hop and the charge header removed.
+
+        Raises :class:`MalformedAnswer` for a header the server could not write.
+        """
         listed = _connection_listed(incoming) if "Connection" in incoming else None
         out: CIMultiDict[str] = CIMultiDict()
         cache = self._outbound
         for name, value in incoming.items():
             keep = cache.get(name)
             if keep is None:
+                if not writable(name):
+                    raise MalformedAnswer("a header name the gateway cannot relay")
                 keep = name.lower() not in _NOT_RETURNED
                 if len(cache) < _VERDICT_CACHE_SIZE:
                     cache[name] = keep
             if keep and not (listed and name.lower() in listed):
+                if not writable(value):
+                    raise MalformedAnswer(f"a control character in the {name} header")
                 out.add(name, value)
         return out

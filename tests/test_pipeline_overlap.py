@@ -175,4 +175,4 @@ async def test_the_memory_limiter_neither_overlaps_nor_remembers_keys(gw: Harnes
     for _ in range(3):
         key = await gw.key(credits=1)
         assert (await gw.client.post(ASSESS, headers=bearer(key), data=b"{}")).status == 200
-    assert len(gw.gateway.pipeline._ahead) == 0
+    assert gw.gateway.pipeline._limits.ahead is None

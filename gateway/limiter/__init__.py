@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-__all__ = ["Decision", "Limit", "Limiter", "LimiterUnavailable", "gcra_step"]
+__all__ = [
+    "Decision",
+    "Degradable",
+    "Limit",
+    "Limiter",
+    "LimiterUnavailable",
+    "LocalLimiter",
+    "gcra_step",
+]
 
 _EPS = 1e-9
 
@@ -129,3 +137,18 @@ class Limiter(Protocol):
     async def check(self, limits: Sequence[Limit], group: str) -> Decision: ...
 
     async def close(self) -> None: ...
+
+
+class LocalLimiter(Protocol):
+    """An in-process limiter decided synchronously (no await between read and write)."""
+
+    def check_now(self, limits: Sequence[Limit], now: float) -> Decision: ...
+
+    def peek_now(self, limits: Sequence[Limit], now: float) -> Decision: ...
+
+
+@runtime_checkable
+class Degradable(Protocol):
+    """A limiter that can be running on its fallback (``degraded``) while its backend is down."""
+
+    degraded: bool

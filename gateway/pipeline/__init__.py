@@ -1,0 +1,146 @@
+"""The request pipeline: admit → authenticate → limit → settle-and-forward.
+
+Each stage passes the request on or raises a :class:`~gateway.errors.Refusal`;
+``handle`` turns a refusal into the contract's response in one place. Every
+charge is decided by the request's :class:`Settlement`, never by a stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiohttp import web
+
+from gateway import errors
+from gateway.anomaly import AnomalyDetector
+from gateway.config import Settings
+from gateway.credits import Credits
+from gateway.deadlines import Deadlines, resolution_for
+from gateway.errors import Refusal
+from gateway.keycache import KeyCache
+from gateway.limiter import Limiter, LocalLimiter
+from gateway.metrics import Metrics
+from gateway.models import Outcome
+from gateway.pipeline._http import unread
+from gateway.pipeline.admission import Admission, check_declared_size
+from gateway.pipeline.auth import Authenticator
+from gateway.pipeline.exchange import Exchange, Recorder, request_id
+from gateway.pipeline.forward import Forwarder, finish
+from gateway.pipeline.limits import RateLimits
+from gateway.pipeline.settlement import Settlements
+from gateway.proxy import ClientAddress, UpstreamPool
+from gateway.routing import Router
+from gateway.storage import Ledger, StorageError
+from gateway.usage import UsageRecorder
+
+__all__ = ["Exchange", "Pipeline"]
+
+log = logging.getLogger("gateway.pipeline")
+
+
+def _deadline_resolution(settings: Settings) -> float:
+    """How often exchange deadlines are checked: a tenth of the shortest limit, 5-50 ms."""
+    limits = [r.max_duration_seconds for r in settings.routes]
+    for upstream in settings.upstreams.values():
+        limits += (upstream.timeout_seconds, upstream.read_timeout_seconds)
+    return resolution_for(min(limits, default=1.0))
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        router: Router,
+        keys: KeyCache,
+        limiter: Limiter,
+        lookups: LocalLimiter,
+        credits: Credits,
+        ledger: Ledger,
+        upstreams: UpstreamPool,
+        metrics: Metrics,
+        usage: UsageRecorder,
+        anomalies: AnomalyDetector | None = None,
+    ) -> None:
+        pepper = settings.keys.pepper
+        self._metrics = metrics
+        self._ledger = ledger
+        self._metered_test = settings.credits.test_environment == "metered"
+        self._addresses = ClientAddress(settings.trusted_proxies)
+        self._deadlines = Deadlines(resolution=_deadline_resolution(settings))
+        self._admission = Admission(router)
+        self._auth = Authenticator(
+            keys,
+            pepper=pepper.get_secret_value().encode() if pepper else None,
+            lookups=lookups,
+            unknown_keys_per_minute=settings.security.unknown_keys_per_minute_per_ip,
+            metrics=metrics,
+            usage=usage,
+            anomalies=anomalies,
+        )
+        self._limits = RateLimits(settings, limiter, metrics)
+        self._settlements = Settlements(settings, credits, ledger, metrics)
+        self._forwarder = Forwarder(settings, upstreams, self._addresses, self._deadlines, metrics)
+        self._recorder = Recorder(metrics, usage, anomalies)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        headers = request.headers
+        ex = Exchange(request_id(headers.get("X-Request-Id")), request.method, time.monotonic())
+        ex.client_ip = self._addresses.client_ip(request.remote, headers.get("X-Forwarded-For"))
+        self._metrics.in_flight.inc()
+        try:
+            admitted = self._admission.admit(request, ex)
+            route = admitted.route
+            if route is None:
+                return await self._balance(request, ex)
+            key = None
+            if route.auth and request.method != "OPTIONS":
+                key = await self._auth.authenticate(request, ex)
+            ahead = key is not None and self._limits.may_reserve_ahead(key)
+            settlement = self._settlements.open(ex, route, key, admitted.path, ahead=ahead)
+            async with settlement:
+                if key is not None:
+                    await self._limits.check(ex, key)
+                check_declared_size(request, route)
+                await settlement.reserve(request)
+                response = await self._forwarder.forward(request, ex, admitted, settlement)
+            return await finish(response, settlement)
+        except Refusal as refusal:
+            return self._refuse(request, ex, refusal)
+        except (asyncio.CancelledError, web.HTTPException, ConnectionError):
+            raise
+        except Exception:
+            # A bug. The client still gets JSON with the request id to report; a
+            # reservation already taken was voided by its settlement: never charged.
+            log.exception("request failed", extra={"fields": {"request_id": ex.request_id}})
+            return self._refuse(request, ex, Refusal(500, "Internal error", Outcome.UNAVAILABLE))
+        finally:
+            self._metrics.in_flight.dec()
+            self._recorder.record(ex)
+
+    def _refuse(self, request: web.Request, ex: Exchange, refusal: Refusal) -> web.StreamResponse:
+        """The one place a refusal becomes the client's answer."""
+        response = refusal.render()
+        if refusal.unread:
+            unread(request, response)
+        return ex.reply(response, refusal.outcome)
+
+    async def _balance(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        """``GET /api/v1/credits``: the key's balance (free; counts against the rate limit)."""
+        key = await self._auth.authenticate(request, ex)
+        await self._limits.check(ex, key)
+        available: int | None = None
+        if key.environment == "live" or self._metered_test:
+            try:
+                available = await self._ledger.balance(key.team_id, key.environment)
+            except StorageError:
+                raise errors.refuse_unavailable() from None
+        payload = {"credits_available": available, "environment": key.environment}
+        return ex.reply(errors.json_response(200, payload), Outcome.OK)
+
+    async def close(self) -> None:
+        """Wait for background writes (called at shutdown)."""
+        await self._settlements.close()
+        await self._deadlines.close()

@@ -1,0 +1,305 @@
+"""Forwarding: the upstream exchange, its deadlines, and the relay of the answer.
+
+This stage decides nothing about money: it tells the request's settlement
+what happened (the status arrived, the answer went out whole, the upstream
+broke off, the client left) and the settlement applies the rule table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from aiohttp.streams import StreamReader
+from multidict import CIMultiDict
+
+from gateway import errors
+from gateway.config import IdentityHeaderSettings, Settings
+from gateway.deadlines import Deadline, Deadlines
+from gateway.errors import Refusal
+from gateway.idempotency import Attempt
+from gateway.metrics import Metrics
+from gateway.models import Outcome
+from gateway.pipeline._http import abort, send_continue
+from gateway.pipeline.admission import Admitted
+from gateway.pipeline.exchange import Exchange
+from gateway.pipeline.settlement import Settlement
+from gateway.proxy import (
+    CHARGE_HEADER,
+    ClientAddress,
+    HeaderPolicy,
+    MalformedAnswer,
+    Upstream,
+    UpstreamPool,
+    upstream_url,
+    writable,
+)
+from gateway.routing import Route
+
+__all__ = ["SMALL_BODY", "Forwarder", "finish", "outcome_for"]
+
+# Bodies up to this size with a declared length are moved in one piece (one
+# write instead of several); larger or chunked ones stream with bounded memory.
+SMALL_BODY = 64 * 1024
+
+
+class _BodyTooLarge(Exception):
+    """The upload passed the route's body limit mid-stream."""
+
+
+def outcome_for(status: int) -> Outcome:
+    if status < 400:
+        return Outcome.OK
+    if status < 500:
+        return Outcome.CLIENT_ERROR
+    return Outcome.UPSTREAM_ERROR
+
+
+class Forwarder:
+    def __init__(
+        self,
+        settings: Settings,
+        upstreams: UpstreamPool,
+        addresses: ClientAddress,
+        deadlines: Deadlines,
+        metrics: Metrics,
+    ) -> None:
+        self._upstreams = upstreams
+        self._addresses = addresses
+        self._deadlines = deadlines
+        self._metrics = metrics
+        self._identity: IdentityHeaderSettings = settings.identity_headers
+        self._headers = HeaderPolicy(settings.identity_headers)
+
+    async def forward(
+        self, request: web.Request, ex: Exchange, admitted: Admitted, settlement: Settlement
+    ) -> web.StreamResponse:
+        """Send the request upstream and relay the answer; refusals for what went wrong."""
+        route = settlement.route
+        upstream = self._upstream(route, ex)
+        # The query as the client sent it (a fragment never goes upstream).
+        query = admitted.query.partition("#")[0]
+        url = upstream_url(upstream.base_url, admitted.encoded_path, query)
+        headers = self._upstream_headers(request, ex, upstream)
+        # The route's limit on the whole exchange counts from here, before the
+        # body is read: a reservation is held from now on, and its lease allows
+        # for max_duration_seconds, not for a client trickling its body forever.
+        end = time.monotonic() + route.max_duration_seconds
+        body = await self._body(request, route, end, settlement.attempt)
+        sent = time.monotonic()
+        try:
+            async with self._deadlines.until(
+                min(sent + upstream.settings.timeout_seconds, end)
+            ) as deadline:
+                try:
+                    answer = await upstream.session.request(
+                        request.method, url, headers=headers, data=body, allow_redirects=False
+                    )
+                except TimeoutError:  # aiohttp's own connect timeout
+                    raise errors.refuse_upstream(504, "Upstream timed out") from None
+                except (aiohttp.ClientError, OSError, _BodyTooLarge) as exc:
+                    if isinstance(exc, _BodyTooLarge) or isinstance(exc.__cause__, _BodyTooLarge):
+                        raise errors.refuse_too_large(route.max_body_bytes) from None
+                    raise errors.refuse_upstream(502, "Upstream unavailable") from None
+                try:
+                    deadline.answered(end, upstream.settings.read_timeout_seconds)
+                    ex.upstream_seconds = time.monotonic() - sent
+                    self._metrics.observe_upstream(upstream.name, ex.upstream_seconds)
+                    return await self._relay(request, ex, answer, settlement, deadline)
+                finally:
+                    answer.release()
+        except TimeoutError:
+            # A limit ran out: before the status line that is a 504; after it
+            # (max_duration_seconds) the client connection is cut, never a clean ending.
+            relayed = ex.relayed
+            if relayed is None:
+                settlement.facts.status = None  # nothing reached the client
+                raise errors.refuse_upstream(504, "Upstream timed out") from None
+            settlement.facts.broke = True
+            abort(request)
+            return relayed
+
+    def _upstream(self, route: Route, ex: Exchange) -> Upstream:
+        key = ex.key
+        if key is not None and key.environment == "test" and route.test_upstream:
+            return self._upstreams[route.test_upstream]
+        return self._upstreams[route.upstream]
+
+    def _upstream_headers(
+        self, request: web.Request, ex: Exchange, upstream: Upstream
+    ) -> CIMultiDict[str]:
+        key = ex.key
+        identity: dict[str, str] = {}
+        if key is not None:
+            ids = self._identity
+            identity = {ids.team: key.team_id, ids.key: key.id, ids.environment: key.environment}
+        peer = request.remote or ""
+        return self._headers.upstream(
+            request.headers,
+            identity_values=identity,
+            extra=upstream.extra_headers,
+            peer=peer,
+            trusted=self._addresses.trusts(peer),
+            scheme=request.scheme,
+            request_id=ex.request_id,
+        )
+
+    async def _body(
+        self, request: web.Request, route: Route, end: float, attempt: Attempt | None
+    ) -> bytes | AsyncIterator[bytes] | None:
+        """The request body: small ones whole, others as a stream held to the route's limit."""
+        if not request.body_exists:
+            return None
+        declared = request.content_length
+        # Small and of known length (checked against the route's limit already):
+        # read whole, so it goes out in one write with the headers.
+        small = declared is not None and declared <= SMALL_BODY
+        try:
+            if small and request.content.is_eof():
+                body = await request.read()  # it came with the headers: no wait
+            else:
+                async with self._deadlines.until(end):
+                    await send_continue(request)
+                    if not small:
+                        return _stream_body(request.content, route.max_body_bytes, attempt)
+                    body = await request.read()
+        except TimeoutError:
+            # The client has stalled: end its body here, or aiohttp would linger
+            # for the rest of it before closing the connection.
+            request.content.feed_eof()
+            message = "The request body did not arrive within this route's time limit"
+            raise Refusal(400, message, Outcome.BAD_REQUEST, close=True) from None
+        except ConnectionError:
+            # The client left before its body arrived: nothing was forwarded.
+            raise errors.refuse_bad_request("The client closed the connection") from None
+        if attempt is not None:
+            attempt.sent(body)
+        return body
+
+    async def _relay(
+        self,
+        request: web.Request,
+        ex: Exchange,
+        answer: aiohttp.ClientResponse,
+        settlement: Settlement,
+        deadline: Deadline,
+    ) -> web.StreamResponse:
+        status = answer.status
+        reason = answer.reason or ""
+        # An answer the server could not write, or not a final status of HTTP/1.1
+        # (101 included: upgrades are not relayed), is the upstream's failure.
+        if not 200 <= status <= 599 or not writable(reason):
+            raise errors.refuse_upstream(502, "Upstream sent an invalid answer")
+        try:
+            headers = self._headers.client(answer.headers)
+        except MalformedAnswer:
+            raise errors.refuse_upstream(502, "Upstream sent an invalid answer") from None
+        settlement.answered(
+            status, answer.headers.getall(CHARGE_HEADER, []), answer.headers.get("Content-Type")
+        )
+        ex.status, ex.outcome = status, outcome_for(status)
+        headers["X-Request-Id"] = ex.request_id
+        if ex.rate_headers:
+            headers.update(ex.rate_headers)
+        remaining = settlement.credits_remaining()
+        if remaining is not None:
+            headers["X-Credits-Remaining"] = str(remaining)
+        length = answer.content_length
+        if length is not None and length <= SMALL_BODY and request.method != "HEAD":
+            # A small answer of known length is read whole and sent in one write;
+            # if the upstream breaks off first, nothing went out yet.
+            try:
+                data = await _read_whole(answer, deadline)
+            except (aiohttp.ClientError, OSError):
+                settlement.facts.status = None  # no answer reached the client
+                raise errors.refuse_upstream(502, "Upstream broke off") from None
+            attempt = settlement.attempt
+            if attempt is not None:
+                attempt.received(data)
+            settlement.facts.complete = True
+            return web.Response(status=status, reason=reason, headers=headers, body=data)
+        response = web.StreamResponse(status=status, reason=reason, headers=headers)
+        if length is not None:
+            response.content_length = length
+        await _stream(request, ex, answer, response, settlement, deadline)
+        return response
+
+
+async def _stream(
+    request: web.Request,
+    ex: Exchange,
+    answer: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    settlement: Settlement,
+    deadline: Deadline,
+) -> None:
+    """Send the status line and copy the body until one side ends or breaks off."""
+    facts, attempt = settlement.facts, settlement.attempt
+    ex.relayed = response
+    try:
+        await response.prepare(request)
+    except ConnectionError:
+        facts.client_left = True
+        return
+    read = answer.content.readany
+    while True:
+        try:
+            chunk = await read()
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            # The upstream broke off after its status line: the client must
+            # not mistake what it got for a whole answer.
+            abort(request)
+            facts.broke = True
+            return
+        if not chunk:
+            facts.complete = True
+            return
+        if attempt is not None:
+            attempt.received(chunk)
+        # The quiet limit is the upstream's silence: a client slow to take the
+        # chunk does not count against it (max_duration_seconds still does).
+        deadline.client_turn()
+        try:
+            await response.write(chunk)
+        except ConnectionError:
+            answer.close()
+            facts.client_left = True
+            return
+        deadline.progress()
+
+
+async def finish(response: web.StreamResponse, settlement: Settlement) -> web.StreamResponse:
+    """End a streamed answer that went out whole (after the settlement is applied)."""
+    if settlement.facts.complete and response.prepared:
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
+    return response
+
+
+async def _stream_body(
+    content: StreamReader, limit: int, attempt: Attempt | None
+) -> AsyncIterator[bytes]:
+    received = 0
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            return
+        received += len(chunk)
+        if received > limit:
+            raise _BodyTooLarge
+        if attempt is not None:
+            attempt.sent(chunk)
+        yield chunk
+
+
+async def _read_whole(answer: aiohttp.ClientResponse, deadline: Deadline) -> bytes:
+    """A (small) answer's body, each chunk counting as progress against the quiet limit."""
+    chunks: list[bytes] = []
+    read = answer.content.readany
+    while chunk := await read():
+        chunks.append(chunk)
+        deadline.progress()
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
