@@ -1,4 +1,9 @@
-"""Every error body and header of the contract, rendered in one place."""
+"""Every error body and header of the contract, rendered in one place.
+
+The request path raises :class:`Refusal` (built by the ``refuse_*`` functions
+below) and renders it with :meth:`Refusal.render`; the admin listener uses
+:func:`error_response` for its own ``{"error", "details"}`` bodies.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,21 @@ from aiohttp import web
 from gateway.models import Outcome
 
 __all__ = [
+    "INVALID_KEY",
     "MISSING_KEY",
     "Refusal",
-    "bad_request",
     "error_response",
-    "insufficient_credits",
-    "invalid_key",
     "json_response",
-    "rate_limited",
+    "refuse_bad_request",
+    "refuse_insufficient_credits",
+    "refuse_invalid_key",
+    "refuse_method",
+    "refuse_missing_key",
+    "refuse_not_found",
+    "refuse_rate_limited",
+    "refuse_too_large",
+    "refuse_unavailable",
+    "refuse_upstream",
 ]
 
 _JSON = "application/json"
@@ -39,40 +51,6 @@ def error_response(
 
 MISSING_KEY = "Missing API key"
 INVALID_KEY = "Invalid API key"
-
-
-def missing_key() -> web.Response:
-    return error_response(401, MISSING_KEY, {"WWW-Authenticate": 'Bearer realm="api"'})
-
-
-def invalid_key() -> web.Response:
-    return error_response(
-        401, INVALID_KEY, {"WWW-Authenticate": 'Bearer realm="api", error="invalid_token"'}
-    )
-
-
-def rate_limited(retry_after_seconds: float, limit: int) -> web.Response:
-    retry_after = max(1, math.ceil(retry_after_seconds - 1e-9))
-    return json_response(
-        429,
-        {"error": "Rate limit exceeded", "retry_after": retry_after, "limit": limit},
-        {"Retry-After": str(retry_after)},
-    )
-
-
-def insufficient_credits(required: int, available: int) -> web.Response:
-    return json_response(
-        402,
-        {
-            "error": "Insufficient credits",
-            "credits_required": required,
-            "credits_available": available,
-        },
-    )
-
-
-def bad_request(message: str = "Bad request") -> web.Response:
-    return error_response(400, message)
 
 
 class Refusal(Exception):

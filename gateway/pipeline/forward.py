@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
-from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 
 from gateway import errors
 from gateway.config import IdentityHeaderSettings, Settings
 from gateway.deadlines import Deadline, Deadlines
-from gateway.errors import Refusal
-from gateway.idempotency import Attempt
 from gateway.metrics import Metrics
 from gateway.models import Outcome
-from gateway.pipeline._http import abort, send_continue
+from gateway.pipeline._http import abort
 from gateway.pipeline.admission import Admitted
+from gateway.pipeline.body import SMALL_BODY, BodyTooLarge, RequestBodies
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.settlement import Settlement
 from gateway.proxy import (
@@ -39,15 +36,7 @@ from gateway.proxy import (
 )
 from gateway.routing import Route
 
-__all__ = ["SMALL_BODY", "Forwarder", "finish", "outcome_for"]
-
-# Bodies up to this size with a declared length are moved in one piece (one
-# write instead of several); larger or chunked ones stream with bounded memory.
-SMALL_BODY = 64 * 1024
-
-
-class _BodyTooLarge(Exception):
-    """The upload passed the route's body limit mid-stream."""
+__all__ = ["Forwarder", "finish", "outcome_for"]
 
 
 def outcome_for(status: int) -> Outcome:
@@ -73,6 +62,7 @@ class Forwarder:
         self._metrics = metrics
         self._identity: IdentityHeaderSettings = settings.identity_headers
         self._headers = HeaderPolicy(settings.identity_headers)
+        self._bodies = RequestBodies(deadlines)
 
     async def forward(
         self, request: web.Request, ex: Exchange, admitted: Admitted, settlement: Settlement
@@ -88,7 +78,7 @@ class Forwarder:
         # body is read: a reservation is held from now on, and its lease allows
         # for max_duration_seconds, not for a client trickling its body forever.
         end = time.monotonic() + route.max_duration_seconds
-        body = await self._body(request, route, end, settlement.attempt)
+        body = await self._bodies.read(request, route, end, settlement.attempt)
         sent = time.monotonic()
         try:
             async with self._deadlines.until(
@@ -100,8 +90,8 @@ class Forwarder:
                     )
                 except TimeoutError:  # aiohttp's own connect timeout
                     raise errors.refuse_upstream(504, "Upstream timed out") from None
-                except (aiohttp.ClientError, OSError, _BodyTooLarge) as exc:
-                    if isinstance(exc, _BodyTooLarge) or isinstance(exc.__cause__, _BodyTooLarge):
+                except (aiohttp.ClientError, OSError, BodyTooLarge) as exc:
+                    if isinstance(exc, BodyTooLarge) or isinstance(exc.__cause__, BodyTooLarge):
                         raise errors.refuse_too_large(route.max_body_bytes) from None
                     raise errors.refuse_upstream(502, "Upstream unavailable") from None
                 try:
@@ -146,38 +136,6 @@ class Forwarder:
             scheme=request.scheme,
             request_id=ex.request_id,
         )
-
-    async def _body(
-        self, request: web.Request, route: Route, end: float, attempt: Attempt | None
-    ) -> bytes | AsyncIterator[bytes] | None:
-        """The request body: small ones whole, others as a stream held to the route's limit."""
-        if not request.body_exists:
-            return None
-        declared = request.content_length
-        # Small and of known length (checked against the route's limit already):
-        # read whole, so it goes out in one write with the headers.
-        small = declared is not None and declared <= SMALL_BODY
-        try:
-            if small and request.content.is_eof():
-                body = await request.read()  # it came with the headers: no wait
-            else:
-                async with self._deadlines.until(end):
-                    await send_continue(request)
-                    if not small:
-                        return _stream_body(request.content, route.max_body_bytes, attempt)
-                    body = await request.read()
-        except TimeoutError:
-            # The client has stalled: end its body here, or aiohttp would linger
-            # for the rest of it before closing the connection.
-            request.content.feed_eof()
-            message = "The request body did not arrive within this route's time limit"
-            raise Refusal(400, message, Outcome.BAD_REQUEST, close=True) from None
-        except ConnectionError:
-            # The client left before its body arrived: nothing was forwarded.
-            raise errors.refuse_bad_request("The client closed the connection") from None
-        if attempt is not None:
-            attempt.sent(body)
-        return body
 
     async def _relay(
         self,
@@ -277,22 +235,6 @@ async def finish(response: web.StreamResponse, settlement: Settlement) -> web.St
         with contextlib.suppress(ConnectionError):
             await response.write_eof()
     return response
-
-
-async def _stream_body(
-    content: StreamReader, limit: int, attempt: Attempt | None
-) -> AsyncIterator[bytes]:
-    received = 0
-    while True:
-        chunk = await content.readany()
-        if not chunk:
-            return
-        received += len(chunk)
-        if received > limit:
-            raise _BodyTooLarge
-        if attempt is not None:
-            attempt.sent(chunk)
-        yield chunk
 
 
 async def _read_whole(answer: aiohttp.ClientResponse, deadline: Deadline) -> bytes:

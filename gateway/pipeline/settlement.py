@@ -135,38 +135,44 @@ class Settlement:
         if key is None:
             return
         claim = self._claim(request.headers, request.method)
-        owner = self._owner
         if self.cost:
-            early, self._early = self._early, None
-            try:
-                if early is not None:
-                    reservation_id, result = await owner.credits.finish_reserve(early)
-                else:
-                    reservation_id, result = await owner.credits.reserve(
-                        key.team_id, key.environment, key.id, self.cost, claim
-                    )
-            except StorageError:
-                log.warning("credit reservation failed: database unavailable")
-                raise errors.refuse_unavailable() from None
-            if result.replay is not None:
-                assert claim is not None
-                raise await replays.answer(request, self.route, claim, result.replay)
-            if not result.granted:
-                raise errors.refuse_insufficient_credits(self.cost, result.available)
-            self._reservation = reservation_id
-            self._available_after = result.available
-            owner.metrics.count_credits("reserved", self.cost)
+            await self._reserve_credit(request, key, claim)
         elif claim is not None:
             try:
-                record = await owner.ledger.claim_idempotency(key.team_id, key.environment, claim)
+                ledger = self._owner.ledger
+                record = await ledger.claim_idempotency(key.team_id, key.environment, claim)
             except StorageError:
                 raise errors.refuse_unavailable() from None
             if record is not None:
                 raise await replays.answer(request, self.route, claim, record)
         if claim is not None:
             self._attempt = idempotency.Attempt(
-                claim.key, key.team_id, key.environment, owner.replay_cap
+                claim.key, key.team_id, key.environment, self._owner.replay_cap
             )
+
+    async def _reserve_credit(
+        self, request: web.Request, key: KeyRecord, claim: IdempotencyClaim | None
+    ) -> None:
+        credits = self._owner.credits
+        early, self._early = self._early, None
+        try:
+            if early is not None:
+                reservation_id, result = await credits.finish_reserve(early)
+            else:
+                reservation_id, result = await credits.reserve(
+                    key.team_id, key.environment, key.id, self.cost, claim
+                )
+        except StorageError:
+            log.warning("credit reservation failed: database unavailable")
+            raise errors.refuse_unavailable() from None
+        if result.replay is not None:
+            assert claim is not None
+            raise await replays.answer(request, self.route, claim, result.replay)
+        if not result.granted:
+            raise errors.refuse_insufficient_credits(self.cost, result.available)
+        self._reservation = reservation_id
+        self._available_after = result.available
+        self._owner.metrics.count_credits("reserved", self.cost)
 
     def _claim(self, headers: CIMultiDictProxy[str], method: str) -> IdempotencyClaim | None:
         value = headers.get("Idempotency-Key")
