@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from prometheus_client import generate_latest
@@ -470,4 +471,98 @@ async def test_an_invalid_upstream_status_is_a_502_and_not_charged(
     assert len(raw_upstream.requests) == 1
     await gw.settle()
     assert await gw.balance() == 5, "charged for an invalid upstream status"
+    await gw.assert_reconciled()
+
+
+# -- 4. X-Gateway-Charge: only one plain ASCII number in 0..cost lowers the charge ----------
+
+COST = 5
+
+
+@pytest.mark.parametrize(
+    ("charge_headers", "charged"),
+    [
+        pytest.param([b"X-Gateway-Charge: \xc2\xb2"], COST, id="superscript-two"),
+        pytest.param([b"X-Gateway-Charge: " + b"7" * 5000], COST, id="5000-digits"),
+        pytest.param([b"X-Gateway-Charge: \xd9\xa3"], COST, id="arabic-indic-three"),
+        pytest.param(
+            [b"X-Gateway-Charge: 1", b"X-Gateway-Charge: 1"], COST, id="repeated-same-value"
+        ),
+        pytest.param(
+            [b"X-Gateway-Charge: 1", b"X-Gateway-Charge: 2"], COST, id="repeated-two-values"
+        ),
+        pytest.param([b"X-Gateway-Charge: 2"], 2, id="valid-two"),
+    ],
+)
+async def test_an_invalid_charge_header_charges_the_full_cost(
+    make_gateway: MakeGateway, raw_upstream: RawUpstream, charge_headers: list[bytes], charged: int
+) -> None:
+    """The upstream did the work and answered 2xx: the client gets that answer.
+    Only a single ``X-Gateway-Charge`` of plain ASCII digits in 0..cost lowers
+    the charge; anything else is ignored and the route's full cost is posted."""
+    raw_upstream.answers = [ok(SMALL, *charge_headers)]
+    gw = await gateway_on(make_gateway, raw_upstream, cost=COST)
+    key = await gw.key(credits=20)
+
+    resp = await gw.client.post(ASSESS, headers=bearer(key), data=b'{"a": 1}')
+    body = await resp.read()
+    assert resp.status == 200, f"the upstream's 2xx was not delivered: {resp.status} {body!r}"
+    assert body == SMALL
+    assert "X-Gateway-Charge" not in resp.headers
+    assert resp.headers.get("X-Credits-Remaining") == str(20 - charged), (
+        f"X-Credits-Remaining {resp.headers.get('X-Credits-Remaining')}, "
+        f"expected {20 - charged} (charged {charged})"
+    )
+    await gw.settle()
+    assert await gw.balance() == 20 - charged
+    await gw.assert_reconciled()
+
+
+# -- 5. a streamed 2xx that breaks off mid-body releases its idempotency key ----------------
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        pytest.param(
+            head(b"HTTP/1.1 200 OK", b"Content-Type: text/plain", LARGE_FRAMING) + b"b" * 4096,
+            id="large-content-length",
+        ),
+        pytest.param(
+            head(b"HTTP/1.1 200 OK", b"Content-Type: text/plain", CHUNKED_FRAMING)
+            + b"1000\r\n"
+            + b"b" * 4096
+            + b"\r\n",
+            id="chunked",
+        ),
+    ],
+)
+async def test_a_streamed_2xx_broken_off_mid_body_is_voided_and_its_key_released(
+    store: dict[str, Any], make_gateway: MakeGateway, raw_upstream: RawUpstream, broken: bytes
+) -> None:
+    """Voided, so nothing was charged and the complete answer was never
+    delivered: the key must be released, and a retry forwarded afresh (and
+    charged once when it completes), not refused with 409 for 24 hours."""
+    raw_upstream.answers = [sends(broken), ok(SMALL)]
+    gw = await gateway_on(make_gateway, raw_upstream, **store)
+    key = await gw.key(credits=5)
+
+    async with gw.client.post(ASSESS, headers=with_key(key, "broken"), data=b"{}") as first:
+        assert first.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await first.read()
+    await gw.settle()
+    assert await gw.balance() == 5, "charged for an answer that broke off"
+
+    retry = await gw.client.post(ASSESS, headers=with_key(key, "broken"), data=b"{}")
+    retry_body = await retry.read()
+    assert retry.status == 200, (
+        f"the retry was refused ({retry.status} {retry_body[:200]!r}): the voided attempt "
+        "kept its Idempotency-Key"
+    )
+    assert "Idempotent-Replayed" not in retry.headers
+    assert retry_body == SMALL
+    assert len(raw_upstream.requests) == 2
+    await gw.settle()
+    assert await gw.balance() == 4
     await gw.assert_reconciled()
