@@ -41,10 +41,10 @@ from ..conftest import Harness, MakeGateway, bearer
 __all__ = ["databases", "postgres_admin_dsn", "postgres_dsn", "postgres_template"]
 
 ASSESS = "/api/v1/assess"
-# The pipeline moves answers up to this size with a declared length in one piece;
-# larger or chunked ones are streamed.
+# The pipeline reads answers up to this size with a declared length whole before
+# sending anything; larger or chunked ones are streamed (status line first).
 SMALL_BODY = 64 * 1024
-LARGE = 200_000
+LARGE = 3 * SMALL_BODY
 
 
 # -- a raw HTTP/1.1 upstream ---------------------------------------------------------------
@@ -562,6 +562,80 @@ async def test_a_streamed_2xx_broken_off_mid_body_is_voided_and_its_key_released
     )
     assert "Idempotent-Replayed" not in retry.headers
     assert retry_body == SMALL
+    assert len(raw_upstream.requests) == 2
+    await gw.settle()
+    assert await gw.balance() == 4
+    await gw.assert_reconciled()
+
+
+# -- 6. a balance read right after an answer reflects that answer ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("cost", "charge_headers", "charged"),
+    [
+        pytest.param(1, [b"X-Gateway-Charge: 0"], 0, id="waived"),
+        pytest.param(COST, [b"X-Gateway-Charge: 2"], 2, id="partial"),
+        pytest.param(COST, [], COST, id="full"),
+    ],
+)
+async def test_a_balance_read_right_after_an_answer_reflects_its_charge(
+    make_gateway: MakeGateway,
+    raw_upstream: RawUpstream,
+    cost: int,
+    charge_headers: list[bytes],
+    charged: int,
+) -> None:
+    """Posts may be batched off the request path, but what was returned to the
+    balance must not wait for them: right after an answer the client reads
+    before - charge, never the whole reservation still taken. Posts are flushed
+    only once a second here (the longest interval the config allows), so a
+    flush between the answer and the read cannot hide the difference."""
+    raw_upstream.answers = [ok(SMALL, *charge_headers)]
+    gw = await gateway_on(
+        make_gateway, raw_upstream, cost=cost, credits={"post_flush_interval_seconds": 1.0}
+    )
+    key = await gw.key(credits=20)
+
+    resp = await gw.client.post(ASSESS, headers=bearer(key), data=b'{"a": 1}')
+    assert resp.status == 200 and await resp.read() == SMALL
+    assert resp.headers["X-Credits-Remaining"] == str(20 - charged)
+    available = await credits_available(gw, key)
+    assert available == 20 - charged, (
+        f"GET /api/v1/credits read {available} right after an answer charged {charged} "
+        f"of {cost}: expected {20 - charged}"
+    )
+    await gw.settle()
+    assert await gw.balance() == 20 - charged
+    await gw.assert_reconciled()
+
+
+# -- 7. a small 2xx body that breaks off (a control row) ------------------------------------
+
+
+async def test_a_small_2xx_body_broken_off_is_a_502_not_charged_and_its_key_released(
+    make_gateway: MakeGateway, raw_upstream: RawUpstream
+) -> None:
+    """A small answer is read whole before anything goes to the client: when it
+    breaks off, the client gets a 502 (no status line of a 2xx went out), is
+    not charged, and a retry under the same key is forwarded afresh."""
+    truncated = (
+        head(b"HTTP/1.1 200 OK", b"Content-Type: application/json", b"Content-Length: 100")
+        + b'{"score":'
+    )
+    raw_upstream.answers = [sends(truncated), ok(SMALL)]
+    gw = await gateway_on(make_gateway, raw_upstream)
+    key = await gw.key(credits=5)
+
+    first = await gw.client.post(ASSESS, headers=with_key(key, "short"), data=b"{}")
+    assert first.status == 502
+    error_of(await first.read())
+    await gw.settle()
+    assert await gw.balance() == 5
+
+    retry = await gw.client.post(ASSESS, headers=with_key(key, "short"), data=b"{}")
+    assert retry.status == 200 and await retry.read() == SMALL
+    assert "Idempotent-Replayed" not in retry.headers
     assert len(raw_upstream.requests) == 2
     await gw.settle()
     assert await gw.balance() == 4
