@@ -106,7 +106,7 @@ class Pipeline:
                 check_declared_size(request, route)
                 await settlement.reserve(request)
                 response = await self._forwarder.forward(request, ex, admitted, settlement)
-            return await finish(response, settlement)
+            return await finish(request, response, settlement)
         except Refusal as refusal:
             return self._refuse(request, ex, refusal)
         except (asyncio.CancelledError, web.HTTPException, ConnectionError):

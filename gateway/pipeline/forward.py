@@ -108,8 +108,7 @@ class Forwarder:
             if relayed is None:
                 settlement.facts.status = None  # nothing reached the client
                 raise errors.refuse_upstream(504, "Upstream timed out") from None
-            settlement.facts.broke = True
-            abort(request)
+            settlement.facts.broke = True  # finish() cuts the client off
             return relayed
 
     def _upstream(self, route: Route, ex: Exchange) -> Upstream:
@@ -207,9 +206,8 @@ async def _stream(
         try:
             chunk = await read()
         except (aiohttp.ClientError, OSError, TimeoutError):
-            # The upstream broke off after its status line: the client must
-            # not mistake what it got for a whole answer.
-            abort(request)
+            # The upstream broke off after its status line: finish() cuts the
+            # client off, so it cannot mistake what it got for a whole answer.
             facts.broke = True
             return
         if not chunk:
@@ -229,9 +227,18 @@ async def _stream(
         deadline.progress()
 
 
-async def finish(response: web.StreamResponse, settlement: Settlement) -> web.StreamResponse:
-    """End a streamed answer that went out whole (after the settlement is applied)."""
-    if settlement.facts.complete and response.prepared:
+async def finish(
+    request: web.Request, response: web.StreamResponse, settlement: Settlement
+) -> web.StreamResponse:
+    """End a streamed answer once its settlement is applied: cleanly only if it went out whole.
+
+    So a client learns how its exchange ended only after the credit and the
+    Idempotency-Key are settled: a retry sent at once is judged by that.
+    """
+    facts = settlement.facts
+    if facts.broke:
+        abort(request)
+    elif facts.complete and response.prepared:
         with contextlib.suppress(ConnectionError):
             await response.write_eof()
     return response

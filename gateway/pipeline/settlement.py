@@ -60,15 +60,18 @@ class Settlements:
             cost = route.charges(ex.method)
         return Settlement(self, ex, route, key, cost, path, ahead=ahead)
 
+    async def write(self, work: Coroutine[Any, Any, None]) -> None:
+        """An Idempotency-Key record write; a failure leaves the key to the sweeper."""
+        try:
+            await work
+        except StorageError as exc:
+            # An in-flight record left behind is freed by the sweeper after a lease.
+            log.warning("idempotency record not written: %s", exc)
+
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
         self._background.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("idempotency record not written: %s", task.exception())
+        task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
         """Wait for background writes (called at shutdown)."""
@@ -227,13 +230,20 @@ class Settlement:
         if self._reservation is not None:
             await self._settle(verdict.charge, can_wait)
         attempt = self._attempt
-        if attempt is not None:
-            if verdict.keep_key:
-                assert self.facts.status is not None
-                body = attempt.response_body() if verdict.store_answer else None
-                owner.spawn(self._keep(attempt, self.facts.status, body))
-            else:
-                owner.spawn(self._release(attempt))
+        if attempt is None:
+            return
+        if verdict.keep_key:
+            assert self.facts.status is not None
+            body = attempt.response_body() if verdict.store_answer else None
+            work = self._keep(attempt, self.facts.status, body)
+        else:
+            work = self._release(attempt)
+        # Written before the client learns the outcome, so that a retry sent the
+        # moment it does finds the key as this rule left it (not "in progress").
+        if can_wait:
+            await owner.write(work)
+        else:
+            owner.spawn(owner.write(work))
 
     async def _settle(self, charge: int | None, can_wait: bool) -> None:
         reservation, self._reservation = self._reservation, None
