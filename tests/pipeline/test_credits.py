@@ -2,7 +2,7 @@
 
 import asyncio
 
-from .conftest import Harness, MakeGateway, bearer
+from ..conftest import Harness, MakeGateway, bearer
 
 
 async def test_charge_on_success(gw: Harness) -> None:

@@ -4,7 +4,7 @@ import time
 
 from gateway.keys import checksum, generate_key
 
-from .conftest import Harness, MakeGateway, bearer
+from ..conftest import Harness, MakeGateway, bearer
 
 INVALID = {"error": "Invalid API key"}
 

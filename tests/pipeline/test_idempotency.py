@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .conftest import Harness, MakeGateway, bearer
+from ..conftest import Harness, MakeGateway, bearer
 
 
 def with_key(key: str, idempotency_key: str) -> dict[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import Harness, raw_http
+from ..conftest import Harness, raw_http
 
 KEYLESS = "POST /public HTTP/1.1\r\nHost: gw\r\n"
 

@@ -16,7 +16,7 @@ import redis.asyncio
 from tests.services import redis_url
 from tests.storage.conftest import databases, postgres_admin_dsn, postgres_dsn, postgres_template
 
-from .conftest import Harness, MakeGateway, bearer
+from ..conftest import Harness, MakeGateway, bearer
 
 __all__ = ["databases", "postgres_admin_dsn", "postgres_dsn", "postgres_template"]
 

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from .conftest import Harness, MakeGateway, bearer, raw_http
+from ..conftest import Harness, MakeGateway, bearer, raw_http
 
 
 class Scripted:

@@ -1,6 +1,6 @@
 """Rate limits through the pipeline: 429 body, Retry-After and the IETF headers."""
 
-from .conftest import Harness, MakeGateway, bearer
+from ..conftest import Harness, MakeGateway, bearer
 
 
 async def test_spent_60_per_minute_key_gets_retry_after_1(gw: Harness) -> None:
