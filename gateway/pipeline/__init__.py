@@ -81,7 +81,9 @@ class Pipeline:
             anomalies=anomalies,
         )
         self._limits = RateLimits(settings, limiter, metrics)
-        self._settlements = Settlements(settings, credits, ledger, metrics)
+        self._settlements = Settlements(
+            settings, credits, ledger, metrics, may_reserve_ahead=self._limits.may_reserve_ahead
+        )
         self._forwarder = Forwarder(settings, upstreams, self._addresses, self._deadlines, metrics)
         self._recorder = Recorder(metrics, usage, anomalies)
 
@@ -98,8 +100,7 @@ class Pipeline:
             key = None
             if route.auth and request.method != "OPTIONS":
                 key = await self._auth.authenticate(request, ex)
-            ahead = key is not None and self._limits.may_reserve_ahead(key)
-            settlement = self._settlements.open(ex, route, key, admitted.path, ahead=ahead)
+            settlement = self._settlements.open(request, ex, route, key, admitted.path)
             async with settlement:
                 if key is not None:
                     await self._limits.check(ex, key)

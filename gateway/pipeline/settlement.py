@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any
 
@@ -38,8 +38,15 @@ class Settlements:
     """Makes each exchange's :class:`Settlement` and keeps their background writes."""
 
     def __init__(
-        self, settings: Settings, credits: Credits, ledger: Ledger, metrics: Metrics
+        self,
+        settings: Settings,
+        credits: Credits,
+        ledger: Ledger,
+        metrics: Metrics,
+        *,
+        may_reserve_ahead: Callable[[KeyRecord], bool],
     ) -> None:
+        self._may_reserve_ahead = may_reserve_ahead
         self.credits = credits
         self.ledger = ledger
         self.metrics = metrics
@@ -48,17 +55,29 @@ class Settlements:
         self._background: set[asyncio.Task[None]] = set()
 
     def open(
-        self, ex: Exchange, route: Route, key: KeyRecord | None, path: str, *, ahead: bool
+        self, request: web.Request, ex: Exchange, route: Route, key: KeyRecord | None, path: str
     ) -> Settlement:
-        """The settlement of one request; with ``ahead`` its reservation is sent at once.
+        """The settlement of one request, its reservation perhaps already on its way.
 
-        ``ahead`` is the limiter's leave to reserve while it decides (a refused
-        request voids what it reserved on exit, never charged).
+        With the limiter's leave (see gateway/limiter/watch.py) a plain charged
+        request reserves while its limit is decided; if it is refused after all,
+        the settlement voids what it reserved on exit, never charged. Not with an
+        Idempotency-Key (its claim goes with the reservation) nor a body the route
+        will refuse.
         """
         cost = 0
         if key is not None and (key.environment == "live" or self._metered_test):
             cost = route.charges(ex.method)
-        return Settlement(self, ex, route, key, cost, path, ahead=ahead)
+        settlement = Settlement(self, ex, route, key, cost, path)
+        if cost and key is not None:
+            declared = request.content_length
+            if (
+                (declared is None or declared <= route.max_body_bytes)
+                and "Idempotency-Key" not in request.headers
+                and self._may_reserve_ahead(key)
+            ):
+                settlement.reserve_ahead(key)
+        return settlement
 
     async def write(self, work: Coroutine[Any, Any, None]) -> None:
         """An Idempotency-Key record write; a failure leaves the key to the sweeper."""
@@ -105,8 +124,6 @@ class Settlement:
         key: KeyRecord | None,
         cost: int,
         path: str,
-        *,
-        ahead: bool,
     ) -> None:
         self._owner = owner
         self._ex = ex
@@ -120,8 +137,12 @@ class Settlement:
         self._available_after = 0
         self._attempt: idempotency.Attempt | None = None
         self._early: PendingReserve | None = None
-        if ahead and cost and key is not None:
-            self._early = owner.credits.start_reserve(key.team_id, key.environment, key.id, cost)
+
+    def reserve_ahead(self, key: KeyRecord) -> None:
+        """Send the reservation now; :meth:`reserve` reads its outcome (or exit gives it back)."""
+        self._early = self._owner.credits.start_reserve(
+            key.team_id, key.environment, key.id, self.cost
+        )
 
     @property
     def attempt(self) -> idempotency.Attempt | None:
