@@ -21,7 +21,8 @@ from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.proxy import UpstreamPool
 from gateway.routing import Router
-from gateway.storage import Backend, open_backend
+from gateway.storage import Backend
+from gateway.storage.registry import open_backend
 from gateway.usage import UsageRecorder
 
 __all__ = ["GATEWAY", "Gateway", "create_app"]

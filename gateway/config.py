@@ -24,9 +24,8 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.deadlines import MAX_RESOLUTION
-
 __all__ = [
+    "MAX_RESOLUTION",
     "AdminSettings",
     "AnomalySettings",
     "ConfigError",
@@ -51,6 +50,10 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
+# The most an exchange deadline fires late: the coarsest sweep gateway.deadlines
+# gives any limit. Defined here because validation bounds the lease with it and
+# config imports nothing else of the gateway.
+MAX_RESOLUTION = 0.05
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _STATUS_CLASS = re.compile(r"^[345]xx$|^[345]\d\d$")

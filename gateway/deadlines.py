@@ -26,10 +26,9 @@ import time
 from types import TracebackType
 from typing import Any
 
-__all__ = ["MAX_RESOLUTION", "Deadline", "Deadlines", "resolution_for"]
+from gateway.config import MAX_RESOLUTION
 
-# The most a deadline fires late: the coarsest sweep any limit gets.
-MAX_RESOLUTION = 0.05
+__all__ = ["MAX_RESOLUTION", "Deadline", "Deadlines", "resolution_for"]
 
 # The sweep keeps running this long after the last exchange ended, so that
 # traffic with gaps does not start a new task for every request.

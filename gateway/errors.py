@@ -2,7 +2,8 @@
 
 The request path raises :class:`Refusal` (built by the ``refuse_*`` functions
 below) and renders it with :meth:`Refusal.render`; the admin listener uses
-:func:`error_response` for its own ``{"error", "details"}`` bodies.
+:func:`error_response` and :func:`detailed_error` for its own ``{"error", "details"}``
+bodies.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ __all__ = [
     "INVALID_KEY",
     "MISSING_KEY",
     "Refusal",
+    "detailed_error",
     "error_response",
     "json_response",
     "refuse_bad_request",
@@ -47,6 +49,13 @@ def error_response(
     status: int, message: str, headers: dict[str, str] | None = None
 ) -> web.Response:
     return json_response(status, {"error": message}, headers)
+
+
+def detailed_error(
+    status: int, message: str, details: list[dict[str, str]], headers: dict[str, str] | None = None
+) -> web.Response:
+    """The admin API's body: ``error`` and a ``details`` list, one entry per bad field."""
+    return json_response(status, {"error": message, "details": details}, headers)
 
 
 MISSING_KEY = "Missing API key"

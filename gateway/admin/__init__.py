@@ -10,12 +10,12 @@ from importlib.metadata import PackageNotFoundError, version
 import orjson
 from aiohttp import web
 
-from gateway.admin._input import InputError
 from gateway.admin.auth import auth_middleware
 from gateway.admin.openapi import openapi_document
 from gateway.admin.routes import add_routes
 from gateway.app import GATEWAY, Gateway
-from gateway.errors import json_response
+from gateway.errors import detailed_error
+from gateway.inputs import InputError
 from gateway.storage import Conflict, NotFound, StorageUnavailable
 
 __all__ = ["create_admin_app"]
@@ -26,7 +26,7 @@ MAX_BODY = 1024 * 1024
 
 
 def _error(status: int, message: str, details: list[dict[str, str]] | None = None) -> web.Response:
-    return json_response(status, {"error": message, "details": details or []})
+    return detailed_error(status, message, details or [])
 
 
 @web.middleware

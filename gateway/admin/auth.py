@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from gateway.app import Gateway
-from gateway.errors import json_response
+from gateway.errors import error_response
 from gateway.keys import is_token_shaped
 from gateway.models import TeamToken
 from gateway.storage import NotFound
@@ -43,9 +43,7 @@ ADMIN = Actor(is_admin=True)
 
 
 def _unauthorized() -> web.Response:
-    return json_response(
-        401, {"error": "Unauthorized"}, {"WWW-Authenticate": 'Bearer realm="admin"'}
-    )
+    return error_response(401, "Unauthorized", {"WWW-Authenticate": 'Bearer realm="admin"'})
 
 
 async def actor_for(gateway: Gateway, presented: str) -> tuple[Actor, TeamToken | None] | None:

@@ -14,7 +14,6 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.admin._input import Fields, InputError, query_int, read_json
 from gateway.admin.auth import ACTOR, Actor
 from gateway.admin.schemas import (
     ANOMALY_PAGE,
@@ -36,11 +35,12 @@ from gateway.admin.schemas import (
     USAGE,
     obj,
 )
-from gateway.admin.serialize import audit_json, key_json, ledger_json, team_json, token_json
 from gateway.app import GATEWAY
 from gateway.errors import json_response
+from gateway.inputs import Fields, InputError, query_int, read_json
 from gateway.management import Management, iso
 from gateway.models import ApiKey, Team
+from gateway.serialize import audit_json, key_json, ledger_json, team_json, token_json
 from gateway.storage import NotFound, decode_ledger_cursor
 
 __all__ = ["OPERATIONS", "Operation", "add_routes"]

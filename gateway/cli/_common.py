@@ -13,7 +13,8 @@ import orjson
 
 from gateway.config import DEFAULT_CONFIG_PATH, Settings, load_settings
 from gateway.management import Management
-from gateway.storage import Backend, open_backend
+from gateway.storage import Backend
+from gateway.storage.registry import open_backend
 
 __all__ = ["CliError", "config_path", "emit", "fail", "settings", "table", "with_management"]
 

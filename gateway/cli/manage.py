@@ -13,9 +13,9 @@ import time
 from datetime import datetime
 from typing import Any
 
-from gateway.admin.serialize import audit_json, key_json, ledger_json, team_json, token_json
 from gateway.cli._common import CliError, emit, table, with_management
 from gateway.management import Management
+from gateway.serialize import audit_json, key_json, ledger_json, team_json, token_json
 
 __all__ = ["COMMANDS"]
 

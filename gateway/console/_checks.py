@@ -6,7 +6,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from gateway.admin._input import Fields, InputError
+from gateway.inputs import Fields, InputError
 from gateway.proxy import ClientAddress
 
 __all__ = ["LABELS", "PROXIES", "client_ip", "over_tls", "problems", "same_origin", "text"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.admin._input import Fields
 from gateway.app import GATEWAY
 from gateway.console._checks import client_ip, problems, text
 from gateway.console._html import Markup, fmt, join
@@ -21,6 +20,7 @@ from gateway.console._layout import (
     when,
 )
 from gateway.console._state import TEMPLATES, session_of
+from gateway.inputs import Fields
 from gateway.models import LedgerEntry, Team
 from gateway.storage import Conflict, decode_ledger_cursor
 

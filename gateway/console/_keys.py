@@ -6,8 +6,6 @@ import time
 
 from aiohttp import web
 
-from gateway.admin._input import Fields
-from gateway.admin.serialize import key_status
 from gateway.app import GATEWAY
 from gateway.console._checks import client_ip, problems, text
 from gateway.console._html import Markup, fmt, join
@@ -22,8 +20,10 @@ from gateway.console._layout import (
     when,
 )
 from gateway.console._state import TEMPLATES, session_of
+from gateway.inputs import Fields
 from gateway.management import CreatedKey, Management
 from gateway.models import ApiKey, Team
+from gateway.serialize import key_status
 from gateway.storage import Conflict, NotFound
 
 __all__ = ["create_key", "keys", "revoke_form", "revoke_key", "rotate_form", "rotate_key", "team"]

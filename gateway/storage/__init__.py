@@ -1,7 +1,7 @@
 """The store (teams, keys, change feed) and the ledger (credits), as protocols.
 
 The pipeline, admin API and CLI import only these; ``gateway.app`` and the CLI
-pick a backend by the ``storage`` URL through :func:`open_backend`.
+pick a backend by the ``storage`` URL through :func:`gateway.storage.registry.open_backend`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import binascii
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 
 from gateway.models import (
     ApiKey,
@@ -23,9 +23,6 @@ from gateway.models import (
     TeamToken,
     UsageRow,
 )
-
-if TYPE_CHECKING:
-    from gateway.config import PostgresSettings
 
 __all__ = [
     "IDEMPOTENCY_TTL_SECONDS",
@@ -459,23 +456,3 @@ def decode_ledger_cursor(cursor: str) -> tuple[float, str]:
         raise ValueError("not a ledger cursor")
     return created_at, entry_id
 
-
-def open_backend(
-    url: str, *, lease_seconds: float, postgres: PostgresSettings | None = None
-) -> Backend:
-    """The backend named by a ``storage`` URL (not yet opened).
-
-    ``postgres`` tunes a PostgreSQL backend (pool, timeouts, LISTEN DSN) and
-    is ignored for SQLite.
-    """
-    if url.startswith("sqlite:///"):
-        from gateway.storage.sqlite import SqliteBackend
-
-        return SqliteBackend(url.removeprefix("sqlite:///"), lease_seconds=lease_seconds)
-    if url.startswith(("postgresql://", "postgres://")):
-        from gateway.config import PostgresSettings
-        from gateway.storage.postgres import PostgresBackend
-
-        settings = postgres if postgres is not None else PostgresSettings()
-        return PostgresBackend(url, settings, lease_seconds=lease_seconds)
-    raise StorageError(f"storage backend {url.split(':', 1)[0]!r} is not available in this build")

@@ -25,10 +25,10 @@ from gateway.storage import (
     ReserveRequest,
     ReserveResult,
     StorageUnavailable,
-    open_backend,
 )
 from gateway.storage._schema import POSTGRES_MIGRATIONS
 from gateway.storage.postgres import PostgresBackend
+from gateway.storage.registry import open_backend
 from tests import services
 from tests.storage.conftest import Databases
 

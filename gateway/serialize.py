@@ -1,4 +1,4 @@
-"""JSON shapes of admin resources, shared by the admin API and the CLI's ``--json``."""
+"""JSON shapes of admin resources, shared by the admin API, the CLI's ``--json`` and the console."""
 
 from __future__ import annotations
 

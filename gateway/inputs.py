@@ -1,4 +1,7 @@
-"""Reading and checking admin API input; every problem names its field."""
+"""Reading and checking management input, shared by the admin API and the console.
+
+Every problem names its field.
+"""
 
 from __future__ import annotations
 
