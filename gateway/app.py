@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from gateway.anomaly import AnomalyDetector
-from gateway.config import Settings
+from gateway.config import MAX_BURST, MAX_RATE_PER_MINUTE, Settings
 from gateway.credits import Credits
 from gateway.keycache import KeyCache
-from gateway.limiter import Limit, Limiter
+from gateway.limiter import Limit, Limiter, LimiterUnavailable
 from gateway.limiter.memory import MemoryLimiter
 from gateway.management import Management
 from gateway.metrics import Metrics
@@ -86,7 +86,12 @@ class Gateway:
         await self.keys.start_following()
         if self.settings.limiter.kind == "redis":
             # Connect and load the script now, not inside the first burst of requests.
-            await self.limiter.check([Limit("warm-up", 1_000_000, 1_000_000)], "warm-up")
+            # Redis down at start is an outage like any later one: the limiter has
+            # logged it and applies on_unavailable (under fail_closed, 503s that
+            # /readyz reports) until Redis answers, with no restart needed.
+            with contextlib.suppress(LimiterUnavailable):
+                warm_up = Limit("warm-up", MAX_RATE_PER_MINUTE, MAX_BURST)
+                await self.limiter.check([warm_up], "warm-up")
         listen = getattr(self.backend, "listen_key_changes", None)
         # PostgreSQL pushes key changes (LISTEN/NOTIFY); SQLite is polled.
         follow = self.keys.listen(listen) if listen is not None else self.keys.follow()

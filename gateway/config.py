@@ -25,7 +25,14 @@ from pydantic import (
 )
 
 __all__ = [
+    "MAX_BURST",
+    "MAX_COST",
+    "MAX_DURATION_SECONDS",
+    "MAX_INTERVAL_SECONDS",
+    "MAX_LEASE_SECONDS",
+    "MAX_RATE_PER_MINUTE",
     "MAX_RESOLUTION",
+    "MAX_RETENTION_DAYS",
     "AdminSettings",
     "AnomalySettings",
     "ConfigError",
@@ -49,6 +56,33 @@ __all__ = [
     "settings_from_mapping",
 ]
 
+# Bounds of what the config (and the admin API, which imports them) accepts:
+# what the storage backends can hold, and what makes sense to run. Every float
+# read must also be finite (``allow_inf_nan=False`` below).
+#
+# A route's cost is reserved into PostgreSQL ``integer`` columns
+# (reservations.amount and .charged, gateway_reserve's amounts); one over it
+# fails the whole reservation batch it shares with other routes' requests.
+MAX_COST = 2**31 - 1
+# Per-key and per-team limits are PostgreSQL ``integer`` columns too, but the
+# tighter bound is the Redis limiter's: it counts in whole microseconds, and
+# at this rate requests are 60 us apart, so rounding stays under 2 %.
+MAX_RATE_PER_MINUTE = 1_000_000
+MAX_BURST = 1_000_000
+# The longest an exchange may last, and any of its timeouts. A reservation
+# holds a team's credits for as long (plus a margin), also when a gateway dies
+# mid-request, so this is kept to a few days: anything longer is a job to
+# poll, not a request to hold open. PostgreSQL itself would take far more
+# (an interval holds about 2.9e5 years).
+MAX_DURATION_SECONDS = 3 * 86_400
+# Room above the longest exchange for the lease's required margin (seconds)
+# and the default lease (the longest route plus a minute).
+MAX_LEASE_SECONDS = MAX_DURATION_SECONDS + 3_600
+# Background work (sweeps, roll-ups, idle connections): at least once a day.
+MAX_INTERVAL_SECONDS = 86_400
+# Ten years of history is what any retention setting may keep.
+MAX_RETENTION_DAYS = 3_650
+
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
 # The most an exchange deadline fires late: the coarsest sweep gateway.deadlines
 # gives any limit. Defined here because validation bounds the lease with it and
@@ -64,7 +98,9 @@ class ConfigError(Exception):
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # No inf or nan anywhere: either one slips past gt/le checks or turns into
+    # a timer, a lease or a deadline that no backend can hold.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 ListenAddress = tuple[str, int]
@@ -159,21 +195,21 @@ class PostgresSettings(_Frozen):
 
 
 class RateLimitSettings(_Frozen):
-    per_minute: int = Field(default=60, ge=1, le=1_000_000)
-    burst: int | None = Field(default=None, ge=1, le=1_000_000)
+    per_minute: int = Field(default=60, ge=1, le=MAX_RATE_PER_MINUTE)
+    burst: int | None = Field(default=None, ge=1, le=MAX_BURST)
 
 
 class CreditSettings(_Frozen):
     test_environment: Literal["unlimited", "metered"] = "unlimited"
-    reservation_lease_seconds: float | None = Field(default=None, gt=0)
+    reservation_lease_seconds: float | None = Field(default=None, gt=0, le=MAX_LEASE_SECONDS)
     on_lease_expiry: Literal["void", "post"] = "void"
     post_flush_interval_seconds: float = Field(default=0.25, gt=0, le=1.0)
     sweep_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
     void_retry_seconds: float = Field(default=1.0, gt=0, le=60)
     # Resolved reservations older than this are rolled up into per-day rows, so
     # the ledger does not grow by a row per request forever (balances stay derivable).
-    retention_days: int = Field(default=30, ge=1, le=3650)
-    retention_interval_seconds: float = Field(default=3600.0, gt=0, le=86400)
+    retention_days: int = Field(default=30, ge=1, le=MAX_RETENTION_DAYS)
+    retention_interval_seconds: float = Field(default=3600.0, gt=0, le=MAX_INTERVAL_SECONDS)
 
 
 class KeySettings(_Frozen):
@@ -198,8 +234,8 @@ class UsageSettings(_Frozen):
     # Client addresses seen per key and day (personal data: switchable, kept
     # for ip_retention_days), and refused credentials per prefix and address.
     client_ips: bool = True
-    ip_retention_days: int = Field(default=30, ge=1, le=3650)
-    auth_failure_retention_days: int = Field(default=30, ge=1, le=3650)
+    ip_retention_days: int = Field(default=30, ge=1, le=MAX_RETENTION_DAYS)
+    auth_failure_retention_days: int = Field(default=30, ge=1, le=MAX_RETENTION_DAYS)
 
 
 class AnomalySettings(_Frozen):
@@ -211,7 +247,8 @@ class AnomalySettings(_Frozen):
     rate_spike_factor: float = Field(default=5.0, gt=1)
     rate_spike_min_requests: int = Field(default=60, ge=1)
     new_ips_threshold: int = Field(default=20, ge=1)
-    new_ip_memory_seconds: float = Field(default=86400.0, gt=0)
+    # Client addresses are personal data: remembered no longer than any retention.
+    new_ip_memory_seconds: float = Field(default=86400.0, gt=0, le=MAX_RETENTION_DAYS * 86_400)
     auth_failure_threshold: int = Field(default=20, ge=1)
 
 
@@ -224,7 +261,7 @@ class SecuritySettings(_Frozen):
     # Unknown keys (valid checksum, no such key) a client address may present per
     # minute before keys the cache does not know are refused from it (429) until
     # the budget refills; 0 = no limit. Valid keys never spend it.
-    unknown_keys_per_minute_per_ip: int = Field(default=60, ge=0, le=1_000_000)
+    unknown_keys_per_minute_per_ip: int = Field(default=60, ge=0, le=MAX_RATE_PER_MINUTE)
 
 
 class MetricsSettings(_Frozen):
@@ -249,11 +286,11 @@ class ShutdownSettings(_Frozen):
 
 class UpstreamSettings(_Frozen):
     url: str
-    timeout_seconds: float = Field(default=30.0, gt=0)
-    read_timeout_seconds: float = Field(default=30.0, gt=0)
-    connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    timeout_seconds: float = Field(default=30.0, gt=0, le=MAX_DURATION_SECONDS)
+    read_timeout_seconds: float = Field(default=30.0, gt=0, le=MAX_DURATION_SECONDS)
+    connect_timeout_seconds: float = Field(default=5.0, gt=0, le=MAX_DURATION_SECONDS)
     max_connections: int = Field(default=256, ge=1)
-    keepalive_seconds: float = Field(default=15.0, gt=0)
+    keepalive_seconds: float = Field(default=15.0, gt=0, le=MAX_INTERVAL_SECONDS)
     headers: dict[str, SecretStr] = Field(default_factory=dict)
 
     @field_validator("url")
@@ -272,10 +309,10 @@ class RouteSettings(_Frozen):
     methods: tuple[Method, ...] = ("POST",)
     upstream: str
     test_upstream: str | None = None
-    cost: int = Field(default=1, ge=0)
+    cost: int = Field(default=1, ge=0, le=MAX_COST)
     auth: bool = True
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=0)
-    max_duration_seconds: float = Field(default=600.0, gt=0)
+    max_duration_seconds: float = Field(default=600.0, gt=0, le=MAX_DURATION_SECONDS)
     # Upstream answers that give the credit back; gateway 502/504 always do.
     refund_on: tuple[str, ...] = ("3xx", "4xx", "5xx")
 

@@ -9,6 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.app import GATEWAY, Gateway
+from gateway.config import MAX_BURST, MAX_RATE_PER_MINUTE
 from gateway.errors import json_response
 from gateway.limiter import Limit, LimiterUnavailable
 
@@ -56,7 +57,7 @@ async def _limiter_state(gw: Gateway) -> dict[str, object]:
         # Readiness probes double as recovery probes: with no traffic, this is
         # what notices that Redis answers again.
         with contextlib.suppress(LimiterUnavailable):
-            await limiter.check([Limit("readyz", 1_000_000, 1_000_000)], "readyz")
+            await limiter.check([Limit("readyz", MAX_RATE_PER_MINUTE, MAX_BURST)], "readyz")
     degraded = bool(getattr(limiter, "degraded", False))
     gw.metrics.limiter_degraded.set(1 if degraded else 0)
     state.update(
@@ -65,6 +66,9 @@ async def _limiter_state(gw: Gateway) -> dict[str, object]:
         policy=settings.on_unavailable,
         refusing=degraded and settings.on_unavailable == "fail_closed",
     )
+    error = getattr(limiter, "last_error", None)
+    if degraded and error:
+        state["error"] = error
     return state
 
 

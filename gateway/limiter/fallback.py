@@ -28,7 +28,8 @@ log = logging.getLogger("gateway.limiter")
 class FallbackLimiter:
     """Wraps ``primary`` with a timeout and the ``on_unavailable`` policy.
 
-    ``degraded`` is true while the primary is considered down;
+    ``degraded`` is true while the primary is considered down, and
+    ``last_error`` then names what its last failure was (an exception class);
     ``fallback_decisions`` counts decisions made without it and ``failures``
     counts calls to it that failed or timed out.
     """
@@ -47,6 +48,7 @@ class FallbackLimiter:
         self._retry_interval = settings.retry_interval_seconds
         self._retry_at = 0.0
         self.degraded = False
+        self.last_error: str | None = None
         self.fallback_decisions = 0
         self.failures = 0
 
@@ -68,12 +70,15 @@ class FallbackLimiter:
         # under way when the primary failed says nothing about it now.
         if probe and self.degraded:
             self.degraded = False
+            self.last_error = None
             log.info("rate limiter backend answers again; leaving %s mode", self._policy)
         return decision
 
     def _failed(self, exc: BaseException) -> None:
         self.failures += 1
         self._retry_at = time.monotonic() + self._retry_interval
+        # What the primary's client raised, not our wrapper of it.
+        self.last_error = type(exc.__cause__ or exc).__name__
         if not self.degraded:
             self.degraded = True
             reason = str(exc) or f"no answer within {self._timeout} s"
