@@ -3,7 +3,9 @@
 Anyone can forge a key with a valid checksum, so unknown hashes live in their
 own bounded cache and can never push real keys out. Changes made by any
 process reach the cache through the store's change feed; while the feed is
-unreachable, entries older than one second are looked up again.
+unreachable, entries older than one second are looked up again. Changes made
+through this process's management service reach it at once
+(:meth:`KeyCache.on_key_changed`).
 """
 
 from __future__ import annotations
@@ -196,6 +198,13 @@ class KeyCache:
         for key_hash in [h for h, r in self._positive.items() if r.team_id == team_id]:
             del self._positive[key_hash]
 
+    def on_key_changed(self, key_hash: str | None, team_id: str | None) -> None:
+        """Forget what a change made stale: one key (by hash), or every key of a team."""
+        if key_hash is not None:
+            self.invalidate(key_hash)
+        if team_id is not None:
+            self.invalidate_team(team_id)
+
     def clear(self) -> None:
         self._generation += 1
         self._positive.clear()
@@ -212,10 +221,7 @@ class KeyCache:
         if gap:
             self.clear()
         for change in changes:
-            if change.key_hash is not None:
-                self.invalidate(change.key_hash)
-            if change.team_id is not None:
-                self.invalidate_team(change.team_id)
+            self.on_key_changed(change.key_hash, change.team_id)
         self._seq = seq
         return len(changes)
 
@@ -248,10 +254,7 @@ class KeyCache:
         """
 
         def on_change(change: KeyChange) -> None:
-            if change.key_hash is not None:
-                self.invalidate(change.key_hash)
-            if change.team_id is not None:
-                self.invalidate_team(change.team_id)
+            self.on_key_changed(change.key_hash, change.team_id)
 
         def on_connected() -> None:
             self.clear()
