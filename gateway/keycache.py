@@ -144,7 +144,9 @@ class KeyCache:
             with self._metrics.backend_call(self._backend_name, "find_key"):
                 record = await self._store.find_key(key_hash)
         finally:
-            self._inflight.pop(key_hash, None)
+            # An invalidation may have let a newer lookup of this hash take the slot.
+            if self._inflight.get(key_hash) is asyncio.current_task():
+                del self._inflight[key_hash]
         if generation == self._generation:  # no invalidation raced this lookup
             return self._remember(key_hash, record)
         return record
@@ -192,11 +194,16 @@ class KeyCache:
         self._generation += 1
         self._positive.pop(_compact(key_hash), None)
         self._negative.pop(key_hash, None)
+        # A lookup under way may have read the row before the change: whoever asks
+        # from now on starts a lookup of its own instead of waiting for that answer.
+        self._inflight.pop(key_hash, None)
 
     def invalidate_team(self, team_id: str) -> None:
         self._generation += 1
         for key_hash in [h for h, r in self._positive.items() if r.team_id == team_id]:
             del self._positive[key_hash]
+        # Whose keys the lookups under way are is not known until they answer.
+        self._inflight.clear()
 
     def on_key_changed(self, key_hash: str | None, team_id: str | None) -> None:
         """Forget what a change made stale: one key (by hash), or every key of a team."""
@@ -209,6 +216,7 @@ class KeyCache:
         self._generation += 1
         self._positive.clear()
         self._negative.clear()
+        self._inflight.clear()
 
     async def start_following(self) -> None:
         """Remember where the change feed is now; call before serving."""
