@@ -11,8 +11,10 @@ it must not serve the old key even once after saying it was changed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -58,9 +60,18 @@ class Management:
         pepper = settings.keys.pepper
         self._pepper = pepper.get_secret_value().encode() if pepper else None
 
-    def _changed(self, key_hash: str | None = None, team_id: str | None = None) -> None:
-        if self._listener is not None:
-            self._listener.on_key_changed(key_hash, team_id)
+    @contextlib.contextmanager
+    def _changing(self, key_hash: str | None = None, team_id: str | None = None) -> Iterator[None]:
+        """Tell the listener once the change is made, or may have been.
+
+        Also when the store call fails: a connection lost around the commit
+        leaves the change unknown, and forgetting a cached key costs one lookup.
+        """
+        try:
+            yield
+        finally:
+            if self._listener is not None:
+                self._listener.on_key_changed(key_hash, team_id)
 
     async def _key_hash(self, key_id: str) -> str:
         # Read before the change: a key's hash never changes, and a failure here
@@ -93,16 +104,17 @@ class Management:
         owner = await self._backend.get_team(team)
         secret = generate_key(environment)
         key_hash = self.hash(secret)
-        key = await self._backend.create_key(
-            owner.id,
-            name,
-            environment,
-            key_hash,
-            display_prefix(secret),
-            rate_limit_per_minute,
-            expires_at,
-        )
-        self._changed(key_hash)  # it may have been looked up, and cached as unknown, before
+        # It may have been looked up, and cached as unknown, before it existed.
+        with self._changing(key_hash):
+            key = await self._backend.create_key(
+                owner.id,
+                name,
+                environment,
+                key_hash,
+                display_prefix(secret),
+                rate_limit_per_minute,
+                expires_at,
+            )
         return CreatedKey(key, secret)
 
     async def key(self, key_id: str) -> ApiKey:
@@ -127,10 +139,8 @@ class Management:
             raise Conflict(f"key {key_id!r} is revoked")
         if not changes:
             return key
-        key_hash = await self._key_hash(key_id)
-        updated = await self._backend.update_key(key_id, changes)
-        self._changed(key_hash)
-        return updated
+        with self._changing(await self._key_hash(key_id)):
+            return await self._backend.update_key(key_id, changes)
 
     async def rotate_key(self, key_id: str, grace_seconds: int) -> CreatedKey:
         """A new key with the same settings; the old one expires after the grace period."""
@@ -140,17 +150,15 @@ class Management:
         old_hash = await self._key_hash(key_id)
         secret = generate_key(old.environment)
         new_hash = self.hash(secret)
-        new = await self._backend.rotate_key(
-            key_id, new_hash, display_prefix(secret), time.time() + grace_seconds
-        )
-        self._changed(old_hash)
-        self._changed(new_hash)
+        with self._changing(old_hash), self._changing(new_hash):
+            new = await self._backend.rotate_key(
+                key_id, new_hash, display_prefix(secret), time.time() + grace_seconds
+            )
         return CreatedKey(new, secret)
 
     async def update_team(self, team_id: str, rate_limit_per_minute: int | None) -> Team:
-        team = await self._backend.update_team(team_id, rate_limit_per_minute)
-        self._changed(team_id=team.id)
-        return team
+        with self._changing(team_id=team_id):
+            return await self._backend.update_team(team_id, rate_limit_per_minute)
 
     async def create_token(self, team: str, name: str) -> CreatedToken:
         owner = await self._backend.get_team(team)
@@ -238,10 +246,8 @@ class Management:
         return await self._backend.list_keys(owner.id, limit, after)
 
     async def revoke_key(self, key_id: str) -> ApiKey:
-        key_hash = await self._key_hash(key_id)
-        revoked = await self._backend.revoke_key(key_id)
-        self._changed(key_hash)
-        return revoked
+        with self._changing(await self._key_hash(key_id)):
+            return await self._backend.revoke_key(key_id)
 
     async def revoke_leaked(self, secret: str) -> ApiKey:
         """Revoke a key given its full text, as a secret scanner reports it."""
@@ -252,9 +258,8 @@ class Management:
         key_id = await self._backend.find_key_id_by_hash(key_hash)
         if key_id is None:
             raise NotFound("no such key")
-        revoked = await self._backend.revoke_key(key_id)
-        self._changed(key_hash)
-        return revoked
+        with self._changing(key_hash):
+            return await self._backend.revoke_key(key_id)
 
     async def grant(
         self,
