@@ -62,7 +62,8 @@ class Gateway:
         )
         self.router = Router(settings)
         self.upstreams = UpstreamPool(settings.upstreams)
-        self.management = Management(self.backend, settings)
+        # The process that changes a key must not serve it on the feed's schedule.
+        self.management = Management(self.backend, settings, listener=self.keys)
         self.pipeline = Pipeline(
             settings,
             router=self.router,

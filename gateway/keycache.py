@@ -3,7 +3,9 @@
 Anyone can forge a key with a valid checksum, so unknown hashes live in their
 own bounded cache and can never push real keys out. Changes made by any
 process reach the cache through the store's change feed; while the feed is
-unreachable, entries older than one second are looked up again.
+unreachable, entries older than one second are looked up again. Changes made
+through this process's management service reach it at once
+(:meth:`KeyCache.on_key_changed`).
 """
 
 from __future__ import annotations
@@ -142,7 +144,9 @@ class KeyCache:
             with self._metrics.backend_call(self._backend_name, "find_key"):
                 record = await self._store.find_key(key_hash)
         finally:
-            self._inflight.pop(key_hash, None)
+            # An invalidation may have let a newer lookup of this hash take the slot.
+            if self._inflight.get(key_hash) is asyncio.current_task():
+                del self._inflight[key_hash]
         if generation == self._generation:  # no invalidation raced this lookup
             return self._remember(key_hash, record)
         return record
@@ -190,16 +194,29 @@ class KeyCache:
         self._generation += 1
         self._positive.pop(_compact(key_hash), None)
         self._negative.pop(key_hash, None)
+        # A lookup under way may have read the row before the change: whoever asks
+        # from now on starts a lookup of its own instead of waiting for that answer.
+        self._inflight.pop(key_hash, None)
 
     def invalidate_team(self, team_id: str) -> None:
         self._generation += 1
         for key_hash in [h for h, r in self._positive.items() if r.team_id == team_id]:
             del self._positive[key_hash]
+        # Whose keys the lookups under way are is not known until they answer.
+        self._inflight.clear()
+
+    def on_key_changed(self, key_hash: str | None, team_id: str | None) -> None:
+        """Forget what a change made stale: one key (by hash), or every key of a team."""
+        if key_hash is not None:
+            self.invalidate(key_hash)
+        if team_id is not None:
+            self.invalidate_team(team_id)
 
     def clear(self) -> None:
         self._generation += 1
         self._positive.clear()
         self._negative.clear()
+        self._inflight.clear()
 
     async def start_following(self) -> None:
         """Remember where the change feed is now; call before serving."""
@@ -212,10 +229,7 @@ class KeyCache:
         if gap:
             self.clear()
         for change in changes:
-            if change.key_hash is not None:
-                self.invalidate(change.key_hash)
-            if change.team_id is not None:
-                self.invalidate_team(change.team_id)
+            self.on_key_changed(change.key_hash, change.team_id)
         self._seq = seq
         return len(changes)
 
@@ -248,10 +262,7 @@ class KeyCache:
         """
 
         def on_change(change: KeyChange) -> None:
-            if change.key_hash is not None:
-                self.invalidate(change.key_hash)
-            if change.team_id is not None:
-                self.invalidate_team(change.team_id)
+            self.on_key_changed(change.key_hash, change.team_id)
 
         def on_connected() -> None:
             self.clear()

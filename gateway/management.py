@@ -1,22 +1,30 @@
-"""Management actions shared by the admin API and the CLI.
+"""Management actions shared by the admin API, the console and the CLI.
 
 Key material is created here, returned to the caller once and never stored or
 logged: the store keeps only its hash and display prefix.
+
+Every change to a key, or to a team's limit, is also told to this process's
+key cache (a :class:`KeyChangeListener`) before the action returns: the change
+feed brings it to other processes within a second, but the process that made
+it must not serve the old key even once after saying it was changed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
 from gateway.config import Settings
 from gateway.keys import display_prefix, generate_key, generate_token, hash_secret, parse_key
 from gateway.models import ApiKey, AuditEntry, Environment, LedgerEntry, Team, TeamToken
 from gateway.storage import Backend, Conflict, Mismatch, NotFound
 
-__all__ = ["CreatedKey", "CreatedToken", "Management"]
+__all__ = ["CreatedKey", "CreatedToken", "KeyChangeListener", "Management"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,11 +42,44 @@ class CreatedToken:
 KEY_FIELDS = frozenset({"name", "rate_limit_per_minute", "expires_at", "disabled"})
 
 
+class KeyChangeListener(Protocol):
+    """Hears of a key (by hash) or a team's keys (by team id) changed through this process."""
+
+    def on_key_changed(self, key_hash: str | None, team_id: str | None) -> None: ...
+
+
 class Management:
-    def __init__(self, backend: Backend, settings: Settings) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        settings: Settings,
+        listener: KeyChangeListener | None = None,
+    ) -> None:
         self._backend = backend
+        self._listener = listener
         pepper = settings.keys.pepper
         self._pepper = pepper.get_secret_value().encode() if pepper else None
+
+    @contextlib.contextmanager
+    def _changing(self, key_hash: str | None = None, team_id: str | None = None) -> Iterator[None]:
+        """Tell the listener once the change is made, or may have been.
+
+        Also when the store call fails: a connection lost around the commit
+        leaves the change unknown, and forgetting a cached key costs one lookup.
+        """
+        try:
+            yield
+        finally:
+            if self._listener is not None:
+                self._listener.on_key_changed(key_hash, team_id)
+
+    async def _key_hash(self, key_id: str) -> str:
+        # Read before the change: a key's hash never changes, and a failure here
+        # leaves nothing changed rather than a change this process did not hear of.
+        key_hash = await self._backend.find_key_hash_by_id(key_id)
+        if key_hash is None:
+            raise NotFound(f"no key {key_id!r}")
+        return key_hash
 
     def hash(self, secret: str) -> str:
         return hash_secret(secret, self._pepper)
@@ -62,15 +103,18 @@ class Management:
     ) -> CreatedKey:
         owner = await self._backend.get_team(team)
         secret = generate_key(environment)
-        key = await self._backend.create_key(
-            owner.id,
-            name,
-            environment,
-            self.hash(secret),
-            display_prefix(secret),
-            rate_limit_per_minute,
-            expires_at,
-        )
+        key_hash = self.hash(secret)
+        # It may have been looked up, and cached as unknown, before it existed.
+        with self._changing(key_hash):
+            key = await self._backend.create_key(
+                owner.id,
+                name,
+                environment,
+                key_hash,
+                display_prefix(secret),
+                rate_limit_per_minute,
+                expires_at,
+            )
         return CreatedKey(key, secret)
 
     async def key(self, key_id: str) -> ApiKey:
@@ -95,21 +139,26 @@ class Management:
             raise Conflict(f"key {key_id!r} is revoked")
         if not changes:
             return key
-        return await self._backend.update_key(key_id, changes)
+        with self._changing(await self._key_hash(key_id)):
+            return await self._backend.update_key(key_id, changes)
 
     async def rotate_key(self, key_id: str, grace_seconds: int) -> CreatedKey:
         """A new key with the same settings; the old one expires after the grace period."""
         old = await self._backend.get_key(key_id)
         if old.revoked_at is not None:
             raise Conflict(f"key {key_id!r} is revoked")
+        old_hash = await self._key_hash(key_id)
         secret = generate_key(old.environment)
-        new = await self._backend.rotate_key(
-            key_id, self.hash(secret), display_prefix(secret), time.time() + grace_seconds
-        )
+        new_hash = self.hash(secret)
+        with self._changing(old_hash), self._changing(new_hash):
+            new = await self._backend.rotate_key(
+                key_id, new_hash, display_prefix(secret), time.time() + grace_seconds
+            )
         return CreatedKey(new, secret)
 
     async def update_team(self, team_id: str, rate_limit_per_minute: int | None) -> Team:
-        return await self._backend.update_team(team_id, rate_limit_per_minute)
+        with self._changing(team_id=team_id):
+            return await self._backend.update_team(team_id, rate_limit_per_minute)
 
     async def create_token(self, team: str, name: str) -> CreatedToken:
         owner = await self._backend.get_team(team)
@@ -197,17 +246,20 @@ class Management:
         return await self._backend.list_keys(owner.id, limit, after)
 
     async def revoke_key(self, key_id: str) -> ApiKey:
-        return await self._backend.revoke_key(key_id)
+        with self._changing(await self._key_hash(key_id)):
+            return await self._backend.revoke_key(key_id)
 
     async def revoke_leaked(self, secret: str) -> ApiKey:
         """Revoke a key given its full text, as a secret scanner reports it."""
         parsed = parse_key(secret.strip())
         if parsed is None:
             raise NotFound("that is not a valid key (wrong format or checksum)")
-        key_id = await self._backend.find_key_id_by_hash(self.hash(parsed.text))
+        key_hash = self.hash(parsed.text)
+        key_id = await self._backend.find_key_id_by_hash(key_hash)
         if key_id is None:
             raise NotFound("no such key")
-        return await self._backend.revoke_key(key_id)
+        with self._changing(key_hash):
+            return await self._backend.revoke_key(key_id)
 
     async def grant(
         self,

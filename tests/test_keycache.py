@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.config import KeySettings
 from gateway.keycache import KeyCache
 from gateway.keys import display_prefix, generate_key, hash_secret
+from gateway.models import KeyRecord
 from gateway.storage.sqlite import SqliteBackend
 
 
@@ -27,7 +30,9 @@ async def _keys(store: SqliteBackend, team_id: str, count: int, limit: int) -> l
     for i in range(count):
         secret = generate_key("live")
         key_hash = hash_secret(secret, None)
-        await store.create_key(team_id, f"k{i}", "live", key_hash, display_prefix(secret), limit, None)
+        await store.create_key(
+            team_id, f"k{i}", "live", key_hash, display_prefix(secret), limit, None
+        )
         hashes.append(key_hash)
     return hashes
 
@@ -61,3 +66,53 @@ async def test_an_unknown_hash_is_none_and_remembered(store: SqliteBackend) -> N
     assert await cache.lookup(unknown) is None
     assert await cache.lookup(unknown) is None
     assert cache.misses == 1 and cache.hits == 1
+
+
+class HeldStore:
+    """The real store, its first key lookup held after reading until released.
+
+    A real database answers too fast to catch a lookup in flight while a key
+    changes; holding the answer (already read, so from before the change) pins
+    that interleaving.
+    """
+
+    def __init__(self, store: SqliteBackend) -> None:
+        self._store = store
+        self.read = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def find_key(self, key_hash: str) -> KeyRecord | None:
+        record = await self._store.find_key(key_hash)
+        if not self.read.is_set():
+            self.read.set()
+            await self.release.wait()
+        return record
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+async def test_a_request_after_a_change_does_not_wait_for_a_lookup_from_before_it(
+    store: SqliteBackend,
+) -> None:
+    team = await store.create_team("acme")
+    secret = generate_key("live")
+    key_hash = hash_secret(secret, None)
+    key = await store.create_key(team.id, "k", "live", key_hash, display_prefix(secret), None, None)
+    held = HeldStore(store)
+    cache = KeyCache(held, KeySettings())  # type: ignore[arg-type]
+    before = asyncio.create_task(cache.lookup(key_hash))
+    await held.read.wait()
+    await store.revoke_key(key.id)
+    cache.on_key_changed(key_hash, None)
+    assert not cache.loading(key_hash)
+    after = asyncio.create_task(cache.lookup(key_hash))
+    await asyncio.sleep(0)
+    held.release.set()
+    record = await after
+    assert record is not None and record.revoked_at is not None
+    # The answer from before the change goes to those who asked before it, and is not kept.
+    old = await before
+    assert old is not None and old.revoked_at is None
+    cached = cache.cached(key_hash)
+    assert isinstance(cached, KeyRecord) and cached.revoked_at is not None

@@ -177,6 +177,13 @@ class Store(Protocol):
 
     async def find_key_id_by_hash(self, key_hash: str) -> str | None: ...
 
+    async def find_key_hash_by_id(self, key_id: str) -> str | None:
+        """The stored hash of a key, revoked or not (it never changes); None when there is none.
+
+        What a process that changes a key by id needs to drop that key from its own cache.
+        """
+        ...
+
     async def update_team(self, team_id: str, rate_limit_per_minute: int | None) -> Team:
         """Set (or, with None, clear) the team's limit; key caches hear of a change."""
         ...

@@ -406,6 +406,10 @@ class PostgresBackend:
         found = await self._fetchval("SELECT id FROM api_keys WHERE key_hash = $1", key_hash)
         return None if found is None else str(found)
 
+    async def find_key_hash_by_id(self, key_id: str) -> str | None:
+        found = await self._fetchval("SELECT key_hash FROM api_keys WHERE id = $1", key_id)
+        return None if found is None else str(found)
+
     async def latest_key_change(self) -> int:
         return int(await self._fetchval("SELECT seq FROM key_change_counter"))
 

@@ -274,6 +274,14 @@ class SqliteBackend:
         )
         return None if row is None else str(row["id"])
 
+    async def find_key_hash_by_id(self, key_id: str) -> str | None:
+        row = await self._run(
+            lambda: self._db.execute(
+                "SELECT key_hash FROM api_keys WHERE id = ?", (key_id,)
+            ).fetchone()
+        )
+        return None if row is None else str(row["key_hash"])
+
     async def latest_key_change(self) -> int:
         row = await self._run(
             lambda: self._db.execute(

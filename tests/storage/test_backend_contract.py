@@ -375,6 +375,8 @@ async def test_keys(db: Backend) -> None:
     assert await db.find_key("hash-unknown") is None
     assert await db.find_key_id_by_hash("hash-1") == key.id
     assert await db.find_key_id_by_hash("hash-unknown") is None
+    assert await db.find_key_hash_by_id(key.id) == "hash-1"
+    assert await db.find_key_hash_by_id("key_nope") is None
 
     with pytest.raises(NotFound):
         await db.create_key("team_nope", "x", "live", "hash-2", "ckiq_live_abcd", None, None)
@@ -401,6 +403,8 @@ async def test_revoking_a_key(db: Backend) -> None:
         await db.revoke_key(key.id)
     with pytest.raises(NotFound):
         await db.revoke_key("key_nope")
+    # A revoked key keeps its hash (a change by id is still announced to the own cache).
+    assert await db.find_key_hash_by_id(key.id) == "hash-1"
 
 
 async def test_every_key_write_is_in_the_change_feed(db: Backend) -> None:
