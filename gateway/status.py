@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.app import GATEWAY, Gateway
 from gateway.config import MAX_BURST, MAX_RATE_PER_MINUTE
 from gateway.errors import json_response
-from gateway.limiter import Limit, LimiterUnavailable
+from gateway.limiter import Degradable, Limit, LimiterUnavailable
 
 __all__ = ["create_status_app"]
 
@@ -50,15 +50,15 @@ async def _limiter_state(gw: Gateway) -> dict[str, object]:
         "degraded": False,
         "refusing": False,
     }
-    if settings.kind == "memory":
-        return state
     limiter = gw.limiter
-    if getattr(limiter, "degraded", False):
+    if not isinstance(limiter, Degradable):  # in process: never down
+        return state
+    if limiter.degraded:
         # Readiness probes double as recovery probes: with no traffic, this is
         # what notices that Redis answers again.
         with contextlib.suppress(LimiterUnavailable):
             await limiter.check([Limit("readyz", MAX_RATE_PER_MINUTE, MAX_BURST)], "readyz")
-    degraded = bool(getattr(limiter, "degraded", False))
+    degraded = limiter.degraded
     gw.metrics.limiter_degraded.set(1 if degraded else 0)
     state.update(
         ok=not degraded,
@@ -66,9 +66,8 @@ async def _limiter_state(gw: Gateway) -> dict[str, object]:
         policy=settings.on_unavailable,
         refusing=degraded and settings.on_unavailable == "fail_closed",
     )
-    error = getattr(limiter, "last_error", None)
-    if degraded and error:
-        state["error"] = error
+    if degraded and limiter.last_error:
+        state["error"] = limiter.last_error
     return state
 
 

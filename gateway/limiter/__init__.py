@@ -149,6 +149,10 @@ class LocalLimiter(Protocol):
 
 @runtime_checkable
 class Degradable(Protocol):
-    """A limiter that can be running on its fallback (``degraded``) while its backend is down."""
+    """A limiter that can be running on its fallback (``degraded``) while its backend is down.
+
+    ``last_error`` then names the backend's last failure (an exception class).
+    """
 
     degraded: bool
+    last_error: str | None
