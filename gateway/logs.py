@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from gateway.config import LoggingSettings
+from gateway.text import safe_text
 
 __all__ = ["LogFormatter", "configure_logging", "redact"]
 
@@ -52,14 +53,48 @@ class LogFormatter(logging.Formatter):
         if record.exc_info:
             fields["error"] = redact(self.formatException(record.exc_info))
         if self._json:
-            return orjson.dumps(fields).decode()
+            try:
+                return orjson.dumps(fields).decode()
+            except TypeError:
+                # Text that is not UTF-8 (a client's header bytes arrive as lone
+                # surrogates), an integer beyond 64 bits or an object orjson does
+                # not know: the line is still written, with those escaped.
+                return orjson.dumps(_encodable(fields)).decode()
         return " ".join(f"{k}={_logfmt(v)}" for k, v in fields.items())
+
+
+def _encodable(value: Any) -> Any:
+    """``value`` with every string made UTF-8, and what JSON has no type for made text."""
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, dict):
+        return {_text(str(k)): _encodable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encodable(v) for v in value]
+    if value is None or isinstance(value, bool | float) or _int64(value):
+        return value
+    return _text(redact(str(value)))
+
+
+def _int64(value: Any) -> bool:
+    return isinstance(value, int) and -(2**63) <= value < 2**64
+
+
+def _text(text: str) -> str:
+    """``text`` if every character encodes, else with the ones that cannot escaped."""
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return safe_text(text)
+    return text
 
 
 def _logfmt(value: Any) -> str:
     if value is None:
         return ""
-    text = str(value)
+    text = _text(str(value))
     if text == "" or any(c in text for c in ' "=\n\\'):
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     return text

@@ -10,9 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import astuple
+from typing import Protocol, TypeVar
 
 from gateway.models import KeyRecord, UsageRow
+from gateway.storage import InvalidData
+from gateway.text import safe_text
 
 __all__ = ["UsageRecorder", "UsageSink"]
 
@@ -20,9 +24,19 @@ log = logging.getLogger("gateway.usage")
 _Bucket = tuple[int, str, str, str, str]
 # Counters kept while the store is down, before the oldest are dropped (and logged).
 _MAX_BUCKETS = 200_000
+# Client text is bounded before it is buffered: an address (IPv6 with a zone
+# fits in 100) comes from X-Forwarded-For behind a trusted proxy, unchecked,
+# and a display prefix of 14 characters is at most 14 escapes of 10.
+_MAX_ADDRESS = 100
+_MAX_PREFIX = 140
+_MAX_ERROR = 300
+R = TypeVar("R")
 
 
 class UsageSink(Protocol):
+    """Where batches go (a :class:`gateway.storage.UsageStore`): each write is all or
+    nothing and raises :class:`InvalidData` for a value the database refuses."""
+
     async def add_usage(self, rows: list[UsageRow]) -> None: ...
 
     async def touch_keys(self, last_used: dict[str, float]) -> None: ...
@@ -49,7 +63,8 @@ class UsageRecorder:
         """Remember that ``key`` was used from ``client_ip`` today (if switched on)."""
         if not self._client_ips or not client_ip:
             return
-        row = (int(time.time() // 86400 * 86400), key.team_id, key.id, client_ip)
+        day = int(time.time() // 86400 * 86400)
+        row = (day, key.team_id, key.id, safe_text(client_ip, _MAX_ADDRESS))
         count = self._ips.get(row)
         if count is not None:
             self._ips[row] = count + 1
@@ -57,7 +72,13 @@ class UsageRecorder:
             self._ips[row] = 1
 
     def record_auth_failure(self, prefix: str | None, client_ip: str, reason: str) -> None:
-        row = (int(time.time() // 60 * 60), prefix or "", client_ip, reason)
+        """Count one refused credential; ``prefix`` and ``client_ip`` are the client's text."""
+        row = (
+            int(time.time() // 60 * 60),
+            safe_text(prefix, _MAX_PREFIX) if prefix else "",
+            safe_text(client_ip, _MAX_ADDRESS),
+            reason,
+        )
         count = self._failures.get(row)
         if count is not None:
             self._failures[row] = count + 1
@@ -78,6 +99,12 @@ class UsageRecorder:
             self._last_used[key.id] = now
 
     async def flush(self) -> None:
+        """Write what was counted; keep what the database could not take for the next flush.
+
+        A row the database refuses (:class:`InvalidData`) is dropped with a
+        warning and the rest of its batch written; any other failure keeps the
+        whole batch for the next flush.
+        """
         counts, self._counts = self._counts, {}
         last_used, self._last_used = self._last_used, {}
         if counts:
@@ -85,34 +112,32 @@ class UsageRecorder:
                 UsageRow(minute, team, key, "live" if env == "live" else "test", outcome, n, c)
                 for (minute, team, key, env, outcome), (n, c) in counts.items()
             ]
-            try:
-                await self._sink.add_usage(rows)
-            except Exception as exc:
-                log.warning("writing %d usage counters failed, will retry: %s", len(rows), exc)
-                self._merge_back(counts)
+            unwritten = await _write("usage counters", self._sink.add_usage, rows, astuple)
+            self._merge_back({_bucket(row): [row.requests, row.credits] for row in unwritten})
         ips, self._ips = self._ips, {}
         if ips:
-            try:
-                await self._sink.add_key_ips([(*row, n) for row, n in ips.items()])
-            except Exception as exc:
-                log.warning("writing client addresses failed, will retry: %s", exc)
-                for row, n in ips.items():
-                    self._ips[row] = self._ips.get(row, 0) + n
+            ip_rows = [(*row, n) for row, n in ips.items()]
+            for day, team, key, ip, n in await _write(
+                "client addresses", self._sink.add_key_ips, ip_rows, tuple
+            ):
+                self._ips[day, team, key, ip] = self._ips.get((day, team, key, ip), 0) + n
         failures, self._failures = self._failures, {}
         if failures:
-            try:
-                await self._sink.add_auth_failures([(*row, n) for row, n in failures.items()])
-            except Exception as exc:
-                log.warning("writing auth failure counts failed, will retry: %s", exc)
-                for row, n in failures.items():
-                    self._failures[row] = self._failures.get(row, 0) + n
+            failure_rows = [(*row, n) for row, n in failures.items()]
+            for minute, prefix, ip, why, n in await _write(
+                "auth failure counts", self._sink.add_auth_failures, failure_rows, tuple
+            ):
+                row = (minute, prefix, ip, why)
+                self._failures[row] = self._failures.get(row, 0) + n
         if last_used:
-            try:
-                await self._sink.touch_keys(last_used)
-            except Exception as exc:
-                log.warning("updating last_used_at failed, will retry: %s", exc)
-                for key_id, at in last_used.items():
-                    self._last_used[key_id] = max(at, self._last_used.get(key_id, 0.0))
+            kept = await _write(
+                "last_used_at times", self._touch_keys, list(last_used.items()), tuple
+            )
+            for key_id, at in kept:
+                self._last_used[key_id] = max(at, self._last_used.get(key_id, 0.0))
+
+    async def _touch_keys(self, items: list[tuple[str, float]]) -> None:
+        await self._sink.touch_keys(dict(items))
 
     def _merge_back(self, counts: dict[_Bucket, list[int]]) -> None:
         for bucket, (n, c) in counts.items():
@@ -132,3 +157,43 @@ class UsageRecorder:
                 raise
             except Exception:
                 log.exception("usage flush failed; will try again")
+
+
+def _bucket(row: UsageRow) -> _Bucket:
+    return (row.minute, row.team_id, row.key_id, row.environment, row.outcome)
+
+
+async def _write(
+    what: str,
+    write: Callable[[list[R]], Awaitable[None]],
+    rows: list[R],
+    fields: Callable[[R], Iterable[object]],
+) -> list[R]:
+    """Write ``rows``; return those to try again at the next flush.
+
+    A batch the database refuses is halved until each refused row is alone,
+    and that row is dropped: k bad rows among n cost about 2k*log2(n) writes,
+    and one bad row can no longer hold back every other (or be retried forever).
+    """
+    try:
+        await write(rows)
+    except InvalidData as exc:
+        if len(rows) == 1:
+            log.warning(
+                "dropped one of the %s, which the database refused: %s (%s)",
+                what,
+                safe_text(", ".join(map(str, fields(rows[0]))), _MAX_ERROR),
+                safe_text(str(exc), _MAX_ERROR),
+            )
+            return []
+        half = len(rows) // 2
+        unwritten = await _write(what, write, rows[:half], fields)
+        if unwritten:  # the database went away meanwhile: the other half waits too
+            return unwritten + rows[half:]
+        return await _write(what, write, rows[half:], fields)
+    except Exception as exc:
+        log.warning(
+            "writing %d %s failed, will retry: %s", len(rows), what, safe_text(str(exc), _MAX_ERROR)
+        )
+        return rows
+    return []

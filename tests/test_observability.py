@@ -195,3 +195,48 @@ def test_redaction() -> None:
     assert redact(f"GET /x?key={key}&y=1") == "GET /x?key=ckiq_live_AAAA…&y=1"
     assert "tok123" not in redact("Authorization: Bearer tok123")
     assert redact("nothing secret here") == "nothing secret here"
+
+
+def _record(msg: str, args: tuple[object, ...], fields: dict[str, object]) -> logging.LogRecord:
+    record = logging.LogRecord("gateway.test", logging.INFO, __file__, 1, msg, args, None)
+    record.fields = fields
+    return record
+
+
+@pytest.mark.parametrize("style", ["json", "logfmt"])
+def test_a_line_with_text_no_encoder_takes_is_still_written(style: str) -> None:
+    # Header bytes that are not UTF-8 reach us as lone surrogates (surrogateescape).
+    record = _record(
+        "refused %s",
+        ("ckiq_live_\udcff\udcfe",),
+        {
+            "client_ip": "10.0.0.1\udc80",
+            "path": ["/a\udcff", {"nested\udcff": "b\udcfe"}],
+            "huge": 2**70,
+            "other": object(),
+            "key": "ckiq_live_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789abcd",
+        },
+    )
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(LogFormatter(style))
+    handler.emit(record)
+    line = stream.getvalue()
+    line.encode("utf-8", "strict")
+    assert "ckiq_live_\\xff\\xfe" in line.replace("\\\\", "\\")
+    assert "10.0.0.1\\x80" in line.replace("\\\\", "\\")
+    assert "AbCdEfGh" not in line  # still redacted
+    if style == "json":
+        fields = orjson.loads(line)
+        assert fields["msg"] == "refused ckiq_live_\\xff\\xfe"
+        assert fields["client_ip"] == "10.0.0.1\\x80"
+        assert fields["path"] == ["/a\\xff", {"nested\\xff": "b\\xfe"}]
+        assert fields["huge"] == str(2**70)
+        assert fields["other"].startswith("<object object at")
+        assert fields["key"] == "ckiq_live_AbCd…"
+
+
+def test_ordinary_lines_are_not_escaped() -> None:
+    record = _record("two\nlines", (), {"agent": "café\tbar"})
+    fields = orjson.loads(LogFormatter("json").format(record))
+    assert fields["msg"] == "two\nlines" and fields["agent"] == "café\tbar"

@@ -32,6 +32,7 @@ __all__ = [
     "Conflict",
     "IdempotencyClaim",
     "IdempotencyRecord",
+    "InvalidData",
     "KeyChange",
     "Ledger",
     "Mismatch",
@@ -71,6 +72,13 @@ class Conflict(StorageError):
 
 class StorageUnavailable(StorageError):
     """The database could not be reached; the caller answers 503."""
+
+
+class InvalidData(StorageError):
+    """The database refused a value it was given (not UTF-8, out of range, a constraint).
+
+    Unlike :class:`StorageUnavailable`, the same call would be refused again.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +254,13 @@ class AdminStore(Protocol):
 
 
 class UsageStore(Protocol):
-    """Usage aggregates and the patterns anomaly detection reads, written in batches."""
+    """Usage aggregates and the patterns anomaly detection reads, written in batches.
+
+    Each batch write is all or nothing. It raises :class:`InvalidData` when
+    the database refuses a value in it (the batch without that row may
+    succeed) and :class:`StorageUnavailable` when the database cannot be used
+    now.
+    """
 
     async def add_usage(self, rows: list[UsageRow]) -> None:
         """Add to the per-minute counters; safe for many writers at once."""

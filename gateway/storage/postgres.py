@@ -44,6 +44,7 @@ from gateway.storage import (
     ExpiryPolicy,
     IdempotencyClaim,
     IdempotencyRecord,
+    InvalidData,
     KeyChange,
     Mismatch,
     NotFound,
@@ -94,6 +95,16 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.ReadOnlySQLTransactionError,
     asyncpg.exceptions.TransactionRollbackError,
+)
+
+# What the server or asyncpg's encoders raise for a value they cannot take (class
+# 22: text that is not UTF-8 or holds NUL, a number out of range; class 23: a
+# constraint): asking again would be refused again.
+_REFUSED_VALUES: tuple[type[Exception], ...] = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    UnicodeEncodeError,
+    OverflowError,
 )
 
 # Connecting can also fail on the server's terms (no such database, bad password).
@@ -698,27 +709,33 @@ class PostgresBackend:
             )
         )
         keys = [key for key, _ in requests]
-        async with self._connection() as conn:
-            await conn.execute(
-                _ADD_USAGE_SQL,
-                [k[0] for k in keys],
-                [k[1] for k in keys],
-                [k[2] for k in keys],
-                [k[3] for k in keys],
-                [k[4] for k in keys],
-                [n for _, n in requests],
-                [credits[k] for k in keys],
-            )
+        await self._write_batch(
+            _ADD_USAGE_SQL,
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [k[2] for k in keys],
+            [k[3] for k in keys],
+            [k[4] for k in keys],
+            [n for _, n in requests],
+            [credits[k] for k in keys],
+        )
+
+    async def _write_batch(self, statement: str, *columns: list[Any]) -> None:
+        """One statement over arrays of values; refused values raise InvalidData."""
+        try:
+            async with self._connection() as conn:
+                await conn.execute(statement, *columns)
+        except _REFUSED_VALUES as exc:
+            raise InvalidData(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
 
     async def touch_keys(self, last_used: dict[str, float]) -> None:
         # The trigger on api_keys ignores last_used_at: nothing is announced.
         if not last_used:
             return
         items = sorted(last_used.items())
-        async with self._connection() as conn:
-            await conn.execute(
-                _TOUCH_KEYS_SQL, [key_id for key_id, _ in items], [at for _, at in items]
-            )
+        await self._write_batch(
+            _TOUCH_KEYS_SQL, [key_id for key_id, _ in items], [at for _, at in items]
+        )
 
     async def usage_buckets(
         self, team_id: str, start: int, end: float, step: int, key_id: str | None
@@ -754,15 +771,14 @@ class PostgresBackend:
         if not rows:
             return
         summed = _summed(((team, key, day, ip), n) for day, team, key, ip, n in rows)
-        async with self._connection() as conn:
-            await conn.execute(
-                _ADD_KEY_IPS_SQL,
-                [k[0] for k, _ in summed],
-                [k[1] for k, _ in summed],
-                [k[2] for k, _ in summed],
-                [k[3] for k, _ in summed],
-                [n for _, n in summed],
-            )
+        await self._write_batch(
+            _ADD_KEY_IPS_SQL,
+            [k[0] for k, _ in summed],
+            [k[1] for k, _ in summed],
+            [k[2] for k, _ in summed],
+            [k[3] for k, _ in summed],
+            [n for _, n in summed],
+        )
 
     async def key_ips(
         self, team_id: str, key_id: str | None, start_day: int, end_day: int
@@ -782,15 +798,14 @@ class PostgresBackend:
         if not rows:
             return
         summed = _summed(((minute, prefix, ip, why), n) for minute, prefix, ip, why, n in rows)
-        async with self._connection() as conn:
-            await conn.execute(
-                _ADD_AUTH_FAILURES_SQL,
-                [k[0] for k, _ in summed],
-                [k[1] for k, _ in summed],
-                [k[2] for k, _ in summed],
-                [k[3] for k, _ in summed],
-                [n for _, n in summed],
-            )
+        await self._write_batch(
+            _ADD_AUTH_FAILURES_SQL,
+            [k[0] for k, _ in summed],
+            [k[1] for k, _ in summed],
+            [k[2] for k, _ in summed],
+            [k[3] for k, _ in summed],
+            [n for _, n in summed],
+        )
 
     async def auth_failure_counts(
         self, start: int, end: float, limit: int

@@ -35,6 +35,7 @@ from gateway.storage import (
     ExpiryPolicy,
     IdempotencyClaim,
     IdempotencyRecord,
+    InvalidData,
     KeyChange,
     Mismatch,
     NotFound,
@@ -51,6 +52,15 @@ __all__ = ["SqliteBackend"]
 
 T = TypeVar("T")
 _CHANGE_RETENTION_SECONDS = 3600.0
+# What sqlite3 raises for a value it cannot take (text that is not UTF-8, an
+# integer beyond 64 bits, a constraint): asking again would be refused again.
+# Not OperationalError (locked, I/O): that is StorageUnavailable, and passes.
+_REFUSED_VALUES: tuple[type[Exception], ...] = (
+    UnicodeEncodeError,
+    OverflowError,
+    sqlite3.IntegrityError,
+    sqlite3.DataError,
+)
 
 
 def new_id(prefix: str) -> str:
@@ -640,30 +650,31 @@ class SqliteBackend:
             (r.team_id, r.minute, r.key_id, r.environment, r.outcome, r.requests, r.credits)
             for r in rows
         ]
-        await self._run(
-            self._tx,
-            lambda db: db.executemany(
-                "INSERT INTO usage_minutes "
-                "(team_id, minute, key_id, environment, outcome, requests, credits) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (team_id, minute, key_id, environment, outcome) DO UPDATE SET "
-                "requests = requests + excluded.requests, credits = credits + excluded.credits",
-                params,
-            ),
+        await self._write_batch(
+            "INSERT INTO usage_minutes "
+            "(team_id, minute, key_id, environment, outcome, requests, credits) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (team_id, minute, key_id, environment, outcome) DO UPDATE SET "
+            "requests = requests + excluded.requests, credits = credits + excluded.credits",
+            params,
         )
+
+    async def _write_batch(self, statement: str, params: Sequence[Sequence[object]]) -> None:
+        """``statement`` once per row, in one transaction; refused values raise InvalidData."""
+        try:
+            await self._run(self._tx, lambda db: db.executemany(statement, params))
+        except _REFUSED_VALUES as exc:
+            raise InvalidData(f"SQLite: {type(exc).__name__}: {exc}") from exc
 
     async def touch_keys(self, last_used: dict[str, float]) -> None:
         # last_used_at is not cached: no key change is logged.
         if not last_used:
             return
         params = [(at, key_id, at) for key_id, at in sorted(last_used.items())]
-        await self._run(
-            self._tx,
-            lambda db: db.executemany(
-                "UPDATE api_keys SET last_used_at = ? "
-                "WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)",
-                params,
-            ),
+        await self._write_batch(
+            "UPDATE api_keys SET last_used_at = ? "
+            "WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)",
+            params,
         )
 
     async def usage_buckets(
@@ -699,15 +710,12 @@ class SqliteBackend:
         if not rows:
             return
         params = [(team, key, day, ip, n) for day, team, key, ip, n in rows]
-        await self._run(
-            self._tx,
-            lambda db: db.executemany(
-                "INSERT INTO key_ip_days (team_id, key_id, day, client_ip, requests) "
-                "VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (team_id, key_id, day, client_ip) DO UPDATE SET "
-                "requests = requests + excluded.requests",
-                params,
-            ),
+        await self._write_batch(
+            "INSERT INTO key_ip_days (team_id, key_id, day, client_ip, requests) "
+            "VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (team_id, key_id, day, client_ip) DO UPDATE SET "
+            "requests = requests + excluded.requests",
+            params,
         )
 
     async def key_ips(
@@ -728,15 +736,12 @@ class SqliteBackend:
     async def add_auth_failures(self, rows: list[tuple[int, str, str, str, int]]) -> None:
         if not rows:
             return
-        await self._run(
-            self._tx,
-            lambda db: db.executemany(
-                "INSERT INTO auth_failure_minutes "
-                "(minute, key_prefix, client_ip, reason, failures) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (minute, key_prefix, client_ip, reason) DO UPDATE SET "
-                "failures = failures + excluded.failures",
-                rows,
-            ),
+        await self._write_batch(
+            "INSERT INTO auth_failure_minutes "
+            "(minute, key_prefix, client_ip, reason, failures) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (minute, key_prefix, client_ip, reason) DO UPDATE SET "
+            "failures = failures + excluded.failures",
+            rows,
         )
 
     async def auth_failure_counts(

@@ -12,6 +12,8 @@ import random
 import re
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import asyncpg
 import pytest
@@ -20,6 +22,7 @@ from gateway.models import ApiKey, Environment, UsageRow
 from gateway.storage import (
     Backend,
     Conflict,
+    InvalidData,
     NotFound,
     ReserveRequest,
     decode_ledger_cursor,
@@ -613,6 +616,45 @@ async def test_auth_failure_counts(db: Backend) -> None:
     ]
     assert await db.auth_failure_counts(T0, T0 + 3600.5, 1) == [("", "10.0.0.9", "malformed", 50)]
     assert await db.auth_failure_counts(T0 + 61, T0 + 3600, 10) == []
+
+
+@pytest.mark.parametrize(
+    "refused",
+    [
+        "not UTF-8 \udcff",  # what aiohttp makes of header bytes that are not UTF-8
+        2**64,  # beyond a 64-bit integer
+    ],
+)
+async def test_a_batch_with_a_refused_value_raises_invalid_data_and_writes_nothing(
+    db: Backend, refused: object
+) -> None:
+    team = await db.create_team("acme")
+    key = await db.create_key(team.id, "k", "live", "hash-1", "ckiq_live_abcd", None, None)
+    text: Any = refused if isinstance(refused, str) else "x"
+    number: Any = 1 if isinstance(refused, str) else refused
+    batches: list[Callable[[], Awaitable[None]]] = [
+        lambda: db.add_usage(
+            [
+                UsageRow(T0, team.id, key.id, "live", "ok", 1, 1),
+                UsageRow(T0, team.id, text, "live", "ok", number, 1),
+            ]
+        ),
+        lambda: db.add_key_ips(
+            [(T0, team.id, key.id, "10.0.0.1", 1), (T0, team.id, key.id, text, number)]
+        ),
+        lambda: db.add_auth_failures(
+            [(T0, "", "10.0.0.1", "malformed", 1), (T0, text, "10.0.0.1", "malformed", number)]
+        ),
+    ]
+    if isinstance(refused, str):
+        batches.append(lambda: db.touch_keys({key.id: T0, text: T0}))
+    for batch in batches:
+        with pytest.raises(InvalidData):
+            await batch()
+    assert await db.usage_buckets(team.id, T0, T0 + 60, 60, None) == []
+    assert await db.key_ips(team.id, None, T0, T0 + DAY) == []
+    assert await db.auth_failure_counts(T0, T0 + 60, 10) == []
+    assert (await db.get_key(key.id)).last_used_at is None
 
 
 async def test_prune_patterns_deletes_old_ips_and_failures(db: Backend) -> None:
