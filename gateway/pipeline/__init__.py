@@ -33,6 +33,7 @@ from gateway.pipeline.settlement import Settlements
 from gateway.proxy import ClientAddress, UpstreamPool
 from gateway.routing import Router
 from gateway.storage import Ledger, StorageError
+from gateway.text import safe_text
 from gateway.usage import UsageRecorder
 
 __all__ = ["Exchange", "Pipeline"]
@@ -90,7 +91,11 @@ class Pipeline:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         headers = request.headers
         ex = Exchange(request_id(headers.get("X-Request-Id")), request.method, time.monotonic())
-        ex.client_ip = self._addresses.client_ip(request.remote, headers.get("X-Forwarded-For"))
+        # Made safe text here, at the edge: a forwarded address is client input,
+        # and everything recorded downstream (usage, anomalies, logs) holds it.
+        ex.client_ip = safe_text(
+            self._addresses.client_ip(request.remote, headers.get("X-Forwarded-For")), 100
+        )
         self._metrics.in_flight.inc()
         try:
             admitted = self._admission.admit(request, ex)

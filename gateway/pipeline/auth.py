@@ -16,6 +16,7 @@ from gateway.metrics import Metrics
 from gateway.models import KeyRecord
 from gateway.pipeline.exchange import Exchange
 from gateway.storage import StorageError
+from gateway.text import safe_text
 from gateway.usage import UsageRecorder
 
 __all__ = ["Authenticator"]
@@ -104,7 +105,9 @@ class Authenticator:
     def _invalid(self, ex: Exchange, reason: str, token: str) -> errors.Refusal:
         self._metrics.auth_failures.labels(reason).inc()
         key = ex.key
-        prefix = display_prefix(token) if token.startswith("ckiq_") else None
+        # The token's bytes are the client's: whatever they are, what is recorded
+        # is text every writer can store (tests/admin/test_auth_failure_evidence.py).
+        prefix = safe_text(display_prefix(token)) if token.startswith("ckiq_") else None
         self._usage.record_auth_failure(prefix, ex.client_ip, reason)
         if self._anomalies is not None:
             self._anomalies.auth_failure(prefix, ex.client_ip)
