@@ -1,17 +1,61 @@
-"""The answer to a request whose Idempotency-Key was used before: 409, 422, or the first answer."""
+"""Idempotency-Keys on the request path: the claim, the answer to a key used before
+(409, 422, or the first answer again), and the record a settlement leaves behind."""
 
 from __future__ import annotations
+
+import logging
 
 from aiohttp import web
 
 from gateway import errors, idempotency
 from gateway.errors import Refusal
-from gateway.models import Outcome
+from gateway.models import KeyRecord, Outcome
 from gateway.pipeline._http import send_continue
+from gateway.pipeline.rules import Verdict
 from gateway.routing import Route
-from gateway.storage import IdempotencyClaim, IdempotencyRecord
+from gateway.storage import IdempotencyClaim, IdempotencyRecord, Ledger, StorageError
 
-__all__ = ["Replay", "answer"]
+__all__ = ["Replay", "answer", "claim", "record"]
+
+log = logging.getLogger("gateway.pipeline")
+
+
+def claim(request: web.Request, route: Route, path: str) -> IdempotencyClaim | None:
+    """The request's Idempotency-Key claim (charged routes only), or a 400 for a bad key."""
+    value = request.headers.get("Idempotency-Key")
+    if value is None or not route.charges(request.method):
+        return None
+    if not idempotency.valid_key(value):
+        raise errors.refuse_bad_request("Idempotency-Key must be 1-255 visible ASCII characters")
+    return IdempotencyClaim(value, request.method, path)
+
+
+async def record(
+    ledger: Ledger,
+    key: KeyRecord,
+    attempt: idempotency.Attempt,
+    verdict: Verdict,
+    status: int | None,
+    content_type: str | None,
+) -> None:
+    """Keep the key as used (with the answer, when it was delivered whole) or release it."""
+    try:
+        if verdict.keep_key and status is not None:
+            body = attempt.response_body() if verdict.store_answer else None
+            await ledger.complete_idempotency(
+                key.team_id,
+                key.environment,
+                attempt.key,
+                attempt.body_hash,
+                status,
+                content_type,
+                body,
+            )
+        else:
+            await ledger.release_idempotency(key.team_id, key.environment, attempt.key)
+    except StorageError as exc:
+        # An in-flight record left behind is freed by the sweeper after a lease.
+        log.warning("idempotency record not written: %s", exc)
 
 
 class Replay(Refusal):

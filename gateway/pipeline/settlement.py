@@ -15,7 +15,6 @@ from types import TracebackType
 from typing import Any
 
 from aiohttp import web
-from multidict import CIMultiDictProxy
 
 from gateway import errors, idempotency
 from gateway.config import Settings
@@ -31,7 +30,6 @@ from gateway.storage import IdempotencyClaim, Ledger, StorageError
 __all__ = ["Settlement", "Settlements"]
 
 log = logging.getLogger("gateway.pipeline")
-CHARGE_HEADER = "X-Gateway-Charge"
 
 
 class Settlements:
@@ -78,14 +76,6 @@ class Settlements:
             ):
                 settlement.reserve_ahead(key)
         return settlement
-
-    async def write(self, work: Coroutine[Any, Any, None]) -> None:
-        """An Idempotency-Key record write; a failure leaves the key to the sweeper."""
-        try:
-            await work
-        except StorageError as exc:
-            # An in-flight record left behind is freed by the sweeper after a lease.
-            log.warning("idempotency record not written: %s", exc)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -158,7 +148,7 @@ class Settlement:
         key = self.key
         if key is None:
             return
-        claim = self._claim(request.headers, request.method)
+        claim = replays.claim(request, self.route, self.path)
         if self.cost:
             await self._reserve_credit(request, key, claim)
         elif claim is not None:
@@ -197,16 +187,6 @@ class Settlement:
         self._reservation = reservation_id
         self._available_after = result.available
         self._owner.metrics.count_credits("reserved", self.cost)
-
-    def _claim(self, headers: CIMultiDictProxy[str], method: str) -> IdempotencyClaim | None:
-        value = headers.get("Idempotency-Key")
-        if value is None or not self.route.charges(method):
-            return None
-        if not idempotency.valid_key(value):
-            raise errors.refuse_bad_request(
-                "Idempotency-Key must be 1-255 visible ASCII characters"
-            )
-        return IdempotencyClaim(value, method, self.path)
 
     def answered(self, status: int, charge_values: list[str], content_type: str | None) -> None:
         """The upstream's (valid, final) status arrived, with its X-Gateway-Charge values."""
@@ -253,18 +233,16 @@ class Settlement:
         attempt = self._attempt
         if attempt is None:
             return
-        if verdict.keep_key:
-            assert self.facts.status is not None
-            body = attempt.response_body() if verdict.store_answer else None
-            work = self._keep(attempt, self.facts.status, body)
-        else:
-            work = self._release(attempt)
+        assert self.key is not None
+        work = replays.record(
+            owner.ledger, self.key, attempt, verdict, self.facts.status, self._content_type
+        )
         # Written before the client learns the outcome, so that a retry sent the
         # moment it does finds the key as this rule left it (not "in progress").
         if can_wait:
-            await owner.write(work)
+            await work
         else:
-            owner.spawn(owner.write(work))
+            owner.spawn(work)
 
     async def _settle(self, charge: int | None, can_wait: bool) -> None:
         reservation, self._reservation = self._reservation, None
@@ -285,21 +263,3 @@ class Settlement:
         metrics.count_credits("posted", charge)
         if charge < self.cost:
             metrics.count_credits("voided", self.cost - charge)
-
-    async def _keep(self, attempt: idempotency.Attempt, status: int, body: bytes | None) -> None:
-        assert self.key is not None
-        await self._owner.ledger.complete_idempotency(
-            self.key.team_id,
-            self.key.environment,
-            attempt.key,
-            attempt.body_hash,
-            status,
-            self._content_type,
-            body,
-        )
-
-    async def _release(self, attempt: idempotency.Attempt) -> None:
-        assert self.key is not None
-        await self._owner.ledger.release_idempotency(
-            self.key.team_id, self.key.environment, attempt.key
-        )
