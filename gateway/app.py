@@ -23,6 +23,7 @@ from gateway.proxy import UpstreamPool
 from gateway.routing import Router
 from gateway.storage import Backend
 from gateway.storage.registry import open_backend
+from gateway.tracing import Tracing
 from gateway.usage import UsageRecorder
 
 __all__ = ["GATEWAY", "Gateway", "create_app"]
@@ -64,6 +65,7 @@ class Gateway:
         self.upstreams = UpstreamPool(settings.upstreams)
         # The process that changes a key must not serve it on the feed's schedule.
         self.management = Management(self.backend, settings, listener=self.keys)
+        self.tracing = Tracing(settings.tracing) if settings.tracing.enabled else None
         self.pipeline = Pipeline(
             settings,
             router=self.router,
@@ -76,6 +78,7 @@ class Gateway:
             metrics=self.metrics,
             usage=self.usage,
             anomalies=self.anomalies,
+            tracing=self.tracing,
         )
         self.ready = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -156,6 +159,9 @@ class Gateway:
         await self.upstreams.close()
         await self.limiter.close()
         await self.backend.close()
+        if self.tracing is not None:
+            # Sends what is queued (bounded by the exporter's timeout) off the loop.
+            await asyncio.to_thread(self.tracing.close)
 
 
 def _limiter(settings: Settings) -> Limiter:

@@ -49,6 +49,7 @@ __all__ = [
     "Settings",
     "ShutdownSettings",
     "StatusSettings",
+    "TracingSettings",
     "UpstreamSettings",
     "UsageSettings",
     "load_settings",
@@ -277,6 +278,28 @@ class LoggingSettings(_Frozen):
     access_log: bool = True
 
 
+class TracingSettings(_Frozen):
+    """OpenTelemetry traces over OTLP/HTTP (protobuf); off unless switched on."""
+
+    enabled: bool = False
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    # Share of requests traced when the client sent no sampled traceparent
+    # (a client's sampling decision is followed either way).
+    sample_ratio: float = Field(default=0.01, ge=0.0, le=1.0)
+    service_name: str = Field(default="gateway", min_length=1, max_length=100)
+    headers: dict[str, SecretStr] = {}
+    # How long spans wait to be sent together; the export runs in its own thread.
+    batch_delay_seconds: float = Field(default=1.0, gt=0.0, le=60.0)
+    timeout_seconds: float = Field(default=5.0, gt=0.0, le=60.0)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http_endpoint(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL (OTLP over HTTP)")
+        return value
+
+
 class ShutdownSettings(_Frozen):
     # Fail /readyz, then wait this long so load balancers stop sending traffic.
     readiness_delay_seconds: float = Field(default=5.0, ge=0, le=600)
@@ -361,6 +384,7 @@ class Settings(_Frozen):
     identity_headers: IdentityHeaderSettings = IdentityHeaderSettings()
     logging: LoggingSettings = LoggingSettings()
     metrics: MetricsSettings = MetricsSettings()
+    tracing: TracingSettings = TracingSettings()
     security: SecuritySettings = SecuritySettings()
     usage: UsageSettings = UsageSettings()
     idempotency: IdempotencySettings = IdempotencySettings()

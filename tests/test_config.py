@@ -87,6 +87,8 @@ def test_unset_variable_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         ("listen: nowhere\n", "listen", "HOST:PORT"),
         ("colour: blue\n", "colour", "unknown field"),
         ("trusted_proxies: [not-an-ip]\n", "trusted_proxies", "not an IP"),
+        ("tracing: {endpoint: 'grpc://127.0.0.1:4317'}\n", "tracing.endpoint", "http://"),
+        ("tracing: {sample_ratio: 1.5}\n", "tracing.sample_ratio", "less than or equal to 1"),
     ],
 )
 def test_errors_name_file_field_and_problem(

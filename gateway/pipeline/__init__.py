@@ -34,6 +34,7 @@ from gateway.proxy import ClientAddress, UpstreamPool
 from gateway.routing import Router
 from gateway.storage import Ledger, StorageError
 from gateway.text import safe_text
+from gateway.tracing import Tracing
 from gateway.usage import UsageRecorder
 
 __all__ = ["Exchange", "Pipeline"]
@@ -64,7 +65,9 @@ class Pipeline:
         metrics: Metrics,
         usage: UsageRecorder,
         anomalies: AnomalyDetector | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
+        self._tracing = tracing
         pepper = settings.keys.pepper
         self._metrics = metrics
         self._ledger = ledger
@@ -96,6 +99,9 @@ class Pipeline:
         ex.client_ip = safe_text(
             self._addresses.client_ip(request.remote, headers.get("X-Forwarded-For")), 100
         )
+        if self._tracing is not None:
+            ex.trace = self._tracing.start(headers, request.method)
+        trace = ex.trace
         self._metrics.in_flight.inc()
         try:
             admitted = self._admission.admit(request, ex)
@@ -104,14 +110,18 @@ class Pipeline:
                 return await self._balance(request, ex)
             key = None
             if route.auth and request.method != "OPTIONS":
-                key = await self._auth.authenticate(request, ex)
+                with trace.stage("authenticate"):
+                    key = await self._auth.authenticate(request, ex)
             settlement = self._settlements.open(request, ex, route, key, admitted.path)
             async with settlement:
                 if key is not None:
-                    await self._limits.check(ex, key)
+                    with trace.stage("rate_limit"):
+                        await self._limits.check(ex, key)
                 check_declared_size(request, route)
-                await settlement.reserve(request)
-                response = await self._forwarder.forward(request, ex, admitted, settlement)
+                with trace.stage("reserve"):
+                    await settlement.reserve(request)
+                with trace.stage("upstream"):
+                    response = await self._forwarder.forward(request, ex, admitted, settlement)
             return await finish(request, response, settlement)
         except Refusal as refusal:
             return self._refuse(request, ex, refusal)

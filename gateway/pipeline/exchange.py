@@ -14,6 +14,7 @@ from aiohttp import web
 from gateway.anomaly import AnomalyDetector
 from gateway.metrics import Metrics
 from gateway.models import KeyRecord, Outcome
+from gateway.tracing import NO_TRACE, RequestTrace
 from gateway.usage import UsageRecorder
 
 __all__ = ["Exchange", "Recorder", "request_id"]
@@ -51,6 +52,7 @@ class Exchange:
     rate_headers: dict[str, str] = field(default_factory=dict)
     # The streamed answer once its status line is on its way to the client.
     relayed: web.StreamResponse | None = None
+    trace: RequestTrace = NO_TRACE
 
     def reply(self, response: web.StreamResponse, outcome: Outcome) -> web.StreamResponse:
         """Stamp a response the gateway itself answers with the request's id and rate headers."""
@@ -88,6 +90,27 @@ class Recorder:
         self._metrics.observe_request(ex.route, elapsed)
         if access_log.isEnabledFor(logging.INFO):
             _log_access(ex, elapsed)
+        if ex.trace is not NO_TRACE:
+            ex.trace.finish(_span_attributes(ex))
+
+
+def _span_attributes(ex: Exchange) -> dict[str, str | int]:
+    """OpenTelemetry's HTTP server attributes, and who paid what (never the key itself)."""
+    attributes: dict[str, str | int] = {
+        "http.request.method": ex.method,
+        "http.route": ex.route,
+        "http.response.status_code": ex.status,
+        "client.address": ex.client_ip,
+        "gateway.request_id": ex.request_id,
+        "gateway.outcome": ex.outcome.value,
+        "gateway.credits": ex.credits,
+    }
+    key = ex.key
+    if key is not None:
+        attributes["gateway.key_id"] = key.id
+        attributes["gateway.team_id"] = key.team_id
+        attributes["gateway.environment"] = key.environment
+    return attributes
 
 
 def _log_access(ex: Exchange, elapsed: float) -> None:

@@ -126,7 +126,7 @@ class Forwarder:
             ids = self._identity
             identity = {ids.team: key.team_id, ids.key: key.id, ids.environment: key.environment}
         peer = request.remote or ""
-        return self._headers.upstream(
+        headers = self._headers.upstream(
             request.headers,
             identity_values=identity,
             extra=upstream.extra_headers,
@@ -135,6 +135,8 @@ class Forwarder:
             scheme=request.scheme,
             request_id=ex.request_id,
         )
+        ex.trace.inject(headers)
+        return headers
 
     async def _relay(
         self,

@@ -224,6 +224,11 @@ class Settlement:
             self._early = None
         if isinstance(exc, asyncio.CancelledError) and self.facts.status is not None:
             self.facts.client_left = True  # the client went away (handler cancelled)
+        with self._ex.trace.stage("settle"):
+            await self._apply(exc)
+
+    async def _apply(self, exc: BaseException | None) -> None:
+        owner = self._owner
         verdict = decide(self.facts)
         # Awaiting is fine unless the task is being cancelled: then only
         # non-blocking work (buffered posts, background voids) is done.
