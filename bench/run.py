@@ -12,6 +12,8 @@ to be the bottleneck) and measures, one after another under the same load:
   embedded      the gateway, one worker, full enforcement on SQLite + in-process limiter
   redis_pg      the gateway, one worker, full enforcement on Redis + PostgreSQL
   redis_pg_w2   the same with ``--workers 2``
+  redis_pg_trace1 / redis_pg_trace100   redis_pg with OpenTelemetry tracing on, 1% / 100% of
+                requests sampled, spans sent to a sink on loopback (bench/otlp_sink.py)
   teams100      redis_pg with the load spread over 100 teams instead of one
   keys100k      RSS of one gateway process with 100,000 keys cached (bench/key_memory.py)
 
@@ -357,7 +359,7 @@ def render(results: list[Result]) -> str:
     by_name = {r.name: r for r in results}
     floor = by_name.get("plain")
     nginx = by_name.get("nginx")
-    header = (f"{'target':<12} {'req/s':>8} {'×plain':>7} {'×nginx':>7} {'p50 ms':>7} {'p99 ms':>7} "
+    header = (f"{'target':<18} {'req/s':>8} {'×plain':>7} {'×nginx':>7} {'p50 ms':>7} {'p99 ms':>7} "
               f"{'p99.9 ms':>8} {'CPU ms/1k':>9} {'RSS MB':>7} {'errors':>6} {'redis/req':>9} {'pg tx/req':>9}")
     lines = [header, "-" * len(header)]
     for r in results:
@@ -368,7 +370,7 @@ def render(results: list[Result]) -> str:
             return format(value, fmt) if value is not None else "-"
 
         lines.append(
-            f"{r.name:<12} {r.rps:>8.0f} {ratio(floor):>7} {ratio(nginx):>7} {r.p50_ms:>7.2f} "
+            f"{r.name:<18} {r.rps:>8.0f} {ratio(floor):>7} {ratio(nginx):>7} {r.p50_ms:>7.2f} "
             f"{r.p99_ms:>7.2f} {r.p999_ms:>8.2f} {opt(r.cpu_ms_per_1k, '.0f'):>9} "
             f"{opt(r.peak_rss_mb, '.0f'):>7} {r.wrk_errors + r.open_loop_errors:>6} "
             f"{opt(r.redis_calls_per_request, '.2f'):>9} {opt(r.pg_transactions_per_request, '.3f'):>9}"
@@ -409,8 +411,12 @@ def main() -> None:
         keepalive_requests 1000000;
         location / {{ proxy_pass http://assess; proxy_http_version 1.1; proxy_set_header Connection ""; }}
     }}"""))
+        sink_port = free_port()
+        processes.append(subprocess.Popen(  # noqa: S603
+            [sys.executable, str(ROOT / "bench" / "otlp_sink.py"), str(sink_port)]))
         wait_port(upstream_port)
         wait_port(proxy_port)
+        wait_port(sink_port)
         nginx_pids = [processes[1].pid, *children_of(processes[1].pid)]
         upstream_url = f"http://127.0.0.1:{upstream_port}"
         route = {"path": "/api/v1/assess", "methods": ["POST"], "upstream": "assess", "cost": 1}
@@ -455,8 +461,16 @@ def main() -> None:
                 run_gateway("plain", {"storage": f"sqlite:///{workdir}/plain-{round_no}.db", "routes": [public]}, 0)
             if "embedded" in wanted:
                 run_gateway("embedded", {"storage": f"sqlite:///{workdir}/embedded-{round_no}.db", "routes": [route]}, 1)
-            if wanted & {"redis_pg", "redis_pg_w2", "teams100"}:
-                for name, teams, workers in (("redis_pg", 1, 1), ("redis_pg_w2", 1, 2), ("teams100", 100, 1)):
+            tracing = {"enabled": True, "endpoint": f"http://127.0.0.1:{sink_port}/v1/traces"}
+            enforced: tuple[tuple[str, int, int, dict[str, Any]], ...] = (
+                ("redis_pg", 1, 1, {}),
+                ("redis_pg_w2", 1, 2, {}),
+                ("teams100", 100, 1, {}),
+                ("redis_pg_trace1", 1, 1, {"tracing": {**tracing, "sample_ratio": 0.01}}),
+                ("redis_pg_trace100", 1, 1, {"tracing": {**tracing, "sample_ratio": 1.0}}),
+            )
+            if wanted & {name for name, *_ in enforced}:
+                for name, teams, workers, extra in enforced:
                     if name not in wanted:
                         continue
                     db_name, dsn = scratch_database()
@@ -464,7 +478,7 @@ def main() -> None:
                         import redis
 
                         redis.Redis.from_url(redis_url()).flushdb()
-                        config = {"storage": dsn, "limiter": redis_url(), "routes": [route]}
+                        config = {"storage": dsn, "limiter": redis_url(), "routes": [route], **extra}
                         run_gateway(name, config, teams, workers, counters=backend_counters(dsn, db_name))
                     finally:
                         drop_database(db_name)
