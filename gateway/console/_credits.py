@@ -47,7 +47,7 @@ def _amount(value: int) -> Markup:
 def _entry(entry: LedgerEntry) -> Markup:
     return fmt(
         '<tr><td>$at</td><td>$kind</td><td>$env</td><td class="num">$amount</td>'
-        "<td>$reason</td></tr>",
+        '<td class="text">$reason</td></tr>',
         at=when(entry.created_at),
         kind=KINDS.get(entry.kind, entry.kind),
         env=entry.environment,

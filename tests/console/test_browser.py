@@ -3,7 +3,9 @@
 An operator signs in, grants credits, creates a key and copies it from the
 one-time dialog; the key is used through the proxy, shows up on the usage page,
 is revoked in the UI and refused by the proxy; a team token cannot reach another
-team's pages. Screenshots of each page go to ``test-artifacts/console/``.
+team's pages. The tables of every page fit windows 1024, 1280 and 1440 pixels wide
+with long names, without sideways scrolling. Screenshots of each page go to
+``test-artifacts/console/``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Locator, Page, async_playwright, expect
 
 from ..conftest import ADMIN_TOKEN, Upstream
 from ..procs import GatewayProcess
@@ -277,3 +279,152 @@ async def test_operator_and_team_token_in_a_browser(
     assert await team_page.get_by_role("button", name="Grant").count() == 0
     await team_context.close()
     await context.close()
+
+
+# The console's tables must fit the common desktop widths without sideways scrolling.
+WIDTHS = (1024, 1280, 1440)
+# A key name at its limit (100 characters), with spaces, and one that has none.
+LONG_NAME = (
+    "Production assessment worker for the customer portal, EU West region, blue/green slot A #"
+)
+LONG_NAME = LONG_NAME + "x" * (100 - len(LONG_NAME))
+UNBROKEN_NAME = ("nightly-regression-suite-" * 4)[:100]
+LONG_TEAM = ("Northwind Logistics International — Customer Data Platform, EU West Billing " * 2)[
+    :100
+]
+
+# Everything that scrolls sideways: the page, and the box around each table.
+OVERFLOW = """() => {
+  const problems = [];
+  const root = document.documentElement;
+  if (root.scrollWidth > window.innerWidth) {
+    problems.push(`page: scrollWidth ${root.scrollWidth} > innerWidth ${window.innerWidth}`);
+  }
+  for (const table of document.querySelectorAll("table")) {
+    const box = table.parentElement;
+    if (box.scrollWidth > box.clientWidth) {
+      const name = box.getAttribute("aria-label") || box.getAttribute("aria-labelledby");
+      problems.push(`table ${name}: scrollWidth ${box.scrollWidth} > clientWidth ${box.clientWidth}`);
+    }
+  }
+  return problems;
+}"""
+
+
+async def overflow(page: Page, name: str, width: int) -> list[str]:
+    """What scrolls sideways at this width; a screenshot for people to look at."""
+    assert await page.evaluate("window.innerWidth") == width
+    # Every table is checked, including the one folded away in a <details>.
+    await page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
+    await shot(page, f"{name}-{width}")
+    return [f"{name} at {width}px: {p}" for p in await page.evaluate(OVERFLOW)]
+
+
+async def cut_off(page: Page, what: str, width: int, height: int, locator: Locator) -> list[str]:
+    """Whether ``locator`` sticks out of the viewport or out of its table's box once the
+    page is scrolled to it vertically (scrolling sideways would hide what this looks for)."""
+    await locator.evaluate(
+        "el => window.scrollTo(0, el.getBoundingClientRect().top + window.scrollY - 200)"
+    )
+    box = await locator.bounding_box()
+    assert box is not None
+    wrap = await locator.evaluate(
+        "el => { const r = el.closest('.table-wrap').getBoundingClientRect();"
+        " return {left: r.left, right: r.right}; }"
+    )
+    left, right = box["x"], box["x"] + box["width"]
+    inside = (
+        max(0, wrap["left"]) <= left
+        and right <= min(width, wrap["right"])
+        and box["y"] >= 0
+        and box["y"] + box["height"] <= height
+    )
+    return [] if inside else [f"{what} at {width}px: {box} outside {wrap} / {width}x{height}"]
+
+
+async def test_tables_fit_desktop_widths(
+    browser: Browser, gateway: GatewayProcess, upstream: Upstream
+) -> None:
+    team = await admin_api(gateway, "POST", "/admin/v1/teams", {"name": LONG_TEAM})
+    await admin_api(gateway, "POST", "/admin/v1/teams", {"name": "Acme Corp"})
+    tid = team["id"]
+    await admin_api(
+        gateway,
+        "POST",
+        f"/admin/v1/teams/{tid}/credits",
+        {"amount": 1000, "environment": "live", "reason": "Invoice 2025-031: " + "annual " * 60},
+    )
+    await admin_api(
+        gateway,
+        "POST",
+        f"/admin/v1/teams/{tid}/credits",
+        {"amount": -5, "environment": "live", "reason": "x" * 500},
+    )
+
+    async def key(name: str, **extra: Any) -> Any:
+        return await admin_api(
+            gateway, "POST", f"/admin/v1/teams/{tid}/keys", {"name": name, **extra}
+        )
+
+    used = await key(LONG_NAME)
+    unbroken = await key(UNBROKEN_NAME, environment="test")
+    await key("web", expires_at="2099-12-31T23:59:00Z")
+    rotated = await key(LONG_NAME.replace("Production", "Staging   "))
+    await admin_api(
+        gateway, "POST", f"/admin/v1/keys/{rotated['id']}/rotate", {"grace_seconds": 86400}
+    )
+    revoked = await key("Old integration " + "y" * 84)
+    await admin_api(gateway, "POST", f"/admin/v1/keys/{revoked['id']}/revoke")
+    disabled = await key("Disabled " + "z" * 91)
+    await admin_api(gateway, "PATCH", f"/admin/v1/keys/{disabled['id']}", {"disabled": True})
+
+    # Usage in several outcomes, a rate spike and refused credentials, for the usage page.
+    assert (await proxy(gateway, used["key"]))[0] == 200
+    await asyncio.sleep(2.1)
+    for status in (200, 200, 500, 404, 200):
+        upstream.status = status
+        await proxy(gateway, used["key"])
+    upstream.status = 200
+    await proxy(gateway, unbroken["key"])
+    for bad in ("ckiq_live_" + "x" * 38, "ckiq_test_" + "q" * 38, "not-a-key"):
+        assert (await proxy(gateway, bad))[0] == 401
+    for _ in range(100):
+        report = await admin_api(gateway, "GET", f"/admin/v1/teams/{tid}/usage")
+        if report["totals"]["total"] >= 7:
+            break
+        await asyncio.sleep(0.1)
+    assert report["totals"]["total"] >= 7, report
+
+    console = gateway.admin_url + "/console"
+    context = await browser.new_context(viewport={"width": WIDTHS[0], "height": 900})
+    page = await context.new_page()
+    await page.goto(console + "/sign-in")
+    await page.get_by_label("Token").fill(ADMIN_TOKEN)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page).to_have_url(console + "/teams")
+
+    pages = {
+        "teams": console + "/teams",
+        "keys": f"{console}/teams/{tid}/keys",
+        "credits": f"{console}/teams/{tid}/credits",
+        "usage": f"{console}/teams/{tid}/usage",
+    }
+    problems: list[str] = []
+    for width in WIDTHS:
+        await page.set_viewport_size({"width": width, "height": 900})
+        for name, url in pages.items():
+            await page.goto(url)
+            await expect(page.locator(".table-wrap table").last).to_be_visible()
+            problems += await overflow(page, name, width)
+        # Every row's buttons, the long names' rows among them.
+        await page.goto(pages["keys"])
+        for key_id, name in ((used["id"], LONG_NAME), (unbroken["id"], UNBROKEN_NAME)):
+            await expect(page.locator(f'tr[data-key-id="{key_id}"]')).to_contain_text(name)
+        buttons = page.locator("tbody tr").get_by_role("link", name="Revoke…")
+        assert await buttons.count() == 6  # all but the revoked key
+        for label in ("Revoke…", "Rotate…"):
+            for button in await page.locator("tbody tr").get_by_role("link", name=label).all():
+                what = await button.text_content() or label
+                problems += await cut_off(page, what[:30], width, 900, button)
+    await context.close()
+    assert problems == []
