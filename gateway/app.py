@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from gateway.access_log import AccessLog
 from gateway.anomaly import AnomalyDetector
 from gateway.config import MAX_BURST, MAX_RATE_PER_MINUTE, Settings
 from gateway.credits import Credits
@@ -66,6 +67,11 @@ class Gateway:
         # The process that changes a key must not serve it on the feed's schedule.
         self.management = Management(self.backend, settings, listener=self.keys)
         self.tracing = Tracing(settings.tracing) if settings.tracing.enabled else None
+        logs = settings.logging
+        # Access lines are INFO: off with the access log, or at a level above INFO.
+        self.access_log = (
+            AccessLog(logs.format) if logs.access_log and logs.level in ("DEBUG", "INFO") else None
+        )
         self.pipeline = Pipeline(
             settings,
             router=self.router,
@@ -79,6 +85,7 @@ class Gateway:
             usage=self.usage,
             anomalies=self.anomalies,
             tracing=self.tracing,
+            access_log=self.access_log,
         )
         self.ready = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -107,6 +114,8 @@ class Gateway:
         ]
         if self.anomalies is not None:
             self._tasks.append(asyncio.create_task(self._anomaly_clock(), name="anomalies"))
+        if self.access_log is not None:
+            self._tasks.append(asyncio.create_task(self.access_log.run(), name="access-log"))
         self.ready = True
 
     async def _anomaly_clock(self) -> None:
@@ -153,6 +162,8 @@ class Gateway:
                 log.exception("background task %s had failed", task.get_name())
         self._tasks = []
         await self.pipeline.close()
+        if self.access_log is not None:
+            self.access_log.flush()
         await self.credits.close()
         with contextlib.suppress(Exception):
             await self.usage.flush()

@@ -17,7 +17,7 @@ import orjson
 from gateway.config import LoggingSettings
 from gateway.text import safe_text
 
-__all__ = ["LogFormatter", "configure_logging", "redact"]
+__all__ = ["LogFormatter", "configure_logging", "logfmt_value", "redact"]
 
 _SECRET = re.compile(r"(ckiq_(?:live|test|mgmt)_[0-9A-Za-z]{4})[0-9A-Za-z]+")
 _BEARER = re.compile(r"(?i)(bearer\s+)(?!ckiq_)[^\s\"',;]+")
@@ -60,7 +60,7 @@ class LogFormatter(logging.Formatter):
                 # surrogates), an integer beyond 64 bits or an object orjson does
                 # not know: the line is still written, with those escaped.
                 return orjson.dumps(_encodable(fields)).decode()
-        return " ".join(f"{k}={_logfmt(v)}" for k, v in fields.items())
+        return " ".join(f"{k}={logfmt_value(v)}" for k, v in fields.items())
 
 
 def _encodable(value: Any) -> Any:
@@ -91,7 +91,7 @@ def _text(text: str) -> str:
     return text
 
 
-def _logfmt(value: Any) -> str:
+def logfmt_value(value: Any) -> str:
     if value is None:
         return ""
     text = _text(str(value))

@@ -147,6 +147,9 @@ async def test_team_labels_off_by_default(gw: Harness, aiohttp_client) -> None: 
 
 
 async def test_logs_parse_and_hold_no_key_material(gw: Harness, captured_logs: io.StringIO) -> None:
+    assert gw.gateway.access_log is not None  # on at the shipped default
+    access_sink = io.BytesIO()
+    gw.gateway.access_log.sink = access_sink
     key = await gw.key(credits=5)
     typo = key[:-1] + ("x" if key[-1] != "x" else "y")  # a bad checksum, never the key itself
     revoked = await gw.key(team="gone")
@@ -158,12 +161,14 @@ async def test_logs_parse_and_hold_no_key_material(gw: Harness, captured_logs: i
     await gw.client.post("/api/v1/assess", headers=bearer(revoked))
     await gw.client.post("/api/v1/assess", headers=bearer(typo))
     await gw.client.post("/api/v1/assess", headers={"Authorization": "Bearer some-other-secret"})
-    lines = [orjson.loads(line) for line in captured_logs.getvalue().splitlines()]
+    gw.gateway.access_log.flush()
+    text = captured_logs.getvalue() + access_sink.getvalue().decode()
+    lines = [orjson.loads(line) for line in text.splitlines()]
     assert lines, "nothing was logged"
-    text = captured_logs.getvalue()
     for secret in (key, revoked, typo, "some-other-secret"):
         assert secret not in text
     access = [line for line in lines if line["logger"] == "gateway.access"]
+    assert all(line["level"] == "info" and line["msg"] == "request" for line in access)
     assert len(access) == 5
     first = access[0]
     for field in (

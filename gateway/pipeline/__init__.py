@@ -14,6 +14,7 @@ import time
 from aiohttp import web
 
 from gateway import errors
+from gateway.access_log import AccessLog
 from gateway.anomaly import AnomalyDetector
 from gateway.config import Settings
 from gateway.credits import Credits
@@ -66,6 +67,7 @@ class Pipeline:
         usage: UsageRecorder,
         anomalies: AnomalyDetector | None = None,
         tracing: Tracing | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self._tracing = tracing
         pepper = settings.keys.pepper
@@ -89,7 +91,7 @@ class Pipeline:
             settings, credits, ledger, metrics, may_reserve_ahead=self._limits.may_reserve_ahead
         )
         self._forwarder = Forwarder(settings, upstreams, self._addresses, self._deadlines, metrics)
-        self._recorder = Recorder(metrics, usage, anomalies)
+        self._recorder = Recorder(metrics, usage, anomalies, access_log)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         headers = request.headers

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
+from gateway.access_log import AccessLog
 from gateway.anomaly import AnomalyDetector
 from gateway.metrics import Metrics
 from gateway.models import KeyRecord, Outcome
@@ -18,8 +19,6 @@ from gateway.tracing import NO_TRACE, RequestTrace
 from gateway.usage import UsageRecorder
 
 __all__ = ["Exchange", "Recorder", "request_id"]
-
-access_log = logging.getLogger("gateway.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Request ids need to be unique, not secret: a random per-process prefix and a
@@ -68,11 +67,16 @@ class Recorder:
     """Counts and logs every finished exchange (usage, anomaly signals, metrics, access log)."""
 
     def __init__(
-        self, metrics: Metrics, usage: UsageRecorder, anomalies: AnomalyDetector | None
+        self,
+        metrics: Metrics,
+        usage: UsageRecorder,
+        anomalies: AnomalyDetector | None,
+        access_log: AccessLog | None,
     ) -> None:
         self._metrics = metrics
         self._usage = usage
         self._anomalies = anomalies
+        self._access_log = access_log
 
     def record(self, ex: Exchange) -> None:
         elapsed = time.monotonic() - ex.started
@@ -88,8 +92,8 @@ class Recorder:
             ex.route, ex.method, ex.status, ex.outcome.value, key.team_id if key else None
         )
         self._metrics.observe_request(ex.route, elapsed)
-        if access_log.isEnabledFor(logging.INFO):
-            _log_access(ex, elapsed)
+        if self._access_log is not None:
+            self._access_log.write(_access_fields(ex, elapsed))
         if ex.trace is not NO_TRACE:
             ex.trace.finish(_span_attributes(ex))
 
@@ -113,25 +117,20 @@ def _span_attributes(ex: Exchange) -> dict[str, str | int]:
     return attributes
 
 
-def _log_access(ex: Exchange, elapsed: float) -> None:
+def _access_fields(ex: Exchange, elapsed: float) -> dict[str, Any]:
     key = ex.key
     upstream_ms = round(ex.upstream_seconds * 1000, 3) if ex.upstream_seconds is not None else None
-    access_log.info(
-        "request",
-        extra={
-            "fields": {
-                "request_id": ex.request_id,
-                "method": ex.method,
-                "route": ex.route,
-                "status": ex.status,
-                "outcome": ex.outcome.value,
-                "team_id": key.team_id if key else None,
-                "key_id": key.id if key else None,
-                "key_prefix": key.prefix if key else None,
-                "credits": ex.credits,
-                "upstream_ms": upstream_ms,
-                "total_ms": round(elapsed * 1000, 3),
-                "client_ip": ex.client_ip,
-            }
-        },
-    )
+    return {
+        "request_id": ex.request_id,
+        "method": ex.method,
+        "route": ex.route,
+        "status": ex.status,
+        "outcome": ex.outcome.value,
+        "team_id": key.team_id if key else None,
+        "key_id": key.id if key else None,
+        "key_prefix": key.prefix if key else None,
+        "credits": ex.credits,
+        "upstream_ms": upstream_ms,
+        "total_ms": round(elapsed * 1000, 3),
+        "client_ip": ex.client_ip,
+    }
