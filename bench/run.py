@@ -9,6 +9,8 @@ to be the bottleneck) and measures, one after another under the same load:
   nginx         nginx proxy_pass to it (the reference proxy), one worker
   aiohttp_min   the simplest aiohttp pass-through (bench/minimal_proxy.py), uvloop
   plain         the gateway, one worker, on a public ``auth: false`` route
+  (every gateway row runs the shipped logging: access log on, INFO, to a file;
+   plain_quiet and redis_pg_quiet are the same with the access log off at WARNING)
   embedded      the gateway, one worker, full enforcement on SQLite + in-process limiter
   redis_pg      the gateway, one worker, full enforcement on Redis + PostgreSQL
   redis_pg_w2   the same with ``--workers 2``
@@ -154,11 +156,13 @@ class GatewayRun:
         self.port = free_port()
         self.status_port = free_port()
         self.config_path = workdir / f"{name}.yaml"
+        # Logging as shipped (access log on, INFO) unless the target says otherwise;
+        # the lines go to a file, as they would to a collector, not to this terminal.
+        self.log_path = workdir / f"{name}.log"
         full = {
             "listen": f"127.0.0.1:{self.port}",
             "status": {"listen": f"127.0.0.1:{self.status_port}"},
             "admin": {"enabled": False},
-            "logging": {"access_log": False, "level": "WARNING"},
             "shutdown": {"readiness_delay_seconds": 0, "drain_seconds": 5},
             "security": {"unknown_keys_per_minute_per_ip": 0},
             **config,
@@ -175,11 +179,12 @@ class GatewayRun:
         return out.stdout
 
     def start(self) -> None:
-        self.process = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", "gateway.cli", "run", "--config", str(self.config_path),
-             "--workers", str(self.workers)],
-            cwd=ROOT,
-        )
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(  # noqa: S603
+                [sys.executable, "-m", "gateway.cli", "run", "--config", str(self.config_path),
+                 "--workers", str(self.workers)],
+                cwd=ROOT, stdout=log, stderr=log,
+            )
         wait_port(self.port)
         time.sleep(1.0 if self.workers > 1 else 0.3)
 
@@ -393,8 +398,9 @@ def main() -> None:
         if shutil.which(tool) is None:
             sys.exit(f"bench: {tool} is missing (Debian: apt-get install nginx wrk)")
 
-    wanted = set(args.only or ["direct", "nginx", "aiohttp_min", "plain", "embedded", "redis_pg",
-                               "redis_pg_w2", "teams100", "keys100k"])
+    wanted = set(args.only or ["direct", "nginx", "aiohttp_min", "plain", "plain_quiet", "embedded",
+                               "redis_pg", "redis_pg_quiet", "redis_pg_w2", "teams100",
+                               "redis_pg_trace1", "redis_pg_trace100", "keys100k"])
     key_memory: dict[str, Any] | None = None
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     proxy_port = free_port()
@@ -457,13 +463,18 @@ def main() -> None:
                 finally:
                     gateway.stop()
 
+            quiet = {"logging": {"access_log": False, "level": "WARNING"}}
             if "plain" in wanted:
                 run_gateway("plain", {"storage": f"sqlite:///{workdir}/plain-{round_no}.db", "routes": [public]}, 0)
+            if "plain_quiet" in wanted:
+                run_gateway("plain_quiet", {"storage": f"sqlite:///{workdir}/plainq-{round_no}.db",
+                                            "routes": [public], **quiet}, 0)
             if "embedded" in wanted:
                 run_gateway("embedded", {"storage": f"sqlite:///{workdir}/embedded-{round_no}.db", "routes": [route]}, 1)
             tracing = {"enabled": True, "endpoint": f"http://127.0.0.1:{sink_port}/v1/traces"}
             enforced: tuple[tuple[str, int, int, dict[str, Any]], ...] = (
                 ("redis_pg", 1, 1, {}),
+                ("redis_pg_quiet", 1, 1, quiet),
                 ("redis_pg_w2", 1, 2, {}),
                 ("teams100", 100, 1, {}),
                 ("redis_pg_trace1", 1, 1, {"tracing": {**tracing, "sample_ratio": 0.01}}),
