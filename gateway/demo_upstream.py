@@ -38,6 +38,8 @@ async def healthz(request: web.Request) -> web.Response:
 def create_demo_upstream() -> web.Application:
     app = web.Application()
     app.router.add_post("/api/v1/assess", assess)
+    # The public route of config/gateway.yaml and of the demo (auth: false).
+    app.router.add_get("/api/v1/health", healthz)
     app.router.add_get("/healthz", healthz)
     return app
 

@@ -13,10 +13,15 @@ from gateway.storage import Backend
 __all__ = ["cmd_check_config", "cmd_demo", "cmd_migrate", "cmd_run"]
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def cmd_check_config(args: argparse.Namespace) -> None:
     config = load_settings(args.path)
     print(
-        f"{args.path}: OK ({len(config.routes)} routes, {len(config.upstreams)} upstreams, "
+        f"{args.path}: OK ({_count(len(config.routes), 'route')}, "
+        f"{_count(len(config.upstreams), 'upstream')}, "
         f"storage {config.storage_kind}, limiter {config.limiter.kind})"
     )
 

@@ -8,7 +8,7 @@ restart, once the lease has run out and the sweeper has run:
 - every reservation is resolved (none pending);
 - charges never exceed the upstream's 2xx answers (a client is never charged
   for what it was not served);
-- the shortfall (served but not charged) stays within README "Money: what a
+- the shortfall (served but not charged) stays within docs/operations.md "Money: what a
   crash can cost": the posts buffered for at most ``post_flush_interval_seconds``
   (the requests completed in the last flush interval) plus the requests in
   flight at the crash;

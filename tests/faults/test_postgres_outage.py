@@ -6,7 +6,7 @@ sending through the outage to a free route (``cost: 0``) and a charged one,
 with keys the gateway has already cached. The server is stopped both ways:
 ``fast`` (sessions are told and ended) and ``immediate`` (a crash: connections
 drop mid-statement, crash recovery on restart). What must hold (ARCHITECTURE
-"Failure policy", README "Failure behaviour"):
+"Failure policy", docs/operations.md "Failure behaviour"):
 
 - while the database is down, cached keys keep working on the free route (200),
   the charged route answers 503 ``{"error": ...}``, and ``/readyz`` answers 503
