@@ -265,18 +265,22 @@ def container(
     for key, value in env.items():
         options += ["--env", f"{key}={value}"]
 
-    # The schema first, as the migration Job does: a one-shot of the same image.
-    migrated = podman.run("run", "--rm", *options, image, "migrate", "--json", timeout=120)
-    assert migrated.returncode == 0, migrated.stderr
-    assert json.loads(migrated.stdout)["applied"], migrated.stdout
-
     name = f"gateway-test-{secrets.token_hex(4)}"
-    podman.ok("run", "--detach", "--name", name, *options, image, timeout=120)
     try:
+        # The schema first, as the migration Job does: a one-shot of the same image.
+        migrated = podman.run(
+            "run", "--rm", "--name", f"{name}-migrate", *options, image, "migrate", "--json",
+            timeout=120,
+        )  # fmt: skip
+        assert migrated.returncode == 0, migrated.stderr
+        assert json.loads(migrated.stdout)["applied"], migrated.stdout
+
+        podman.ok("run", "--detach", "--name", name, *options, image, timeout=120)
         yield Running(name, podman, public, status)
     finally:
         logs = podman.run("logs", "--tail", "30", name)
-        podman.run("rm", "--force", "--time", "5", name, timeout=60)
+        for container_name in (name, f"{name}-migrate"):
+            podman.run("rm", "--force", "--ignore", "--time", "5", container_name, timeout=60)
         print(f"\nlast lines of the container's log:\n{_tail(logs.stdout + logs.stderr, 30)}")
 
 
