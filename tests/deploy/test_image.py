@@ -124,8 +124,8 @@ def image(podman: Podman) -> Iterator[str]:
         yield TAG
     finally:
         podman.run("rmi", "--force", TAG)
-        # Layers this module's build left without a name; the build cache of
-        # earlier runs (and anybody else's images) stays.
+        # Whatever this module's build left without a name (scripts/image builds
+        # without a layer cache, so normally nothing); older images stay.
         after = set(
             podman.ok("images", "--quiet", "--no-trunc", "--filter", "dangling=true").split()
         )
