@@ -74,7 +74,7 @@ def run_demo(args: argparse.Namespace) -> None:
             created = await gateway.management.create_key(
                 team.id, "demo key", "live", rate_limit_per_minute=DEMO_RATE_LIMIT
             )
-            await gateway.management.grant(team.id, DEMO_CREDITS, "demo credits", actor="demo")
+            await gateway.management.grant(team.id, DEMO_CREDITS, "demo credits")
             base = f"http://127.0.0.1:{args.port}"
             print(
                 f"""
