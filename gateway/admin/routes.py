@@ -56,7 +56,6 @@ from gateway.manage.bounds import (
 )
 from gateway.manage.inputs import (
     Fields,
-    clean,
     parse_int,
     parse_json_object,
     parse_time,
@@ -99,12 +98,13 @@ def _actor(request: web.Request) -> Actor:
 
 
 def _path(request: web.Request, name: str) -> str:
-    return clean(request.match_info[name], name)
+    # Checked by the service: a name no team can have is "no such team" (404).
+    return request.match_info[name]
 
 
 def _query(request: web.Request, name: str) -> str | None:
-    raw = request.query.get(name)
-    return None if raw is None else clean(raw, name, max_len=1000)
+    # Each value is checked where it is parsed (limit, cursor, times) or looked up.
+    return request.query.get(name)
 
 
 def _limit(request: web.Request, default: int = LIST_DEFAULT) -> int:

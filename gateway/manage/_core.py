@@ -14,7 +14,7 @@ from gateway.config import Settings
 from gateway.keys import hash_secret, is_token_shaped
 from gateway.manage.actors import ADMIN, SYSTEM, Actor, team_token
 from gateway.manage.audit import AuditLog
-from gateway.manage.inputs import Unknown, clean
+from gateway.manage.inputs import Unknown, text_problem
 from gateway.models import ApiKey, Team, TeamToken
 from gateway.storage import Backend, NotFound
 
@@ -81,7 +81,9 @@ class Core:
     async def team(self, id_or_name: str, *, actor: Actor = SYSTEM, field: str = "team") -> Team:
         """The team, as the actor may see it."""
         try:
-            found = await self._backend.get_team(clean(id_or_name, field))
+            if text_problem(id_or_name, 200) is not None:
+                raise NotFound  # no team has such a name (NUL breaks PostgreSQL)
+            found = await self._backend.get_team(id_or_name)
         except NotFound:
             raise Unknown("team", field) from None
         if not actor.may_see(found.id):
@@ -90,7 +92,9 @@ class Core:
 
     async def key(self, key_id: str, *, actor: Actor = SYSTEM, field: str = "key_id") -> ApiKey:
         try:
-            found = await self._backend.get_key(clean(key_id, field))
+            if text_problem(key_id, 200) is not None:
+                raise NotFound
+            found = await self._backend.get_key(key_id)
         except NotFound:
             raise Unknown("key", field) from None
         if not actor.may_see(found.team_id):
@@ -99,7 +103,9 @@ class Core:
 
     async def token(self, token_id: str, *, actor: Actor = SYSTEM) -> TeamToken:
         try:
-            found = await self._backend.get_token(clean(token_id, "token_id"))
+            if text_problem(token_id, 200) is not None:
+                raise NotFound
+            found = await self._backend.get_token(token_id)
         except NotFound:
             raise Unknown("token", "token_id") from None
         if not actor.may_see(found.team_id):
