@@ -54,7 +54,7 @@ def _integer(text: str) -> int:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One sentence, as for every other error (argparse would add a usage block).
-        fail(f"{self.prog}: {message} (see --help)", 2)
+        fail(f"{message} (see '{self.prog} --help')", 2)
 
 
 def _sentence(exc: InputError) -> str:
