@@ -321,7 +321,7 @@ async def revoke_token(request: web.Request) -> web.Response:
 async def list_audit(request: web.Request) -> web.Response:
     limit = _limit(request)
     cursor = _query(request, "cursor")
-    before = parse_int(cursor, "cursor", 1, 10**18 - 1) if cursor else None
+    before = parse_int(cursor, "cursor", 0, 10**18 - 1) if cursor is not None else None
     entries = await _m(request).audit(_query(request, "team"), limit, before, actor=_actor(request))
     return _page([audit_json(e) for e in entries], limit)
 

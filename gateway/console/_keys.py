@@ -117,7 +117,7 @@ async def _keys_page(
     status: int = 200,
 ) -> web.Response:
     errors = errors or {}
-    after = id_cursor(request.query.get("after"), "key", "after")
+    after = id_cursor(request.query.get("after") or None, "key", "after")
     listed = await _m(request).keys(owner.id, KEYS_PER_PAGE, after, actor=actor(request))
     now = time.time()
     if listed:

@@ -122,7 +122,7 @@ def parse_time(raw: str, name: str) -> float:
 
 def id_cursor(raw: str | None, kind: str, name: str = "cursor") -> str | None:
     """A list cursor: the last id of a page this API returned, verified by its shape."""
-    if raw is None or raw == "":
+    if raw is None:
         return None
     if not _ID[kind].match(raw):
         raise InputError.field(name, "must be a next_cursor this API returned")
