@@ -67,7 +67,7 @@ IDEMPOTENCY_TTL_SECONDS = 86_400.0
 MAX_BALANCE = 10**15
 # Ledger cursors carry a time the backends can store (up to 9999-12-31T23:59:59Z).
 _LATEST = 253_402_300_799.0
-_ENTRY_ID = re.compile(r"[cr][0-9A-Za-z_-]{1,80}\Z", re.ASCII)
+_ENTRY_ID = re.compile(r"[cr][\x20-\x7e]{1,200}\Z", re.ASCII)  # printable ASCII: no NUL
 
 
 class StorageError(Exception):
