@@ -17,7 +17,7 @@ from gateway.credits import Credits
 from gateway.keycache import KeyCache
 from gateway.limiter import Limit, Limiter, LimiterUnavailable
 from gateway.limiter.memory import MemoryLimiter
-from gateway.management import Management
+from gateway.manage import Management
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.proxy import UpstreamPool

@@ -157,7 +157,7 @@ def _run(args: argparse.Namespace, workdir: Path) -> None:
             created = await gateway.management.create_key(
                 team.id, "demo key", "live", rate_limit_per_minute=DEMO_RATE_LIMIT
             )
-            await gateway.management.grant(team.id, DEMO_CREDITS, "demo credits", actor="demo")
+            await gateway.management.grant(team.id, DEMO_CREDITS, "demo credits")
             banner = _banner(args, workdir, config_path, admin_token, created.secret, upstream.pid)
             print(banner, flush=True)
 

@@ -18,7 +18,7 @@ from gateway.storage import IdempotencyRecord
 
 __all__ = ["Attempt", "body_hash", "replay", "valid_key"]
 
-_VISIBLE_ASCII = re.compile(r"^[\x21-\x7e]{1,255}$")
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]{1,255}\Z")
 
 
 def valid_key(value: str) -> bool:

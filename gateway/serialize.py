@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.management import iso
+from gateway.manage import iso
 from gateway.models import ApiKey, AuditEntry, LedgerEntry, Team, TeamToken
 
 __all__ = ["audit_json", "key_json", "ledger_json", "team_json", "token_json"]

@@ -63,7 +63,7 @@ async def serve(
     listens.append(settings.status.listen)
     # Under a supervisor, only the worker told to serves the admin listener.
     if settings.admin.enabled and os.environ.get("GATEWAY_SERVE_ADMIN", "1") == "1":
-        from gateway.admin import create_admin_app
+        from gateway.listeners import create_admin_app
 
         runners.append(
             web.AppRunner(create_admin_app(gateway), access_log=None, shutdown_timeout=5.0)

@@ -371,9 +371,6 @@ _LEGACY_MEMORY = (
     "gateway/pipeline.py (the legacy module) imports gateway.limiter.memory.MemoryLimiter; "
     "the gateway/pipeline/ package of issue 15 drops it"
 )
-_ISSUE_16 = (
-    "issue 16: admin, console and cli still share code; move it under the management service"
-)
 
 # Violations known today: rule -> {(importer, target): why it is still there}.
 KNOWN: dict[str, dict[tuple[str, str], str]] = {
@@ -383,14 +380,6 @@ KNOWN: dict[str, dict[tuple[str, str], str]] = {
     "3-backends-chosen-in-app": (
         {("gateway.pipeline", "gateway.limiter.memory"): _LEGACY_MEMORY} if LEGACY_PIPELINE else {}
     ),
-    "5-adapters-apart": {
-        # The admin listener mounts the console (inside create_admin_app).
-        ("gateway.admin", "gateway.console"): _ISSUE_16,
-        # The console signs in through admin's Actor / actor_for / ACTOR.
-        ("gateway.console._middleware", "gateway.admin.auth"): _ISSUE_16,
-        ("gateway.console._sessions", "gateway.admin.auth"): _ISSUE_16,
-        ("gateway.console._signin", "gateway.admin.auth"): _ISSUE_16,
-    },
 }
 
 

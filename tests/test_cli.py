@@ -112,7 +112,7 @@ async def test_errors_are_one_sentence(tmp_path: Path) -> None:
     config = cli_config(tmp_path)
     code, _, err = await cli(config, "keys", "list", "--team", "nobody")
     assert code == 1
-    assert err.strip() == "gateway: no team 'nobody'"
+    assert err.strip() == "gateway: no such team (--team)"
     code, _, err = await cli(config, "teams", "create", "dup")
     code, _, err = await cli(config, "teams", "create", "dup")
     assert code == 1 and "already exists" in err and "Traceback" not in err

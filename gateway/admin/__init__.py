@@ -1,5 +1,7 @@
-"""The admin listener: the management API under ``/admin/v1``, its OpenAPI document, and
-the web console under ``/console``."""
+"""The management API under ``/admin/v1`` and its OpenAPI document.
+
+``gateway.listeners`` mounts it, with the console, on the admin listener.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +12,14 @@ from importlib.metadata import PackageNotFoundError, version
 import orjson
 from aiohttp import web
 
-from gateway.admin.auth import auth_middleware
 from gateway.admin.openapi import openapi_document
 from gateway.admin.routes import add_routes
-from gateway.app import GATEWAY, Gateway
+from gateway.app import Gateway
 from gateway.errors import detailed_error
-from gateway.inputs import InputError
+from gateway.manage import InputError
 from gateway.storage import Conflict, NotFound, StorageUnavailable
 
-__all__ = ["create_admin_app"]
+__all__ = ["MAX_BODY", "add_admin_api", "error_middleware"]
 
 log = logging.getLogger("gateway.admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -30,14 +31,15 @@ def _error(status: int, message: str, details: list[dict[str, str]] | None = Non
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """One error ladder: every failure is JSON with the code contract §2 assigns."""
     try:
         return await handler(request)
     except InputError as exc:
         return _error(exc.status, exc.message, exc.details)
-    except NotFound as exc:
-        return _error(404, str(exc) or "Not found")
+    except NotFound:
+        # The service answers "not found" itself (Unknown); this is a race with a delete.
+        return _error(404, "Not found")
     except Conflict as exc:
         return _error(409, str(exc))
     except StorageUnavailable:
@@ -65,23 +67,18 @@ def _package_version() -> str:
         return "0"
 
 
-def create_admin_app(gateway: Gateway) -> web.Application:
+def add_admin_api(app: web.Application, gateway: Gateway) -> None:
+    """The routes of the admin API and its OpenAPI document, on ``app``.
+
+    ``app`` must have :func:`error_middleware` and the auth middleware
+    (``gateway.admin.auth.auth_middleware``), in that order.
+    """
     if gateway.settings.admin.token is None:
         raise RuntimeError("the admin API needs admin.token (GATEWAY_ADMIN_TOKEN)")
-    # Imported here: the console imports the admin package's auth module.
-    from gateway.console import console_middleware, setup_console
-
-    app = web.Application(
-        middlewares=[_errors, auth_middleware(gateway), console_middleware],
-        client_max_size=MAX_BODY,
-    )
-    app[GATEWAY] = gateway
     add_routes(app)
-    setup_console(app)
     document = orjson.dumps(openapi_document(_package_version()))
 
     async def openapi(request: web.Request) -> web.Response:
         return web.Response(body=document, content_type="application/json")
 
     app.router.add_get("/admin/v1/openapi.json", openapi)
-    return app

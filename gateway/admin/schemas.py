@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.manage.bounds import (
+    AMOUNT_MAX,
+    GRACE_MAX_SECONDS,
+    LIST_MAX,
+    NAME_MAX,
+    RATE_LIMIT_MAX,
+    REASON_MAX,
+)
+
 __all__ = ["obj"]
 
-# Printable text: no C0/C1 control characters (what the input checks refuse).
-TEXT_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+# Printable text: no C0/C1 control characters nor U+FFFD (what the input checks refuse).
+TEXT_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f\\ufffd]*$"
 
 
 def obj(
@@ -28,8 +37,29 @@ def page(item: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-NAME: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": 100, "pattern": TEXT_PATTERN}
-RATE_LIMIT: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": 1_000_000}
+NAME: dict[str, Any] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": NAME_MAX,
+    "pattern": TEXT_PATTERN,
+}
+REASON: dict[str, Any] = {**NAME, "maxLength": REASON_MAX}
+RATE_LIMIT: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": RATE_LIMIT_MAX}
+AMOUNT: dict[str, Any] = {
+    "type": "integer",
+    "minimum": -AMOUNT_MAX,
+    "maximum": AMOUNT_MAX,
+    "not": {"const": 0},
+}
+GRACE: dict[str, Any] = {"type": ["integer", "null"], "minimum": 0, "maximum": GRACE_MAX_SECONDS}
+LIMIT: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": LIST_MAX}
+
+
+def cursor(kind: str) -> dict[str, Any]:
+    """A list's cursor: the last id of the page before (any other value is a 422)."""
+    return {"type": "string", "pattern": f"^{kind}_[0-9a-f]{{1,64}}$"}
+
+
 TIMESTAMP: dict[str, Any] = {"type": "string", "format": "date-time"}
 TIMESTAMP_OR_NULL: dict[str, Any] = {"type": ["string", "null"], "format": "date-time"}
 ENVIRONMENT: dict[str, Any] = {"enum": ["live", "test"]}

@@ -1,34 +1,81 @@
 """The ``gateway`` command line (contract §3).
 
 Management commands talk to the store directly through the same
-:class:`~gateway.management.Management` service the admin API uses.
+:class:`~gateway.manage.Management` service the admin API uses, with the same
+bounds and messages; every error is one sentence on stderr and a non-zero exit.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from gateway.cli import manage
 from gateway.cli._common import CliError, fail
 from gateway.cli.serve import cmd_check_config, cmd_demo, cmd_migrate, cmd_run
 from gateway.config import DEFAULT_CONFIG_PATH, ConfigError
+from gateway.manage import InputError
+from gateway.manage.bounds import AUDIT_DEFAULT
 from gateway.storage import StorageError
 
 __all__ = ["main"]
 
 Command = Callable[[argparse.Namespace], None]
 
+# How the service's field names are spelled on the command line.
+FLAGS = {
+    "name": "--name",
+    "rate_limit_per_minute": "--rate-limit",
+    "expires_at": "--expires-at",
+    "grace_seconds": "--grace",
+    "amount": "--amount",
+    "reason": "--reason",
+    "environment": "--env",
+    "team": "--team",
+    "limit": "--limit",
+    "buckets": "--buckets",
+    "granularity": "--granularity",
+    "key_id": "KEY_ID",
+    "token_id": "TOKEN_ID",
+    "key": "the key on standard input",
+}
+_INTEGER = re.compile(r"[+-]?[0-9]{1,20}\Z", re.ASCII)
+
+
+def _integer(text: str) -> int:
+    """ASCII digits only: int() would also take Unicode digits such as "٣", and "1_0"."""
+    if not _INTEGER.match(text):
+        raise argparse.ArgumentTypeError("must be a whole number in ASCII digits")
+    return int(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One sentence, as for every other error (argparse would add a usage block).
+        fail(f"{message} (see '{self.prog} --help')", 2)
+
+
+def _sentence(exc: InputError) -> str:
+    """The service's problems, naming flags instead of fields."""
+    if exc.status == 404 and exc.details:
+        field, problem = exc.details[0]["field"], exc.details[0]["problem"]
+        if problem == "not found":
+            return f"{exc.message.lower()} ({FLAGS.get(field, field)})"
+        return f"{FLAGS.get(field, field)} {problem}"
+    parts = [f"{FLAGS.get(d['field'], d['field'])} {d['problem']}" for d in exc.details]
+    return "; ".join(parts) or exc.message
+
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--config", help=f"config file (default: $GATEWAY_CONFIG, else {DEFAULT_CONFIG_PATH})"
     )
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
-    parser = argparse.ArgumentParser(prog="gateway", description="API gateway for metered APIs")
+    parser = _Parser(prog="gateway", description="API gateway for metered APIs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(parent: Any, name: str, fn: Command, help_text: str) -> argparse.ArgumentParser:
@@ -42,12 +89,12 @@ def _parser() -> argparse.ArgumentParser:
         )
 
     run = command(sub, "run", cmd_run, "serve the gateway")
-    run.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    run.add_argument("--workers", type=_integer, default=1, help="worker processes (default 1)")
     demo = command(sub, "demo", cmd_demo, "run the gateway with a demo upstream, team and key")
-    demo.add_argument("--port", type=int, default=8080, help="public port (default 8080)")
-    demo.add_argument("--upstream-port", type=int, default=8000, help="demo upstream port")
-    demo.add_argument("--status-port", type=int, default=9091)
-    demo.add_argument("--admin-port", type=int, default=9090)
+    demo.add_argument("--port", type=_integer, default=8080, help="public port (default 8080)")
+    demo.add_argument("--upstream-port", type=_integer, default=8000, help="demo upstream port")
+    demo.add_argument("--status-port", type=_integer, default=9091)
+    demo.add_argument("--admin-port", type=_integer, default=9090)
     command(sub, "migrate", cmd_migrate, "create or upgrade the database schema")
     check = command(sub, "check-config", cmd_check_config, "validate a config file")
     check.add_argument("path")
@@ -55,18 +102,20 @@ def _parser() -> argparse.ArgumentParser:
     teams = group("teams", "manage teams")
     p = command(teams, "create", manage.teams_create, "create a team")
     p.add_argument("name")
-    p.add_argument("--rate-limit", type=int, help="team-wide requests per minute")
+    p.add_argument("--rate-limit", type=_integer, help="team-wide requests per minute")
     command(teams, "list", manage.teams_list, "list teams")
     p = command(teams, "update", manage.teams_update, "change a team's settings")
     p.add_argument("team")
-    p.add_argument("--rate-limit", type=int, help="team-wide requests per minute (omit to clear)")
+    p.add_argument(
+        "--rate-limit", type=_integer, help="team-wide requests per minute (omit to clear)"
+    )
 
     keys = group("keys", "manage API keys")
     p = command(keys, "create", manage.keys_create, "create a key (shown once)")
     p.add_argument("--team", required=True)
     p.add_argument("--name", required=True)
     p.add_argument("--env", choices=("live", "test"), default="live")
-    p.add_argument("--rate-limit", type=int, help="requests per minute for this key")
+    p.add_argument("--rate-limit", type=_integer, help="requests per minute for this key")
     p.add_argument("--expires-at", help="RFC 3339 time after which the key stops working")
     p = command(keys, "list", manage.keys_list, "list a team's keys")
     p.add_argument("--team", required=True)
@@ -75,11 +124,11 @@ def _parser() -> argparse.ArgumentParser:
     command(keys, "revoke-leaked", manage.keys_revoke_leaked, "revoke a key read from stdin")
     p = command(keys, "rotate", manage.keys_rotate, "replace a key, the old one expiring later")
     p.add_argument("key_id")
-    p.add_argument("--grace", type=int, default=0, help="seconds the old key keeps working")
+    p.add_argument("--grace", type=_integer, default=0, help="seconds the old key keeps working")
     p = command(keys, "update", manage.keys_update, "change a key")
     p.add_argument("key_id")
     p.add_argument("--name")
-    p.add_argument("--rate-limit", type=int)
+    p.add_argument("--rate-limit", type=_integer)
     p.add_argument("--expires-at", help="RFC 3339 time, or 'never'")
     toggle = p.add_mutually_exclusive_group()
     toggle.add_argument("--disable", action="store_true")
@@ -97,21 +146,21 @@ def _parser() -> argparse.ArgumentParser:
     credits = group("credits", "manage credits")
     p = command(credits, "grant", manage.credits_grant, "grant (or, negative, adjust) credits")
     p.add_argument("--team", required=True)
-    p.add_argument("--amount", type=int, required=True)
+    p.add_argument("--amount", type=_integer, required=True)
     p.add_argument("--reason", required=True)
     p.add_argument("--env", choices=("live", "test"), default="live")
     p = command(credits, "balance", manage.credits_balance, "a team's balances and latest ledger")
     p.add_argument("--team", required=True)
-    p.add_argument("--history", type=int, default=10, help="ledger entries to show")
+    p.add_argument("--history", type=_integer, default=10, help="ledger entries to show")
     command(credits, "reconcile", manage.credits_reconcile, "prove balances equal their ledger")
 
     p = command(sub, "audit", manage.audit, "who changed what, when")
     p.add_argument("--team")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=_integer, default=AUDIT_DEFAULT)
     p = command(sub, "usage", manage.usage, "request counts by outcome and credits charged")
     p.add_argument("--team", required=True)
     p.add_argument("--granularity", choices=("minute", "hour", "day"), default="hour")
-    p.add_argument("--buckets", type=int, default=24, help="how many buckets back from now")
+    p.add_argument("--buckets", type=_integer, default=24, help="how many buckets back from now")
     p.add_argument("--key", help="one key id only")
     return parser
 
@@ -122,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.fn(args)
     except ConfigError as exc:
         fail(str(exc), 2)
+    except InputError as exc:
+        fail(_sentence(exc))
     except (StorageError, CliError) as exc:
         fail(str(exc))
     except OSError as exc:

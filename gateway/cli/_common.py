@@ -12,7 +12,7 @@ from typing import Any, NoReturn, TypeVar
 import orjson
 
 from gateway.config import DEFAULT_CONFIG_PATH, Settings, load_settings
-from gateway.management import Management
+from gateway.manage import Management
 from gateway.storage import Backend
 from gateway.storage.registry import open_backend
 

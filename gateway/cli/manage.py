@@ -1,68 +1,31 @@
 """Management commands: teams, keys, tokens, credits, audit, usage (parity with the admin API).
 
-Each change is written to the audit log with the actor ``cli``.
+Each command calls the management service as the CLI's operator; the service
+checks the input against the same bounds as the admin API and writes the
+audit entry. Its problems are printed as one sentence naming the flag.
 """
 
 from __future__ import annotations
 
 import argparse
-import getpass
-import socket
 import sys
 import time
-from datetime import datetime
 from typing import Any
 
 from gateway.cli._common import CliError, emit, table, with_management
-from gateway.management import Management
+from gateway.manage import Management, operator
+from gateway.manage.bounds import LIST_MAX
+from gateway.manage.inputs import parse_time
+from gateway.manage.reads import usage_range
 from gateway.serialize import audit_json, key_json, ledger_json, team_json, token_json
 
 __all__ = ["COMMANDS"]
-
-GRANULARITY = {"minute": 60, "hour": 3600, "day": 86400}
-
-
-def _actor() -> str:
-    # Who ran it, as far as this machine knows; the CLI has no token to name.
-    try:
-        user = getpass.getuser()
-    except Exception:
-        user = "unknown"
-    return f"cli:{user}@{socket.gethostname()}"
-
-
-async def _audit(
-    m: Management,
-    action: str,
-    target: str | None,
-    team_id: str | None,
-    details: dict[str, object] | None = None,
-) -> None:
-    await m.record_audit(
-        actor=_actor(),
-        action=action,
-        target=target,
-        team_id=team_id,
-        client_ip=None,
-        details=details or {},
-    )
-
-
-def _positive(value: int | None, flag: str) -> None:
-    if value is not None and value < 1:
-        raise CliError(f"{flag} must be at least 1")
 
 
 def _time(text: str | None, flag: str) -> float | None:
     if text is None or text in ("", "never", "none"):
         return None
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise CliError(f"{flag} must be an RFC 3339 time such as 2027-01-31T00:00:00Z") from None
-    if moment.tzinfo is None:
-        raise CliError(f"{flag} needs a time zone, e.g. a trailing Z for UTC")
-    return moment.timestamp()
+    return parse_time(text, flag)
 
 
 async def _all(fetch: Any) -> list[Any]:
@@ -80,12 +43,8 @@ async def _all(fetch: Any) -> list[Any]:
 
 
 def teams_create(args: argparse.Namespace) -> None:
-    _positive(args.rate_limit, "--rate-limit")
-
     async def work(m: Management) -> dict[str, Any]:
-        team = await m.create_team(args.name, args.rate_limit)
-        await _audit(m, "team.create", team.id, team.id, {"name": team.name})
-        return team_json(team)
+        return team_json(await m.create_team(args.name, args.rate_limit, actor=operator()))
 
     team = with_management(args, work)
     emit(args, team, f"created team {team['name']} ({team['id']})")
@@ -100,13 +59,8 @@ def teams_list(args: argparse.Namespace) -> None:
 
 
 def teams_update(args: argparse.Namespace) -> None:
-    _positive(args.rate_limit, "--rate-limit")
-
     async def work(m: Management) -> dict[str, Any]:
-        team = await m.team(args.team)
-        updated = await m.update_team(team.id, args.rate_limit)
-        await _audit(m, "team.update", team.id, team.id, {"rate_limit_per_minute": args.rate_limit})
-        return team_json(updated)
+        return team_json(await m.update_team(args.team, args.rate_limit, actor=operator()))
 
     team = with_management(args, work)
     limit = team["rate_limit_per_minute"]
@@ -117,17 +71,11 @@ def teams_update(args: argparse.Namespace) -> None:
 
 
 def keys_create(args: argparse.Namespace) -> None:
-    _positive(args.rate_limit, "--rate-limit")
-    expires_at = _time(args.expires_at, "--expires-at")
+    expires_at = _time(args.expires_at, "expires_at")
 
     async def work(m: Management) -> dict[str, Any]:
-        created = await m.create_key(args.team, args.name, args.env, args.rate_limit, expires_at)
-        await _audit(
-            m,
-            "key.create",
-            created.key.id,
-            created.key.team_id,
-            {"name": args.name, "environment": args.env},
+        created = await m.create_key(
+            args.team, args.name, args.env, args.rate_limit, expires_at, actor=operator()
         )
         return {**key_json(created.key), "key": created.secret}
 
@@ -168,9 +116,7 @@ def keys_list(args: argparse.Namespace) -> None:
 
 def keys_revoke(args: argparse.Namespace) -> None:
     async def work(m: Management) -> dict[str, Any]:
-        key = await m.revoke_key(args.key_id)
-        await _audit(m, "key.revoke", key.id, key.team_id)
-        return key_json(key)
+        return key_json(await m.revoke_key(args.key_id, actor=operator()))
 
     key = with_management(args, work)
     emit(args, key, f"revoked key {key['id']} ({key['prefix']}…)")
@@ -184,28 +130,15 @@ def keys_revoke_leaked(args: argparse.Namespace) -> None:
         raise CliError("no key on standard input")
 
     async def work(m: Management) -> dict[str, Any]:
-        key = await m.key_by_secret(secret)
-        revoked = await m.revoke_key(key.id)
-        await _audit(m, "key.revoke_leaked", key.id, key.team_id, {"prefix": key.prefix})
-        return key_json(revoked)
+        return key_json(await m.revoke_leaked(secret, actor=operator()))
 
     key = with_management(args, work)
     emit(args, key, f"revoked key {key['id']} ({key['prefix']}…) of team {key['team']}")
 
 
 def keys_rotate(args: argparse.Namespace) -> None:
-    if args.grace < 0:
-        raise CliError("--grace must not be negative")
-
     async def work(m: Management) -> dict[str, Any]:
-        created = await m.rotate_key(args.key_id, args.grace)
-        await _audit(
-            m,
-            "key.rotate",
-            args.key_id,
-            created.key.team_id,
-            {"new_key": created.key.id, "grace_seconds": args.grace},
-        )
+        created = await m.rotate_key(args.key_id, args.grace, actor=operator())
         return {**key_json(created.key), "key": created.secret, "rotated_from": args.key_id}
 
     key = with_management(args, work)
@@ -222,14 +155,11 @@ def keys_rotate(args: argparse.Namespace) -> None:
 def keys_update(args: argparse.Namespace) -> None:
     changes: dict[str, object] = {}
     if args.name is not None:
-        if not 1 <= len(args.name) <= 100:
-            raise CliError("--name must be 1 to 100 characters")
         changes["name"] = args.name
     if args.rate_limit is not None:
-        _positive(args.rate_limit, "--rate-limit")
         changes["rate_limit_per_minute"] = args.rate_limit
     if args.expires_at is not None:
-        changes["expires_at"] = _time(args.expires_at, "--expires-at")
+        changes["expires_at"] = _time(args.expires_at, "expires_at")
     if args.disable:
         changes["disabled"] = True
     if args.enable:
@@ -240,15 +170,7 @@ def keys_update(args: argparse.Namespace) -> None:
         )
 
     async def work(m: Management) -> dict[str, Any]:
-        key = await m.update_key(args.key_id, changes)
-        await _audit(
-            m,
-            "key.update",
-            key.id,
-            key.team_id,
-            {k: v for k, v in changes.items() if k != "expires_at"},
-        )
-        return key_json(key)
+        return key_json(await m.update_key(args.key_id, changes, actor=operator()))
 
     key = with_management(args, work)
     emit(
@@ -265,10 +187,7 @@ def keys_update(args: argparse.Namespace) -> None:
 
 def tokens_create(args: argparse.Namespace) -> None:
     async def work(m: Management) -> dict[str, Any]:
-        created = await m.create_token(args.team, args.name)
-        await _audit(
-            m, "token.create", created.token.id, created.token.team_id, {"name": args.name}
-        )
+        created = await m.create_token(args.team, args.name, actor=operator())
         return {**token_json(created.token), "token": created.secret}
 
     token = with_management(args, work)
@@ -291,9 +210,7 @@ def tokens_list(args: argparse.Namespace) -> None:
 
 def tokens_revoke(args: argparse.Namespace) -> None:
     async def work(m: Management) -> dict[str, Any]:
-        token = await m.revoke_token(args.token_id)
-        await _audit(m, "token.revoke", token.id, token.team_id)
-        return token_json(token)
+        return token_json(await m.revoke_token(args.token_id, actor=operator()))
 
     token = with_management(args, work)
     emit(args, token, f"revoked management token {token['id']}")
@@ -303,29 +220,21 @@ def tokens_revoke(args: argparse.Namespace) -> None:
 
 
 def credits_grant(args: argparse.Namespace) -> None:
-    if args.amount == 0:
-        raise CliError("--amount must not be 0")
-    if not args.reason.strip():
-        raise CliError("--reason must not be empty")
-
     async def work(m: Management) -> dict[str, Any]:
-        team, balance = await m.grant(
-            args.team, args.amount, args.reason, environment=args.env, actor=_actor()
+        granted = await m.grant(
+            args.team, args.amount, args.reason, environment=args.env, actor=operator()
         )
-        await _audit(
-            m,
-            "credits.grant" if args.amount > 0 else "credits.adjust",
-            team.id,
-            team.id,
-            {"amount": args.amount, "environment": args.env, "reason": args.reason},
-        )
-        return {"team": team.id, "environment": args.env, "credits_available": balance}
+        balance = granted.balance
+        return {"team": granted.team.id, "environment": args.env, "credits_available": balance}
 
     result = with_management(args, work)
     emit(args, result, f"{args.env} balance of {args.team} is now {result['credits_available']}")
 
 
 def credits_balance(args: argparse.Namespace) -> None:
+    if not 1 <= args.history <= LIST_MAX:
+        raise CliError(f"--history must be an integer from 1 to {LIST_MAX}")
+
     async def work(m: Management) -> dict[str, Any]:
         team, balances = await m.balances(args.team)
         entries = await m.ledger(team.id, args.history)
@@ -375,20 +284,18 @@ def credits_reconcile(args: argparse.Namespace) -> None:
 
 def audit(args: argparse.Namespace) -> None:
     async def work(m: Management) -> list[dict[str, Any]]:
-        team_id = (await m.team(args.team)).id if args.team else None
-        return [audit_json(e) for e in await m.audit(team_id, args.limit)]
+        return [audit_json(e) for e in await m.audit(args.team, args.limit)]
 
     entries = with_management(args, work)
     emit(args, entries, table(entries, ["at", "actor", "action", "target", "team", "client_ip"]))
 
 
 def usage(args: argparse.Namespace) -> None:
-    step = GRANULARITY[args.granularity]
+    start, end, step = usage_range(args.granularity, None, None, time.time(), args.buckets)
 
     async def work(m: Management) -> dict[str, Any]:
         team = await m.team(args.team)
-        end = time.time()
-        report = await m.usage(team.id, end - step * args.buckets, end, step, args.key)
+        report = await m.usage(team.id, start, end, step, args.key)
         return {"team": team.id, "granularity": args.granularity, **report}
 
     report = with_management(args, work)

@@ -5,11 +5,25 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.web_request import FileField
+from multidict import MultiDictProxy
 
-from gateway.inputs import Fields, InputError
+from gateway.console._state import session_of
+from gateway.manage import Actor
+from gateway.manage.inputs import Fields, InputError
 from gateway.proxy import ClientAddress
 
-__all__ = ["LABELS", "PROXIES", "client_ip", "over_tls", "problems", "same_origin", "text"]
+__all__ = [
+    "LABELS",
+    "PROXIES",
+    "actor",
+    "client_ip",
+    "over_tls",
+    "problems",
+    "read_form",
+    "same_origin",
+    "text",
+]
 
 PROXIES = web.AppKey("console_proxies", ClientAddress)
 
@@ -45,6 +59,19 @@ def over_tls(request: web.Request) -> bool:
 def client_ip(request: web.Request) -> str:
     """The client's address, believing X-Forwarded-For only from ``trusted_proxies``."""
     return request.app[PROXIES].client_ip(request.remote, request.headers.get("X-Forwarded-For"))
+
+
+def actor(request: web.Request) -> Actor:
+    """Who is signed in, calling from this request's address, through the console."""
+    return session_of(request).actor.at(client_ip(request), via="console")
+
+
+async def read_form(request: web.Request) -> MultiDictProxy[str | bytes | bytearray | FileField]:
+    """The posted form; undecodable bytes in it are a 400, not a crash."""
+    try:
+        return await request.post()
+    except (UnicodeDecodeError, ValueError):
+        raise InputError(400, "The form is not valid UTF-8") from None
 
 
 def text(value: object) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from aiohttp import web
 
 from gateway.app import GATEWAY
-from gateway.console._checks import client_ip, problems, text
+from gateway.console._checks import actor, problems, read_form, text
 from gateway.console._html import Markup, fmt, join
 from gateway.console._keys import ENVIRONMENTS, team
 from gateway.console._layout import (
@@ -20,14 +22,14 @@ from gateway.console._layout import (
     when,
 )
 from gateway.console._state import TEMPLATES, session_of
-from gateway.inputs import Fields
+from gateway.manage.bounds import AMOUNT_MAX, REASON_MAX
+from gateway.manage.inputs import Fields, InputError, parse_int
 from gateway.models import LedgerEntry, Team
-from gateway.storage import Conflict, decode_ledger_cursor
+from gateway.storage import Conflict
 
 __all__ = ["credits", "grant"]
 
 ENTRIES_PER_PAGE = 25
-MAX_AMOUNT = 10**12
 KINDS = {
     "grant": "Grant",
     "adjust": "Adjustment",
@@ -68,13 +70,11 @@ async def _credits_page(
     gateway = request.app[GATEWAY]
     management = gateway.management
     before = request.query.get("before") or None
-    if before is not None:
-        try:
-            decode_ledger_cursor(before)
-        except ValueError:
-            return await error_page(request, 400, "Bad page link", "That ledger page is unknown.")
-    _, balances = await management.balances(owner.id)
-    entries = await management.ledger(owner.id, ENTRIES_PER_PAGE, before)
+    try:
+        entries = await management.ledger(owner.id, ENTRIES_PER_PAGE, before, actor=actor(request))
+    except InputError:
+        return await error_page(request, 400, "Bad page link", "That ledger page is unknown.")
+    _, balances = await management.balances(owner.id, actor=actor(request))
     unlimited_test = gateway.settings.credits.test_environment == "unlimited"
     cards = []
     for environment, label in (("live", "Live"), ("test", "Test")):
@@ -156,16 +156,17 @@ async def grant(request: web.Request) -> web.Response:
     if not session.actor.is_admin:
         # No form is shown to a team token; a forged POST is refused like the admin API does.
         return await error_page(request, 403, "Not allowed", "A team token may not grant credits.")
-    form = await request.post()
+    form = await read_form(request)
     nonce = text(form.get("nonce"))
     if not session.spend_nonce(nonce):
         session.flash("error", "That form was already sent: no credits were granted twice.")
         return redirect(team_url(owner.id, "credits"))
     values = {k: text(form.get(k)) for k in ("amount", "environment", "reason")}
     raw_amount = values["amount"]
-    amount: object = raw_amount
-    if raw_amount.lstrip("+-").isdigit() and len(raw_amount) <= 20:
-        amount = int(raw_amount)
+    amount: object = raw_amount or None
+    # When it is not an integer in range, Fields names the problem below, as the admin API does.
+    with contextlib.suppress(InputError):
+        amount = parse_int(raw_amount, "amount", -AMOUNT_MAX, AMOUNT_MAX)
     fields = Fields(
         {
             "amount": amount,
@@ -174,35 +175,28 @@ async def grant(request: web.Request) -> web.Response:
         },
         {"amount", "environment", "reason"},
     )
-    checked = fields.integer("amount", required=True, minimum=-MAX_AMOUNT, maximum=MAX_AMOUNT)
+    checked = fields.integer("amount", required=True, minimum=-AMOUNT_MAX, maximum=AMOUNT_MAX)
     environment = fields.choice("environment", ("live", "test"), "live")
-    reason = fields.string("reason", required=True, max_len=500)
+    reason = fields.string("reason", required=True, max_len=REASON_MAX)
     if checked == 0:
         fields.problem("amount", "must not be 0")
     errors = problems(fields)
     if errors or checked is None or reason is None:
         return await _credits_page(request, owner, errors=errors, values=values, status=422)
     try:
-        _, balance = await request.app[GATEWAY].management.grant(
+        granted = await request.app[GATEWAY].management.grant(
             owner.id,
             checked,
             reason,
             environment="live" if environment == "live" else "test",
-            actor=session.actor.label,
+            actor=actor(request),
             # The form's nonce: a grant that reached the store once is never applied twice.
             idempotency_key=f"console:{nonce}",
         )
     except Conflict as exc:
         errors = {"amount": f"Amount refused: {exc}."}
         return await _credits_page(request, owner, errors=errors, values=values, status=409)
-    await request.app[GATEWAY].management.record_audit(
-        actor=session.actor.label,
-        action="credits.grant" if checked > 0 else "credits.adjust",
-        target=owner.id,
-        team_id=owner.id,
-        client_ip=client_ip(request),
-        details={"amount": checked, "environment": environment, "reason": reason, "via": "console"},
-    )
+    balance = granted.balance
     verb = "Granted" if checked > 0 else "Adjusted by"
     session.flash("ok", f"{verb} {checked:,} {environment} credits. New balance: {balance:,}.")
     return redirect(team_url(owner.id, "credits"))

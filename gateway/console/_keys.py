@@ -7,7 +7,7 @@ import time
 from aiohttp import web
 
 from gateway.app import GATEWAY
-from gateway.console._checks import client_ip, problems, text
+from gateway.console._checks import actor, problems, read_form, text
 from gateway.console._html import Markup, fmt, join
 from gateway.console._layout import (
     error_summary,
@@ -20,11 +20,12 @@ from gateway.console._layout import (
     when,
 )
 from gateway.console._state import TEMPLATES, session_of
-from gateway.inputs import Fields
-from gateway.management import CreatedKey, Management
+from gateway.manage import CreatedKey, Management
+from gateway.manage.bounds import NAME_MAX
+from gateway.manage.inputs import Fields, Unknown, id_cursor
 from gateway.models import ApiKey, Team
 from gateway.serialize import key_status
-from gateway.storage import Conflict, NotFound
+from gateway.storage import Conflict
 
 __all__ = ["create_key", "keys", "revoke_form", "revoke_key", "rotate_form", "rotate_key", "team"]
 
@@ -44,29 +45,14 @@ def _m(request: web.Request) -> Management:
 
 async def team(request: web.Request) -> Team:
     """The path's team, as the signed-in party may see it (404 outside a token's team)."""
-    found = await _m(request).team(request.match_info["team"])
-    session_of(request).actor.check_team(found.id)
-    return found
+    return await _m(request).team(request.match_info["team"], actor=actor(request))
 
 
 async def _key(request: web.Request, owner: Team) -> ApiKey:
-    key = await _m(request).key(request.match_info["key_id"])
+    key = await _m(request).key(request.match_info["key_id"], actor=actor(request))
     if key.team_id != owner.id:
-        raise NotFound("no such key in this team")
+        raise Unknown("key", "key_id")
     return key
-
-
-async def _audit(
-    request: web.Request, action: str, target: str, team_id: str, details: dict[str, object]
-) -> None:
-    await _m(request).record_audit(
-        actor=session_of(request).actor.label,
-        action=action,
-        target=target,
-        team_id=team_id,
-        client_ip=client_ip(request),
-        details={**details, "via": "console"},
-    )
 
 
 def _options(choices: tuple[tuple[str, str], ...], selected: str) -> Markup:
@@ -131,8 +117,8 @@ async def _keys_page(
     status: int = 200,
 ) -> web.Response:
     errors = errors or {}
-    after = request.query.get("after") or None
-    listed = await _m(request).keys(owner.id, KEYS_PER_PAGE, after)
+    after = id_cursor(request.query.get("after") or None, "key", "after")
+    listed = await _m(request).keys(owner.id, KEYS_PER_PAGE, after, actor=actor(request))
     now = time.time()
     if listed:
         rows = join(_row(owner, k, now) for k in listed)
@@ -201,13 +187,13 @@ async def keys(request: web.Request) -> web.Response:
 async def create_key(request: web.Request) -> web.Response:
     owner = await team(request)
     session = session_of(request)
-    form = await request.post()
+    form = await read_form(request)
     if not session.spend_nonce(text(form.get("nonce"))):
         session.flash("error", "That form was already sent: no second key was created.")
         return redirect(team_url(owner.id))
     name, environment = text(form.get("name")), text(form.get("environment")) or "live"
     fields = Fields({"name": name, "environment": environment}, {"name", "environment"})
-    fields.string("name", required=True)
+    fields.string("name", required=True, max_len=NAME_MAX)
     fields.choice("environment", ("live", "test"), "live")
     errors = problems(fields)
     if errors:
@@ -215,10 +201,7 @@ async def create_key(request: web.Request) -> web.Response:
             request, owner, errors=errors, name=name, environment=environment, status=422
         )
     created = await _m(request).create_key(
-        owner.id, name, "live" if environment == "live" else "test"
-    )
-    await _audit(
-        request, "key.create", created.key.id, owner.id, {"name": name, "environment": environment}
+        owner.id, name, "live" if environment == "live" else "test", actor=actor(request)
     )
     # The key goes into this one response and nowhere else: not the session, not a redirect.
     dialog = _dialog(request, owner, created, "Your new API key", Markup(""))
@@ -253,11 +236,10 @@ async def revoke_key(request: web.Request) -> web.Response:
     key = await _key(request, owner)
     session = session_of(request)
     try:
-        await _m(request).revoke_key(key.id)
+        await _m(request).revoke_key(key.id, actor=actor(request))
     except Conflict:
         session.flash("error", f"Key “{key.name}” was already revoked.")
         return redirect(team_url(owner.id))
-    await _audit(request, "key.revoke", key.id, owner.id, {})
     session.flash("ok", f"Key “{key.name}” ({key.prefix}…) is revoked.")
     return redirect(team_url(owner.id))
 
@@ -307,7 +289,7 @@ async def rotate_key(request: web.Request) -> web.Response:
     owner = await team(request)
     key = await _key(request, owner)
     session = session_of(request)
-    form = await request.post()
+    form = await read_form(request)
     if not session.spend_nonce(text(form.get("nonce"))):
         session.flash("error", "That form was already sent: the key was not rotated again.")
         return redirect(team_url(owner.id))
@@ -317,17 +299,10 @@ async def rotate_key(request: web.Request) -> web.Response:
         session.flash("error", "Choose one of the offered grace periods.")
         return redirect(team_url(owner.id, f"keys/{key.id}/rotate"))
     try:
-        created = await _m(request).rotate_key(key.id, grace)
+        created = await _m(request).rotate_key(key.id, grace, actor=actor(request))
     except Conflict:
         session.flash("error", f"Key “{key.name}” is revoked: it cannot be rotated.")
         return redirect(team_url(owner.id))
-    await _audit(
-        request,
-        "key.rotate",
-        key.id,
-        owner.id,
-        {"new_key": created.key.id, "grace_seconds": grace},
-    )
     note = fmt(
         '<p class="note">The old key <code>$prefix…</code> $until.</p>',
         prefix=key.prefix,

@@ -19,11 +19,11 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.admin.auth import ACTOR
 from gateway.app import GATEWAY
-from gateway.console._checks import same_origin
+from gateway.console._checks import read_form, same_origin
 from gateway.console._layout import error_page, redirect
 from gateway.console._state import PREFIX, SESSION, SESSION_COOKIE, SESSIONS
+from gateway.manage import InputError
 from gateway.storage import NotFound, StorageUnavailable
 
 __all__ = ["CSP", "console_middleware"]
@@ -74,20 +74,19 @@ async def _route(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             token = await request.app[GATEWAY].management.token(token_id)
             revoked = token.revoked_at is not None
-        except NotFound:
+        except (NotFound, InputError):
             revoked = True
         if revoked:
             sessions.end_for_token(token_id)
             session = None
     if session is not None:
         request[SESSION] = session
-        request[ACTOR] = session.actor
     if path == SIGN_IN:
         return await handler(request)
     if session is None:
         return redirect(SIGN_IN)
     if request.method not in ("GET", "HEAD"):
-        form = await request.post()
+        form = await read_form(request)
         presented = form.get("csrf")
         if (
             not same_origin(request)
@@ -109,8 +108,11 @@ async def console_middleware(request: web.Request, handler: Handler) -> web.Stre
         response = await _route(request, handler)
     except asyncio.CancelledError:
         raise
-    except NotFound:
-        response = await error_page(request, 404, "Not found", "There is no such page.")
+    except (NotFound, InputError) as exc:
+        # Unknown, or not the signed-in party's: the same page either way.
+        status = exc.status if isinstance(exc, InputError) else 404
+        message = exc.message if isinstance(exc, InputError) and status != 404 else "Not found"
+        response = await error_page(request, status, message, _explain(status))
     except StorageUnavailable:
         response = await error_page(
             request, 503, "Database unavailable", "The database did not answer. Try again soon."

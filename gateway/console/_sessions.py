@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from gateway.admin.auth import Actor
+from gateway.manage import Actor
 
 __all__ = ["LIFETIME_SECONDS", "Session", "SessionStore"]
 

@@ -10,9 +10,8 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from gateway.admin.auth import Actor, actor_for
 from gateway.app import GATEWAY, Gateway
-from gateway.console._checks import client_ip, over_tls, same_origin
+from gateway.console._checks import client_ip, over_tls, read_form, same_origin
 from gateway.console._html import Markup, fmt, join
 from gateway.console._layout import error_page, page, redirect, team_url, when
 from gateway.console._state import (
@@ -25,6 +24,7 @@ from gateway.console._state import (
     TEMPLATES,
     session_of,
 )
+from gateway.manage import Actor
 
 __all__ = ["authenticate", "go", "index", "sign_in", "sign_in_form", "sign_out", "static", "teams"]
 
@@ -38,9 +38,9 @@ FAILURE_WINDOW = 300.0
 
 
 async def authenticate(gateway: Gateway, presented: str) -> tuple[Actor, str] | None:
-    """The check the admin API makes on ``Authorization: Bearer`` (gateway.admin.auth),
+    """The check the admin API makes on ``Authorization: Bearer`` (the service's),
     and how the console's header names who signed in."""
-    found = await actor_for(gateway, presented)
+    found = await gateway.management.authenticate(presented)
     if found is None:
         return None
     actor, token = found
@@ -130,7 +130,7 @@ async def sign_in_form(request: web.Request) -> web.Response:
 
 
 async def sign_in(request: web.Request) -> web.Response:
-    form = await request.post()
+    form = await read_form(request)
     nonce, token = form.get("nonce"), form.get("token")
     expected = request.cookies.get(SIGNIN_COOKIE, "")
     if (
@@ -176,7 +176,7 @@ async def teams(request: web.Request) -> web.Response:
     if not actor.is_admin:
         return redirect(_home(actor))
     after = request.query.get("after") or None
-    found = await request.app[GATEWAY].management.teams(TEAMS_PER_PAGE, after)
+    found = await request.app[GATEWAY].management.teams(TEAMS_PER_PAGE, after, actor=actor)
     rows = join(
         fmt(
             '<tr><th scope="row"><a href="$keys">$name</a></th><td><code>$id</code></td>'
@@ -212,8 +212,7 @@ async def go(request: web.Request) -> web.Response:
     chosen = request.query.get("team", "")
     if not chosen:
         return redirect(_home(actor))
-    team = await request.app[GATEWAY].management.team(chosen)
-    actor.check_team(team.id)
+    team = await request.app[GATEWAY].management.team(chosen, actor=actor)
     return redirect(team_url(team.id))
 
 

@@ -20,6 +20,7 @@ from gateway.console._chart import (
     legend,
     stacked_bars,
 )
+from gateway.console._checks import actor
 from gateway.console._html import Markup, fmt, join
 from gateway.console._keys import team
 from gateway.console._layout import page, team_url, when
@@ -119,7 +120,7 @@ def _anomaly_item(kind: str, at: float, subject: Markup, detail: str) -> Markup:
 
 async def _failures(request: web.Request, start: float, end: float) -> Markup:
     """Operators only: refused credentials by prefix and address, across all teams."""
-    rows = await request.app[GATEWAY].management.auth_failures(int(start), end, 20)
+    rows = await request.app[GATEWAY].management.auth_failures(start, end, 20, actor=actor(request))
     detector = request.app[GATEWAY].anomalies
     signals = [
         a
@@ -172,14 +173,16 @@ async def usage(request: web.Request) -> web.Response:
     end = time.time()
     # Whole periods, the current one last: 24 hours are 24 bars, 7 days 7 bars.
     start = (math.floor(end / span.step) - span.buckets + 1) * span.step
-    report: dict[str, Any] = await gateway.management.usage(owner.id, start, end, span.step)
+    report: dict[str, Any] = await gateway.management.usage(
+        owner.id, start, end, span.step, actor=actor(request)
+    )
     buckets = [
         Bucket(_parse(b["start"]), dict(b["requests"]), int(b["credits"]))
         for b in report["buckets"]
     ]
     totals: dict[str, int] = report["totals"]["requests"]
     present = [o for o, _ in OUTCOMES if totals.get(o)]
-    listed = await gateway.management.keys(owner.id, 1000)
+    listed = await gateway.management.keys(owner.id, 1000, actor=actor(request))
     known = {k.id: k for k in listed}
 
     detector = gateway.anomalies

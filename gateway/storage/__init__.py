@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -27,13 +28,16 @@ from gateway.models import (
 __all__ = [
     "IDEMPOTENCY_TTL_SECONDS",
     "KEY_FIELDS",
+    "MAX_BALANCE",
     "AdminStore",
     "Backend",
     "Conflict",
+    "GrantResult",
     "IdempotencyClaim",
     "IdempotencyRecord",
     "InvalidData",
     "KeyChange",
+    "KeyReused",
     "Ledger",
     "Mismatch",
     "NotFound",
@@ -43,9 +47,11 @@ __all__ = [
     "StorageUnavailable",
     "Store",
     "UsageStore",
+    "check_grant",
     "checked_key_changes",
     "decode_ledger_cursor",
     "encode_ledger_cursor",
+    "replayed_grant",
 ]
 
 # What update_key may change; anything else is refused (ValueError).
@@ -56,6 +62,13 @@ ExpiryPolicy = Literal["void", "post"]
 # How long an Idempotency-Key is remembered: a record older than this counts as
 # absent (and may be overwritten by a new claim) on every backend.
 IDEMPOTENCY_TTL_SECONDS = 86_400.0
+
+# No balance grows past this (a grant that would is a Conflict): balance plus
+# any grant then stays far inside a signed 64-bit integer on both backends.
+MAX_BALANCE = 10**15
+# Ledger cursors carry a time the backends can store (up to 9999-12-31T23:59:59Z).
+_LATEST = 253_402_300_799.0
+_ENTRY_ID = re.compile(r"[cr][\x20-\x7e]{1,200}\Z", re.ASCII)  # printable ASCII: no NUL
 
 
 class StorageError(Exception):
@@ -68,6 +81,10 @@ class NotFound(StorageError):
 
 class Conflict(StorageError):
     """The change contradicts the stored state (duplicate name, balance below zero...)."""
+
+
+class KeyReused(Conflict):
+    """An Idempotency-Key already used for a different request (the caller answers 422)."""
 
 
 class StorageUnavailable(StorageError):
@@ -137,6 +154,14 @@ class ReserveResult:
     # The record of an earlier attempt under the same Idempotency-Key: then
     # nothing was reserved (granted is False) and the caller answers from it.
     replay: IdempotencyRecord | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GrantResult:
+    """A grant's answer: the balance right after it, and whether it was a replay."""
+
+    balance: int
+    replayed: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,7 +373,28 @@ class Ledger(Protocol):
         reason: str,
         actor: str,
         idempotency_key: str | None = None,
-    ) -> int: ...
+    ) -> int:
+        """The new balance (see :meth:`apply_grant`)."""
+        ...
+
+    async def apply_grant(
+        self,
+        team_id: str,
+        environment: Environment,
+        amount: int,
+        reason: str,
+        actor: str,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+    ) -> GrantResult:
+        """Grant (or, negative, adjust) credits, once per Idempotency-Key of the team.
+
+        A key seen before with the same request (``request_hash``, else amount
+        and environment) answers the first grant's balance, ``replayed``, and
+        changes nothing; with a different request it raises :class:`KeyReused`.
+        A balance that would go below zero or past :data:`MAX_BALANCE` is a Conflict.
+        """
+        ...
 
     async def ledger_entries(
         self, team_id: str, limit: int, before: str | None
@@ -457,6 +503,35 @@ def checked_key_changes(changes: Mapping[str, object]) -> dict[str, object]:
     return checked
 
 
+def check_grant(current: int, amount: int, environment: str) -> None:
+    """The rule both backends apply to a grant against the balance it finds (Conflict)."""
+    if current + amount < 0:
+        raise Conflict(
+            f"an adjustment of {amount} would take the {environment} balance ({current}) below zero"
+        )
+    if current + amount > MAX_BALANCE:
+        raise Conflict(f"a balance may not exceed {MAX_BALANCE}")
+
+
+def replayed_grant(
+    seen: Mapping[str, object], amount: int, environment: str, request_hash: str | None
+) -> GrantResult:
+    """The answer to a grant whose Idempotency-Key the team used before.
+
+    Entries written before request hashes were kept (or by callers that send
+    none) are compared by amount and environment, as they were then.
+    """
+    stored_hash = seen.get("request_hash")
+    if stored_hash is not None and request_hash is not None:
+        same = stored_hash == request_hash
+    else:
+        same = seen.get("amount") == amount and seen.get("environment") == environment
+    if not same:
+        raise KeyReused("this Idempotency-Key was used for a different grant")
+    balance = seen.get("balance_after")
+    return GrantResult(int(balance) if isinstance(balance, int) else 0, replayed=True)
+
+
 def encode_ledger_cursor(created_at: float, entry_id: str) -> str:
     """The opaque paging cursor of a ledger entry (URL-safe)."""
     raw = f"{created_at!r} {entry_id}".encode()
@@ -470,10 +545,10 @@ def decode_ledger_cursor(cursor: str) -> tuple[float, str]:
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise ValueError("not a ledger cursor") from None
     at, _, entry_id = raw.partition(" ")
-    if not entry_id or entry_id[0] not in "cr":
+    if not _ENTRY_ID.match(entry_id) or not at.isascii():
         raise ValueError("not a ledger cursor")
     created_at = float(at)  # ValueError as well
-    if not math.isfinite(created_at):
+    # 1e300 is finite, and no backend stores a time that far (PostgreSQL: DataError).
+    if not 0.0 <= created_at <= _LATEST:
         raise ValueError("not a ledger cursor")
     return created_at, entry_id
-

@@ -169,6 +169,16 @@ CREATE TABLE idempotency_keys (
 CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at)
 """,
     ),
+    (
+        5,
+        """
+-- A grant's Idempotency-Key remembers what was asked (a hash of environment,
+-- amount and reason) and what was answered (the balance right after it), so a
+-- replay answers the first answer and a different request under the key is told apart.
+ALTER TABLE credit_entries ADD COLUMN request_hash TEXT;
+ALTER TABLE credit_entries ADD COLUMN balance_after INTEGER;
+""",
+    ),
 ]
 
 # PostgreSQL keeps times as timestamptz (the backend hands them out as epoch
@@ -995,6 +1005,14 @@ BEGIN
     RETURN QUERY SELECT true, v_have - p_amount;
 END
 $$;
+""",
+    ),
+    (
+        7,
+        """
+-- See SQLite version 5: a grant's request hash and the balance it answered.
+ALTER TABLE credit_entries ADD COLUMN request_hash text;
+ALTER TABLE credit_entries ADD COLUMN balance_after bigint;
 """,
     ),
 ]

@@ -42,18 +42,22 @@ from gateway.models import (
 from gateway.storage import (
     Conflict,
     ExpiryPolicy,
+    GrantResult,
     IdempotencyClaim,
     IdempotencyRecord,
     InvalidData,
     KeyChange,
+    KeyReused,
     Mismatch,
     NotFound,
     ReserveRequest,
     ReserveResult,
     StorageUnavailable,
+    check_grant,
     checked_key_changes,
     decode_ledger_cursor,
     encode_ledger_cursor,
+    replayed_grant,
 )
 from gateway.storage._schema import POSTGRES_MIGRATIONS
 
@@ -1005,15 +1009,31 @@ class PostgresBackend:
         actor: str,
         idempotency_key: str | None = None,
     ) -> int:
+        result = await self.apply_grant(
+            team_id, environment, amount, reason, actor, idempotency_key
+        )
+        return result.balance
+
+    async def apply_grant(
+        self,
+        team_id: str,
+        environment: Environment,
+        amount: int,
+        reason: str,
+        actor: str,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+    ) -> GrantResult:
         try:
             async with self._connection() as conn, conn.transaction():
                 return await self._grant(
-                    conn, team_id, environment, amount, reason, actor, idempotency_key
-                )
+                    conn, team_id, environment, amount, reason, actor, idempotency_key,
+                    request_hash,
+                )  # fmt: skip
         except asyncpg.UniqueViolationError:
             # Only a concurrent grant with the same key for the other environment
             # gets here (same-environment grants queue on the balance row).
-            raise Conflict("this Idempotency-Key was used for a different grant") from None
+            raise KeyReused("this Idempotency-Key was used for a different grant") from None
 
     @staticmethod
     async def _grant(
@@ -1024,7 +1044,8 @@ class PostgresBackend:
         reason: str,
         actor: str,
         idempotency_key: str | None,
-    ) -> int:
+        request_hash: str | None,
+    ) -> GrantResult:
         if await conn.fetchval("SELECT 1 FROM teams WHERE id = $1", team_id) is None:
             raise NotFound(f"no team {team_id!r}")
         # Lock the account's row (creating it at zero) before looking at the
@@ -1041,23 +1062,18 @@ class PostgresBackend:
         )
         if idempotency_key is not None:
             seen = await conn.fetchrow(
-                "SELECT amount, environment FROM credit_entries "
+                "SELECT amount, environment, request_hash, balance_after FROM credit_entries "
                 "WHERE team_id = $1 AND idempotency_key = $2",
                 team_id,
                 idempotency_key,
             )
             if seen is not None:
-                if seen["amount"] != amount or seen["environment"] != environment:
-                    raise Conflict("this Idempotency-Key was used for a different grant")
-                return current
-        if current + amount < 0:
-            raise Conflict(
-                f"an adjustment of {amount} would take the {environment} balance "
-                f"({current}) below zero"
-            )
+                return replayed_grant(dict(seen), amount, environment, request_hash)
+        check_grant(current, amount, environment)
         await conn.execute(
             "INSERT INTO credit_entries (team_id, environment, kind, amount, reason, actor, "
-            "idempotency_key) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "idempotency_key, request_hash, balance_after) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             team_id,
             environment,
             "grant" if amount >= 0 else "adjust",
@@ -1065,6 +1081,8 @@ class PostgresBackend:
             reason,
             actor,
             idempotency_key,
+            request_hash,
+            current + amount,
         )
         await conn.execute(
             "UPDATE balances SET available = $3 WHERE team_id = $1 AND environment = $2",
@@ -1072,7 +1090,7 @@ class PostgresBackend:
             environment,
             current + amount,
         )
-        return current + amount
+        return GrantResult(current + amount, replayed=False)
 
     async def ledger_entries(
         self, team_id: str, limit: int, before: str | None

@@ -33,6 +33,7 @@ from gateway.storage import (
     IDEMPOTENCY_TTL_SECONDS,
     Conflict,
     ExpiryPolicy,
+    GrantResult,
     IdempotencyClaim,
     IdempotencyRecord,
     InvalidData,
@@ -42,9 +43,11 @@ from gateway.storage import (
     ReserveRequest,
     ReserveResult,
     StorageUnavailable,
+    check_grant,
     checked_key_changes,
     decode_ledger_cursor,
     encode_ledger_cursor,
+    replayed_grant,
 )
 from gateway.storage._schema import SQLITE_MIGRATIONS
 
@@ -918,36 +921,42 @@ class SqliteBackend:
         actor: str,
         idempotency_key: str | None = None,
     ) -> int:
-        def grant(db: sqlite3.Connection) -> int:
+        result = await self.apply_grant(
+            team_id, environment, amount, reason, actor, idempotency_key
+        )
+        return result.balance
+
+    async def apply_grant(
+        self,
+        team_id: str,
+        environment: Environment,
+        amount: int,
+        reason: str,
+        actor: str,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+    ) -> GrantResult:
+        def grant(db: sqlite3.Connection) -> GrantResult:
             if db.execute("SELECT 1 FROM teams WHERE id = ?", (team_id,)).fetchone() is None:
                 raise NotFound(f"no team {team_id!r}")
             if idempotency_key is not None:
                 seen = db.execute(
-                    "SELECT amount, environment FROM credit_entries "
+                    "SELECT amount, environment, request_hash, balance_after FROM credit_entries "
                     "WHERE team_id = ? AND idempotency_key = ?",
                     (team_id, idempotency_key),
                 ).fetchone()
                 if seen is not None:
-                    if seen["amount"] != amount or seen["environment"] != environment:
-                        raise Conflict("this Idempotency-Key was used for a different grant")
-                    row = db.execute(
-                        "SELECT available FROM balances WHERE team_id = ? AND environment = ?",
-                        (team_id, environment),
-                    ).fetchone()
-                    return int(row["available"])
+                    return replayed_grant(dict(seen), amount, environment, request_hash)
             row = db.execute(
                 "SELECT available FROM balances WHERE team_id = ? AND environment = ?",
                 (team_id, environment),
             ).fetchone()
             current = 0 if row is None else int(row["available"])
-            if current + amount < 0:
-                raise Conflict(
-                    f"an adjustment of {amount} would take the {environment} balance "
-                    f"({current}) below zero"
-                )
+            check_grant(current, amount, environment)
             db.execute(
                 "INSERT INTO credit_entries (team_id, environment, kind, amount, reason, actor, "
-                "idempotency_key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "idempotency_key, request_hash, balance_after, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     team_id,
                     environment,
@@ -956,6 +965,8 @@ class SqliteBackend:
                     reason,
                     actor,
                     idempotency_key,
+                    request_hash,
+                    current + amount,
                     time.time(),
                 ),
             )
@@ -964,7 +975,7 @@ class SqliteBackend:
                 "ON CONFLICT (team_id, environment) DO UPDATE SET available = excluded.available",
                 (team_id, environment, current + amount),
             )
-            return current + amount
+            return GrantResult(current + amount, replayed=False)
 
         return await self._run(self._tx, grant)
 

@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.admin import create_admin_app
+from gateway.listeners import create_admin_app
 
 from ..conftest import ADMIN_TOKEN, Harness, MakeGateway
 

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.admin import create_admin_app
 from gateway.app import GATEWAY, Gateway, create_app
 from gateway.config import Settings, settings_from_mapping
+from gateway.listeners import create_admin_app
 from tests.storage.conftest import Databases, postgres_admin_dsn, postgres_template
 
 from ..conftest import ADMIN_TOKEN, Upstream, base_config, bearer

@@ -11,8 +11,8 @@ import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.admin import create_admin_app
 from gateway.console import SESSIONS, SessionStore
+from gateway.listeners import create_admin_app
 
 from ..conftest import ADMIN_TOKEN, Harness, MakeGateway
 

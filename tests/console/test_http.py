@@ -13,10 +13,10 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from gateway.admin import create_admin_app
 from gateway.anomaly import Anomaly
 from gateway.console import SESSIONS
 from gateway.console._chart import Bucket, stacked_bars
+from gateway.listeners import create_admin_app
 
 from ..conftest import ADMIN_TOKEN, MakeGateway, bearer
 from .conftest import Console, ConsoleClient, hidden

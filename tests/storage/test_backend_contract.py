@@ -13,7 +13,16 @@ import time
 import asyncpg
 import pytest
 
-from gateway.storage import Backend, Conflict, NotFound, ReserveRequest, ReserveResult
+from gateway.storage import (
+    MAX_BALANCE,
+    Backend,
+    Conflict,
+    GrantResult,
+    KeyReused,
+    NotFound,
+    ReserveRequest,
+    ReserveResult,
+)
 from tests.storage.conftest import Backends
 
 
@@ -223,11 +232,34 @@ async def test_grant_idempotency_key_is_per_team_not_per_environment(db: Backend
     assert await db.balances(team) == {"live": 10, "test": 0}
 
 
-async def test_a_replayed_grant_answers_the_current_balance(db: Backend) -> None:
+async def test_a_replayed_grant_answers_the_first_answer(db: Backend) -> None:
     team = await team_with(db, 0)
-    await db.grant(team, "live", 10, "purchase", "admin", "order-1")
+    first = await db.apply_grant(team, "live", 10, "purchase", "admin", "order-1", "h1")
+    assert first == GrantResult(10, replayed=False)
     await db.reserve_batch([req("a", team, 4)])
-    assert await db.grant(team, "live", 10, "purchase", "admin", "order-1") == 6
+    again = await db.apply_grant(team, "live", 10, "purchase", "admin", "order-1", "h1")
+    assert again == GrantResult(10, replayed=True)
+    assert await db.balance(team, "live") == 6
+
+
+async def test_a_grant_key_reused_for_another_request_is_told_apart(db: Backend) -> None:
+    team = await team_with(db, 0)
+    await db.apply_grant(team, "live", 10, "purchase", "admin", "order-1", "h1")
+    # Same amount and environment, another reason: a different request.
+    with pytest.raises(KeyReused):
+        await db.apply_grant(team, "live", 10, "other", "admin", "order-1", "h2")
+    with pytest.raises(KeyReused):
+        await db.apply_grant(team, "test", 10, "purchase", "admin", "order-1", "h3")
+    assert len(await db.ledger_entries(team, 10, None)) == 1
+
+
+async def test_a_balance_cannot_grow_past_the_bound(db: Backend) -> None:
+    team = await team_with(db, 0)
+    await db.grant(team, "live", MAX_BALANCE, "all of it", "admin")
+    with pytest.raises(Conflict):
+        await db.grant(team, "live", 1, "one more", "admin")
+    # Not wedged: an adjustment still works.
+    assert await db.grant(team, "live", -1, "correction", "admin") == MAX_BALANCE - 1
 
 
 async def test_granting_to_an_unknown_team_is_not_found(db: Backend) -> None:

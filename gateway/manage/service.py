@@ -1,0 +1,19 @@
+"""The management service: every action on teams, keys, tokens and credits, and the reads.
+
+Each action owns its input bounds, the actor's permission, the change and its
+audit entry; the admin API, the console and the CLI only translate their
+transport into calls of this class.
+"""
+
+from __future__ import annotations
+
+from gateway.manage.credits import CreditActions
+from gateway.manage.keys import KeyActions
+from gateway.manage.reads import Reads
+from gateway.manage.teams import TeamActions
+
+__all__ = ["Management"]
+
+
+class Management(TeamActions, KeyActions, CreditActions, Reads):
+    """One object per process, built by the app factory (or the CLI) over its backend."""
