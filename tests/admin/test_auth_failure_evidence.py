@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.admin import create_admin_app
+from gateway.listeners import create_admin_app
 from gateway.logs import LogFormatter
 from tests.storage.conftest import Databases, postgres_admin_dsn, postgres_template
 
