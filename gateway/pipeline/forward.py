@@ -34,7 +34,7 @@ from gateway.proxy import (
     writable,
 )
 from gateway.routing import Route
-from gateway.upstream import UpstreamAnswer, UpstreamError
+from gateway.upstream import InvalidAnswer, UpstreamAnswer, UpstreamError
 
 __all__ = ["Forwarder", "finish", "outcome_for"]
 
@@ -90,6 +90,8 @@ class Forwarder:
                     raise errors.refuse_upstream(504, "Upstream timed out") from None
                 except BodyTooLarge:
                     raise errors.refuse_too_large(route.max_body_bytes) from None
+                except InvalidAnswer:
+                    raise errors.refuse_upstream(502, "Upstream sent an invalid answer") from None
                 except UpstreamError:
                     raise errors.refuse_upstream(502, "Upstream unavailable") from None
                 try:

@@ -12,13 +12,20 @@ names (``client: lean``, the default, or ``client: aiohttp``, the documented fal
 from __future__ import annotations
 
 from gateway.config import UpstreamSettings
-from gateway.upstream.answer import Body, UpstreamAnswer, UpstreamClient, UpstreamError
+from gateway.upstream.answer import (
+    Body,
+    InvalidAnswer,
+    UpstreamAnswer,
+    UpstreamClient,
+    UpstreamError,
+)
 from gateway.upstream.client import LeanClient
 from gateway.upstream.fallback import AiohttpClient
 
 __all__ = [
     "AiohttpClient",
     "Body",
+    "InvalidAnswer",
     "LeanClient",
     "UpstreamAnswer",
     "UpstreamClient",

@@ -7,7 +7,7 @@ from typing import Protocol
 
 from multidict import CIMultiDictProxy
 
-__all__ = ["Body", "UpstreamAnswer", "UpstreamClient", "UpstreamError"]
+__all__ = ["Body", "InvalidAnswer", "UpstreamAnswer", "UpstreamClient", "UpstreamError"]
 
 # A request body: none, whole, or a stream of chunks (written with backpressure).
 Body = bytes | AsyncIterator[bytes] | None
@@ -21,6 +21,10 @@ class UpstreamError(Exception):
     ``TimeoutError`` instead (a 504); an exception raised by a streamed request
     body propagates as it is.
     """
+
+
+class InvalidAnswer(UpstreamError):
+    """The upstream answered what HTTP/1.1 does not allow (a bad status line, framing, header)."""
 
 
 class UpstreamAnswer(Protocol):

@@ -16,7 +16,7 @@ from typing import cast
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.upstream.answer import UpstreamError
+from gateway.upstream.answer import InvalidAnswer, UpstreamError
 
 __all__ = ["HIGH_WATER", "Connection", "Stale"]
 
@@ -100,6 +100,8 @@ class Connection(asyncio.Protocol):
             if self.error is not None:
                 raise self.error
             await self._wait()
+        if isinstance(self.error, InvalidAnswer):
+            raise self.error  # found invalid before the head was handed over: nothing relayed
 
     async def read_chunk(self) -> bytes:
         while True:
@@ -183,9 +185,9 @@ class Connection(asyncio.Protocol):
             if isinstance(exc.__context__, _Surplus):
                 self.keep_alive = False  # out of step: dropped once this answer is read
             elif not isinstance(exc.__context__, _HeadOnly):
-                self.fail(UpstreamError(f"an answer the gateway cannot read: {exc}"))
+                self.fail(InvalidAnswer(f"an answer the gateway cannot read: {exc}"))
         except httptools.HttpParserError as exc:
-            self.fail(UpstreamError(f"a malformed answer: {exc}"))
+            self.fail(InvalidAnswer(f"a malformed answer: {exc}"))
         self._wake()
 
     def eof_received(self) -> bool | None:

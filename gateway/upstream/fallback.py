@@ -11,11 +11,12 @@ import functools
 from collections.abc import Iterable, Mapping
 
 import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.config import UpstreamSettings
-from gateway.upstream.answer import Body, UpstreamAnswer, UpstreamError
+from gateway.upstream.answer import Body, InvalidAnswer, UpstreamAnswer, UpstreamError
 from gateway.upstream.client import tls_context
 
 __all__ = ["AiohttpAnswer", "AiohttpClient"]
@@ -48,6 +49,10 @@ def _url(text: str) -> URL:
 def _failure(exc: aiohttp.ClientError) -> Exception:
     """What an aiohttp error means here: the body source's own exception, or an UpstreamError."""
     cause = exc.__cause__
+    if isinstance(cause, HttpProcessingError):
+        error: UpstreamError = InvalidAnswer(str(cause))
+        error.__cause__ = cause
+        return error
     if isinstance(cause, Exception) and not isinstance(
         cause, aiohttp.ClientError | OSError | UpstreamError
     ):
@@ -82,7 +87,7 @@ class AiohttpAnswer:
     async def read_chunk(self) -> bytes:
         try:
             return await self._response.content.readany()
-        except (aiohttp.ClientError, OSError) as exc:
+        except (aiohttp.ClientError, OSError, HttpProcessingError) as exc:
             raise UpstreamError("the upstream broke off its answer") from exc
 
     def release(self) -> None:
@@ -139,6 +144,10 @@ class AiohttpClient:
             raise  # aiohttp's connect timeout (a ClientError too)
         except aiohttp.ClientError as exc:
             raise _failure(exc) from None
+        except HttpProcessingError as exc:
+            # aiohttp's parser refused the answer; not a ClientError, so before this
+            # adapter it escaped the forward stage as a 500.
+            raise InvalidAnswer(str(exc)) from exc
         except OSError as exc:
             raise UpstreamError(str(exc)) from exc
         return AiohttpAnswer(response)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import trustme
 
-from gateway.upstream import LeanClient, UpstreamClient, UpstreamError
+from gateway.upstream import InvalidAnswer, LeanClient, UpstreamClient, UpstreamError
 from gateway.upstream.connection import HIGH_WATER
 
 from .raw import Conn, RawServer, chunk, eventually, ok, response
@@ -294,19 +294,41 @@ async def test_a_malformed_answer_is_an_upstream_error(
     assert client.pool.open == 0
 
 
-async def test_bad_chunk_framing_breaks_the_body(raw: RawServer, client_for: Make) -> None:
-    raw.scripts = [
-        await serve_forever(
-            response(b"200 OK", b"Transfer-Encoding: chunked", body=b"3\r\nabc\r\nzz\r\n")
-        )
-    ]
+async def test_bad_chunk_framing_after_the_head_breaks_the_body(
+    raw: RawServer, client_for: Make
+) -> None:
+    read_first = asyncio.Event()
+
+    async def script(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(response(b"200 OK", b"Transfer-Encoding: chunked", body=chunk(b"abc")))
+        await read_first.wait()
+        await conn.send(b"zz\r\n")
+        await conn.until_closed()
+
+    raw.scripts = [script]
     client = lean(client_for(raw.url))
     answer = await client.request("GET", "/", {}, None)
+    assert await answer.read_chunk() == b"abc"
+    read_first.set()
     with pytest.raises(UpstreamError):
-        while await answer.read_chunk():
-            pass
+        await answer.read_chunk()
     answer.release()
     assert client.pool.open == 0
+
+
+async def test_an_invalid_body_seen_with_the_head_fails_the_request(
+    raw: RawServer, client_for: Make
+) -> None:
+    """Known invalid before the head is handed over: nothing was relayed, so a clean 502."""
+    raw.scripts = [
+        await serve_forever(
+            response(b"200 OK", b"Transfer-Encoding: chunked", body=chunk(b"abc") + b"zz\r\n")
+        )
+    ]
+    for kind in ("lean", "aiohttp"):
+        with pytest.raises(InvalidAnswer):
+            await client_for(raw.url, client=kind).request("GET", "/", {}, None)
 
 
 # -- break-offs ---------------------------------------------------------------------------------
