@@ -1,6 +1,6 @@
 """Profile the gateway's hot path under wrk load with py-spy; print where the time goes.
 
-    python bench/profile.py [plain|embedded|redis_pg] [--seconds 10] [--out bench/results/profile-NAME.txt]
+    python bench/profile.py [plain|embedded|redis_pg] [--client lean|aiohttp] [--seconds 10] [--out FILE]
 
 Starts the nginx upstream and one gateway process like bench/run.py, drives it
 with wrk, samples it with py-spy (pip install py-spy; needs ptrace, fine as
@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--out")
+    parser.add_argument("--client", choices=("lean", "aiohttp"), default="lean",
+                        help="the gateway's upstream client (upstreams.<name>.client)")
     parser.add_argument("--summarize", metavar="STACKS", help="only summarize a saved .stacks file")
     args = parser.parse_args()
     if args.summarize:
@@ -89,7 +91,8 @@ def main() -> None:
             storage = {"storage": dsn, "limiter": redis_url()}
         gateway = GatewayRun(workdir, args.target, {
             **storage,
-            "upstreams": {"assess": {"url": f"http://127.0.0.1:{upstream_port}", "max_connections": 128}},
+            "upstreams": {"assess": {"url": f"http://127.0.0.1:{upstream_port}", "max_connections": 128,
+                                     "client": args.client}},
             "routes": [route],
         })
         keys = make_keys(gateway, 1) if args.target != "plain" else []
@@ -108,7 +111,7 @@ def main() -> None:
         thread.start()
         thread.join()
         spy.wait(30)
-        report = f"{args.target}: {result.get('rps', 0):.0f} req/s under profiling\n\n" + summarize(collapsed)
+        report = f"{args.target} ({args.client} client): {result.get('rps', 0):.0f} req/s under profiling\n\n" + summarize(collapsed)
         print(report)
         if args.out:
             Path(args.out).write_text(report + "\n")

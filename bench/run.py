@@ -362,7 +362,7 @@ def combine(results: list[Result]) -> list[Result]:
 
 def render(results: list[Result]) -> str:
     by_name = {r.name: r for r in results}
-    floor = by_name.get("plain")
+    floor = by_name.get("plain") or by_name.get("plain[lean]")
     nginx = by_name.get("nginx")
     header = (f"{'target':<18} {'req/s':>8} {'×plain':>7} {'×nginx':>7} {'p50 ms':>7} {'p99 ms':>7} "
               f"{'p99.9 ms':>8} {'CPU ms/1k':>9} {'RSS MB':>7} {'errors':>6} {'redis/req':>9} {'pg tx/req':>9}")
@@ -393,6 +393,9 @@ def main() -> None:
                         help="rounds over all targets; each figure is the median of its rounds")
     parser.add_argument("--only", nargs="*", help="run only these targets")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--clients", nargs="+", choices=("lean", "aiohttp"), default=["lean"],
+                        help="the gateway's upstream client (upstreams.<name>.client); with two, "
+                             "every gateway target runs once with each, named target[client]")
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
         if shutil.which(tool) is None:
@@ -453,8 +456,11 @@ def main() -> None:
                     minimal.wait(10)
 
             def run_gateway(name: str, config: dict[str, Any], teams: int, workers: int = 1,
-                            counters: Any = None) -> None:
-                gateway = GatewayRun(workdir, name, {"upstreams": upstreams, **config}, workers)
+                            counters: Any = None, client: str = "lean") -> None:
+                if len(args.clients) > 1:
+                    name = f"{name}[{client}]"
+                chosen = {k: {**v, "client": client} for k, v in upstreams.items()}
+                gateway = GatewayRun(workdir, name, {"upstreams": chosen, **config}, workers)
                 try:
                     keys = make_keys(gateway, teams) if teams else []
                     gateway.start()
@@ -464,13 +470,17 @@ def main() -> None:
                     gateway.stop()
 
             quiet = {"logging": {"access_log": False, "level": "WARNING"}}
-            if "plain" in wanted:
-                run_gateway("plain", {"storage": f"sqlite:///{workdir}/plain-{round_no}.db", "routes": [public]}, 0)
-            if "plain_quiet" in wanted:
-                run_gateway("plain_quiet", {"storage": f"sqlite:///{workdir}/plainq-{round_no}.db",
-                                            "routes": [public], **quiet}, 0)
-            if "embedded" in wanted:
-                run_gateway("embedded", {"storage": f"sqlite:///{workdir}/embedded-{round_no}.db", "routes": [route]}, 1)
+            for client in args.clients:
+                tag = f"{client}-{round_no}"
+                if "plain" in wanted:
+                    run_gateway("plain", {"storage": f"sqlite:///{workdir}/plain-{tag}.db", "routes": [public]},
+                                0, client=client)
+                if "plain_quiet" in wanted:
+                    run_gateway("plain_quiet", {"storage": f"sqlite:///{workdir}/plainq-{tag}.db",
+                                                "routes": [public], **quiet}, 0, client=client)
+                if "embedded" in wanted:
+                    run_gateway("embedded", {"storage": f"sqlite:///{workdir}/embedded-{tag}.db",
+                                             "routes": [route]}, 1, client=client)
             tracing = {"enabled": True, "endpoint": f"http://127.0.0.1:{sink_port}/v1/traces"}
             enforced: tuple[tuple[str, int, int, dict[str, Any]], ...] = (
                 ("redis_pg", 1, 1, {}),
@@ -481,7 +491,8 @@ def main() -> None:
                 ("redis_pg_trace100", 1, 1, {"tracing": {**tracing, "sample_ratio": 1.0}}),
             )
             if wanted & {name for name, *_ in enforced}:
-                for name, teams, workers, extra in enforced:
+                for (name, teams, workers, extra), client in (
+                        (row, client) for row in enforced for client in args.clients):
                     if name not in wanted:
                         continue
                     db_name, dsn = scratch_database()
@@ -490,7 +501,8 @@ def main() -> None:
 
                         redis.Redis.from_url(redis_url()).flushdb()
                         config = {"storage": dsn, "limiter": redis_url(), "routes": [route], **extra}
-                        run_gateway(name, config, teams, workers, counters=backend_counters(dsn, db_name))
+                        run_gateway(name, config, teams, workers, counters=backend_counters(dsn, db_name),
+                                    client=client)
                     finally:
                         drop_database(db_name)
                         db_name = None

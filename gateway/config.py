@@ -315,6 +315,11 @@ class UpstreamSettings(_Frozen):
     max_connections: int = Field(default=256, ge=1)
     keepalive_seconds: float = Field(default=15.0, gt=0, le=MAX_INTERVAL_SECONDS)
     headers: dict[str, SecretStr] = Field(default_factory=dict)
+    # The connection layer: "lean" (gateway/upstream/, asyncio protocols and llhttp)
+    # or "aiohttp" (its ClientSession, the fallback).
+    client: Literal["lean", "aiohttp"] = "lean"
+    # For https:// upstreams: a PEM file of the CAs to trust instead of the system's.
+    ca_file: str | None = None
 
     @field_validator("url")
     @classmethod

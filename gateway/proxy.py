@@ -1,21 +1,19 @@
-"""Forwarding: upstream clients, header hygiene and client-address trust.
+"""Forwarding: the named upstreams, header hygiene and client-address trust.
 
-The upstream clients keep no cookies, follow no redirects and decompress
-nothing: bytes pass through as they are.
+The upstream clients (gateway/upstream/) keep no cookies, follow no redirects
+and decompress nothing: bytes pass through as they are.
 """
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 
-import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from gateway.config import IdentityHeaderSettings, UpstreamSettings
+from gateway.upstream import UpstreamClient, open_client
 
 __all__ = [
     "ClientAddress",
@@ -23,7 +21,7 @@ __all__ = [
     "MalformedAnswer",
     "Upstream",
     "UpstreamPool",
-    "upstream_url",
+    "upstream_target",
 ]
 
 # RFC 9110 §7.6.1, plus the old Proxy-Connection; Host and Content-Length are
@@ -76,75 +74,23 @@ def _connection_listed(headers: CIMultiDictProxy[str]) -> set[str]:
     return listed
 
 
-# aiohttp adds Accept, Accept-Encoding, User-Agent and a Content-Type the client
-# never sent unless told to skip them; an added Accept-Encoding would even make
-# the upstream compress answers the client cannot read (nothing is decompressed
-# here). Skipping them through ``skip_auto_headers`` costs a sort, a copy and two
-# multidicts per request, so this request class skips all four, always.
-_NO_AUTO_HEADERS: CIMultiDict[None] = CIMultiDict(
-    (name, None) for name in ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
-)
-
-
-class _PassThroughRequest(aiohttp.ClientRequest):
-    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
-        self._skip_auto_headers = _NO_AUTO_HEADERS
-
-
-@functools.lru_cache(maxsize=4096)
-def _cached_url(text: str) -> URL:
-    return URL(text, encoded=True)
-
-
-def upstream_url(base: str, encoded_path: str, raw_query: str) -> URL:
-    """The upstream URL, from parts already validated and encoded (never re-quoted).
-
-    Parsing a URL costs more than the rest of the header work; the same paths
-    come again and again, so query-less URLs are kept (a bounded cache).
-    """
-    if raw_query:
-        return URL(f"{base}{encoded_path}?{raw_query}", encoded=True)
-    return _cached_url(base + encoded_path)
+def upstream_target(encoded_path: str, raw_query: str) -> str:
+    """The request target (origin-form) from parts already validated and encoded."""
+    return f"{encoded_path}?{raw_query}" if raw_query else encoded_path
 
 
 class Upstream:
-    """One named upstream: its base URL and its own client session."""
+    """One named upstream: its settings and its own client (and so its own connections)."""
 
     def __init__(self, name: str, settings: UpstreamSettings) -> None:
         self.name = name
         self.settings = settings
         self.base_url = settings.url
         self.extra_headers = {k: v.get_secret_value() for k, v in settings.headers.items()}
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            s = self.settings
-            connector = aiohttp.TCPConnector(
-                limit=s.max_connections,
-                limit_per_host=s.max_connections,
-                # Close idle connections before the upstream does, so a request
-                # is never written into a socket the upstream is closing.
-                keepalive_timeout=s.keepalive_seconds,
-                ttl_dns_cache=60,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                auto_decompress=False,
-                # No sock_read: it arms a timer per response (and moves it per
-                # chunk); the pipeline's Deadlines keep the read limits instead.
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_seconds),
-                request_class=_PassThroughRequest,
-                raise_for_status=False,
-            )
-        return self._session
+        self.client: UpstreamClient = open_client(settings)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.client.close()
 
 
 class UpstreamPool:

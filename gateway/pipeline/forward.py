@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import time
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -31,10 +30,11 @@ from gateway.proxy import (
     MalformedAnswer,
     Upstream,
     UpstreamPool,
-    upstream_url,
+    upstream_target,
     writable,
 )
 from gateway.routing import Route
+from gateway.upstream import InvalidAnswer, UpstreamAnswer, UpstreamError
 
 __all__ = ["Forwarder", "finish", "outcome_for"]
 
@@ -72,7 +72,7 @@ class Forwarder:
         upstream = self._upstream(route, ex)
         # The query as the client sent it (a fragment never goes upstream).
         query = admitted.query.partition("#")[0]
-        url = upstream_url(upstream.base_url, admitted.encoded_path, query)
+        target = upstream_target(admitted.encoded_path, query)
         headers = self._upstream_headers(request, ex, upstream)
         # The route's limit on the whole exchange counts from here, before the
         # body is read: a reservation is held from now on, and its lease allows
@@ -85,14 +85,14 @@ class Forwarder:
                 min(sent + upstream.settings.timeout_seconds, end)
             ) as deadline:
                 try:
-                    answer = await upstream.session.request(
-                        request.method, url, headers=headers, data=body, allow_redirects=False
-                    )
-                except TimeoutError:  # aiohttp's own connect timeout
+                    answer = await upstream.client.request(request.method, target, headers, body)
+                except TimeoutError:  # the connect timeout
                     raise errors.refuse_upstream(504, "Upstream timed out") from None
-                except (aiohttp.ClientError, OSError, BodyTooLarge) as exc:
-                    if isinstance(exc, BodyTooLarge) or isinstance(exc.__cause__, BodyTooLarge):
-                        raise errors.refuse_too_large(route.max_body_bytes) from None
+                except BodyTooLarge:
+                    raise errors.refuse_too_large(route.max_body_bytes) from None
+                except InvalidAnswer:
+                    raise errors.refuse_upstream(502, "Upstream sent an invalid answer") from None
+                except UpstreamError:
                     raise errors.refuse_upstream(502, "Upstream unavailable") from None
                 try:
                     deadline.answered(end, upstream.settings.read_timeout_seconds)
@@ -142,7 +142,7 @@ class Forwarder:
         self,
         request: web.Request,
         ex: Exchange,
-        answer: aiohttp.ClientResponse,
+        answer: UpstreamAnswer,
         settlement: Settlement,
         deadline: Deadline,
     ) -> web.StreamResponse:
@@ -172,7 +172,7 @@ class Forwarder:
             # if the upstream breaks off first, nothing went out yet.
             try:
                 data = await _read_whole(answer, deadline)
-            except (aiohttp.ClientError, OSError):
+            except UpstreamError:
                 settlement.facts.status = None  # no answer reached the client
                 raise errors.refuse_upstream(502, "Upstream broke off") from None
             attempt = settlement.attempt
@@ -190,7 +190,7 @@ class Forwarder:
 async def _stream(
     request: web.Request,
     ex: Exchange,
-    answer: aiohttp.ClientResponse,
+    answer: UpstreamAnswer,
     response: web.StreamResponse,
     settlement: Settlement,
     deadline: Deadline,
@@ -203,11 +203,11 @@ async def _stream(
     except ConnectionError:
         facts.client_left = True
         return
-    read = answer.content.readany
+    read = answer.read_chunk
     while True:
         try:
             chunk = await read()
-        except (aiohttp.ClientError, OSError, TimeoutError):
+        except UpstreamError:
             # The upstream broke off after its status line: finish() cuts the
             # client off, so it cannot mistake what it got for a whole answer.
             facts.broke = True
@@ -246,10 +246,10 @@ async def finish(
     return response
 
 
-async def _read_whole(answer: aiohttp.ClientResponse, deadline: Deadline) -> bytes:
+async def _read_whole(answer: UpstreamAnswer, deadline: Deadline) -> bytes:
     """A (small) answer's body, each chunk counting as progress against the quiet limit."""
     chunks: list[bytes] = []
-    read = answer.content.readany
+    read = answer.read_chunk
     while chunk := await read():
         chunks.append(chunk)
         deadline.progress()
