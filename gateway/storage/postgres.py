@@ -57,9 +57,9 @@ from gateway.storage import (
     checked_key_changes,
     decode_ledger_cursor,
     encode_ledger_cursor,
+    migrations,
     replayed_grant,
 )
-from gateway.storage._schema import POSTGRES_MIGRATIONS
 
 __all__ = ["NOTIFY_CHANNEL", "PostgresBackend"]
 
@@ -368,8 +368,10 @@ class PostgresBackend:
 
     async def migrate(self) -> list[int]:
         applied: list[int] = []
+        # Read off the loop: they are files (in the installed package).
+        versions = await asyncio.to_thread(migrations.load, "postgresql")
         async with self._connection() as conn:
-            for version, script in POSTGRES_MIGRATIONS:
+            for version, script in ((m.version, m.sql) for m in versions):
                 async with conn.transaction():
                     # Replicas starting together queue here; the later ones find the work done.
                     await conn.execute(

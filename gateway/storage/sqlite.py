@@ -47,9 +47,9 @@ from gateway.storage import (
     checked_key_changes,
     decode_ledger_cursor,
     encode_ledger_cursor,
+    migrations,
     replayed_grant,
 )
-from gateway.storage._schema import SQLITE_MIGRATIONS
 
 __all__ = ["SqliteBackend"]
 
@@ -232,7 +232,7 @@ class SqliteBackend:
             "version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
         )
         applied: list[int] = []
-        for version, script in SQLITE_MIGRATIONS:
+        for version, script in ((m.version, m.sql) for m in migrations.load("sqlite")):
 
             def step(db: sqlite3.Connection, version: int = version, script: str = script) -> bool:
                 done = db.execute(

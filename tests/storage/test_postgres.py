@@ -25,14 +25,14 @@ from gateway.storage import (
     ReserveRequest,
     ReserveResult,
     StorageUnavailable,
+    migrations,
 )
-from gateway.storage._schema import POSTGRES_MIGRATIONS
 from gateway.storage.postgres import PostgresBackend
 from gateway.storage.registry import open_backend
 from tests import services
 from tests.storage.conftest import Databases
 
-ALL_VERSIONS = [version for version, _ in POSTGRES_MIGRATIONS]
+ALL_VERSIONS = [m.version for m in migrations.load("postgresql")]
 
 
 @dataclass
