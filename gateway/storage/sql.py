@@ -6,7 +6,51 @@ with parameters would differ only in their style (``?`` against ``$1``).
 
 from __future__ import annotations
 
-__all__ = ["RECONCILE"]
+import math
+import re
+
+__all__ = ["RECONCILE", "key_ips", "qmark", "usage_buckets"]
+
+_NUMBERED = re.compile(r"\$(\d+)")
+
+
+def qmark(query: str) -> str:
+    """``query`` with PostgreSQL's ``$n`` parameters written as SQLite's ``?n``."""
+    return _NUMBERED.sub(r"?\1", query)
+
+
+def usage_buckets(
+    team_id: str, start: int, end: float, step: int, key_id: str | None
+) -> tuple[str, list[object]]:
+    """The query of :meth:`UsageStore.usage_buckets` (``$n`` style) and its arguments."""
+    # minute < end holds for a whole minute exactly when minute < ceil(end).
+    args: list[object] = [team_id, start, math.ceil(end), step]
+    query = (
+        "SELECT CAST($2 AS bigint) + (minute - CAST($2 AS bigint)) / CAST($4 AS bigint) "
+        "* CAST($4 AS bigint) AS bucket, outcome, CAST(SUM(requests) AS bigint) AS requests, "
+        "CAST(SUM(credits) AS bigint) AS credits "
+        "FROM usage_minutes WHERE team_id = $1 AND minute >= $2 AND minute < $3"
+    )
+    if key_id is not None:
+        query += " AND key_id = $5"
+        args.append(key_id)
+    return query + " GROUP BY 1, 2 ORDER BY 1, 2", args
+
+
+def key_ips(
+    team_id: str, key_id: str | None, start_day: int, end_day: int
+) -> tuple[str, list[object]]:
+    """The query of :meth:`UsageStore.key_ips` (``$n`` style) and its arguments."""
+    query = (
+        "SELECT day, key_id, client_ip, requests FROM key_ip_days "
+        "WHERE team_id = $1 AND day >= $2 AND day < $3"
+    )
+    args: list[object] = [team_id, start_day, end_day]
+    if key_id is not None:
+        query += " AND key_id = $4"
+        args.append(key_id)
+    return query + " ORDER BY day, key_id, client_ip", args
+
 
 # The balance derived from immutable facts: grants and adjustments, minus what
 # pending reservations hold, minus what resolved ones charged (rolled up or not).

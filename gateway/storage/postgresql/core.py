@@ -19,6 +19,7 @@ from gateway.storage import (
     StorageUnavailable,
 )
 from gateway.storage._schema import POSTGRES_MIGRATIONS
+from gateway.storage.shared import SharedMethods
 
 __all__ = ["CANNOT_CONNECT", "REFUSED_VALUES", "UNAVAILABLE", "Connection", "PostgresCore", "log"]
 
@@ -105,7 +106,7 @@ def _ended(conn: Connection) -> bool:
         return True
 
 
-class PostgresCore:
+class PostgresCore(SharedMethods):
     """The pool and its connections; the area classes build on it."""
 
     def __init__(self, dsn: str, settings: PostgresSettings, *, lease_seconds: float) -> None:

@@ -39,15 +39,10 @@ class PostgresIdempotency(PostgresCore):
             return None
         return model.idempotency_record(row)
 
-    async def complete_idempotency(
+    async def _complete_idempotency(
         self,
-        team_id: str,
-        environment: Environment,
-        key: str,
-        body_hash: str,
-        status: int,
-        content_type: str | None,
-        body: bytes | None,
+        record: tuple[str, str, str],
+        answer: tuple[str, int, str | None, bytes | None],
     ) -> None:
         async with self._connection() as conn:
             await conn.execute(
@@ -56,13 +51,8 @@ class PostgresIdempotency(PostgresCore):
                 "completed_at = now() "
                 "WHERE team_id = $1 AND environment = $2 AND idempotency_key = $3 "
                 "AND state = 'in_flight'",
-                team_id,
-                environment,
-                key,
-                body_hash,
-                status,
-                content_type,
-                body,
+                *record,
+                *answer,
             )
 
     async def release_idempotency(self, team_id: str, environment: Environment, key: str) -> None:

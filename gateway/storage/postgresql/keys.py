@@ -10,36 +10,13 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import asyncpg
-import orjson
 
-from gateway.models import (
-    ApiKey,
-    AuditEntry,
-    Environment,
-    KeyRecord,
-    Team,
-    TeamToken,
-)
-from gateway.storage import (
-    KeyChange,
-)
+from gateway.models import ApiKey, AuditEntry, KeyRecord, Team, TeamToken
+from gateway.storage import KeyChange, rules
 from gateway.storage import rows as model
 from gateway.storage.postgresql.core import PostgresCore
 from gateway.storage.rows import KEY_COLUMNS, TEAM_COLUMNS, TOKEN_COLUMNS
-from gateway.storage.rules import (
-    changes_after,
-    checked_key_changes,
-    key_already_revoked,
-    key_hash_exists,
-    key_revoked,
-    new_id,
-    no_key,
-    no_team,
-    no_token,
-    team_exists,
-    token_already_revoked,
-    token_hash_exists,
-)
+from gateway.storage.shared import NewKey
 
 if TYPE_CHECKING:
     pass
@@ -80,19 +57,19 @@ class PostgresKeys(PostgresCore):
             "ORDER BY seq LIMIT 10000",
             seq,
         )
-        return changes_after(seq, [model.key_change(r) for r in rows])
+        return rules.changes_after(seq, [model.key_change(r) for r in rows])
 
     async def create_team(self, name: str, rate_limit_per_minute: int | None = None) -> Team:
         try:
             row = await self._fetchrow(
                 "INSERT INTO teams (id, name, rate_limit_per_minute) VALUES ($1, $2, $3) "
                 "RETURNING id, name, rate_limit_per_minute, created_at",
-                new_id("team"),
+                rules.new_id("team"),
                 name,
                 rate_limit_per_minute,
             )
         except asyncpg.UniqueViolationError:
-            raise team_exists(name) from None
+            raise rules.team_exists(name) from None
         assert row is not None
         return model.team(row)
 
@@ -103,7 +80,7 @@ class PostgresKeys(PostgresCore):
             id_or_name,
         )
         if row is None:
-            raise no_team(id_or_name)
+            raise rules.no_team(id_or_name)
         return model.team(row)
 
     async def list_teams(self, limit: int, after: str | None) -> list[Team]:
@@ -115,35 +92,21 @@ class PostgresKeys(PostgresCore):
         )
         return [model.team(r) for r in rows]
 
-    async def create_key(
-        self,
-        team_id: str,
-        name: str,
-        environment: Environment,
-        key_hash: str,
-        prefix: str,
-        rate_limit_per_minute: int | None,
-        expires_at: float | None,
-    ) -> ApiKey:
+    async def _insert_key(self, new: NewKey) -> ApiKey:
         # The trigger on api_keys logs and announces the new key in this transaction.
         try:
             row = await self._fetchrow(
                 "INSERT INTO api_keys (id, team_id, name, prefix, key_hash, environment, "  # noqa: S608 - constant
                 "rate_limit_per_minute, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
                 f"RETURNING {KEY_COLUMNS}",
-                new_id("key"),
-                team_id,
-                name,
-                prefix,
-                key_hash,
-                environment,
-                rate_limit_per_minute,
-                expires_at,
+                rules.new_id("key"),
+                *new.columns(),
+                new.expires_at,
             )
         except asyncpg.ForeignKeyViolationError:
-            raise no_team(team_id) from None
+            raise rules.no_team(new.team_id) from None
         except asyncpg.UniqueViolationError:
-            raise key_hash_exists() from None
+            raise rules.key_hash_exists() from None
         assert row is not None
         return model.api_key(row)
 
@@ -153,7 +116,7 @@ class PostgresKeys(PostgresCore):
             key_id,
         )
         if row is None:
-            raise no_key(key_id)
+            raise rules.no_key(key_id)
         return model.api_key(row)
 
     async def list_keys(self, team_id: str, limit: int, after: str | None) -> list[ApiKey]:
@@ -177,8 +140,8 @@ class PostgresKeys(PostgresCore):
                 return model.api_key(row)
             exists = await conn.fetchval("SELECT 1 FROM api_keys WHERE id = $1", key_id)
         if exists is None:
-            raise no_key(key_id)
-        raise key_already_revoked(key_id)
+            raise rules.no_key(key_id)
+        raise rules.key_already_revoked(key_id)
 
     async def update_team(self, team_id: str, rate_limit_per_minute: int | None) -> Team:
         # The trigger on teams announces a changed limit to every key cache.
@@ -189,13 +152,13 @@ class PostgresKeys(PostgresCore):
             rate_limit_per_minute,
         )
         if row is None:
-            raise no_team(team_id)
+            raise rules.no_team(team_id)
         return model.team(row)
 
     async def update_key(self, key_id: str, changes: Mapping[str, object]) -> ApiKey:
         # The trigger on api_keys announces a change of what caches hold (limit,
         # expiry, disabled); a new name changes nothing cached.
-        checked = checked_key_changes(changes)
+        checked = rules.checked_key_changes(changes)
         async with self._connection() as conn:
             if checked:
                 # Column names come from KEY_FIELDS only (checked_key_changes).
@@ -218,8 +181,8 @@ class PostgresKeys(PostgresCore):
                 return model.api_key(row)
             exists = await conn.fetchval("SELECT 1 FROM api_keys WHERE id = $1", key_id)
         if exists is None:
-            raise no_key(key_id)
-        raise key_revoked(key_id)
+            raise rules.no_key(key_id)
+        raise rules.key_revoked(key_id)
 
     async def rotate_key(
         self, key_id: str, new_hash: str, new_prefix: str, old_expires_at: float
@@ -228,16 +191,16 @@ class PostgresKeys(PostgresCore):
         try:
             async with self._connection() as conn:
                 row = await conn.fetchrow(
-                    _ROTATE_SQL, key_id, new_hash, new_prefix, old_expires_at, new_id("key")
+                    _ROTATE_SQL, key_id, new_hash, new_prefix, old_expires_at, rules.new_id("key")
                 )
                 if row is not None:
                     return model.api_key(row)
                 exists = await conn.fetchval("SELECT 1 FROM api_keys WHERE id = $1", key_id)
         except asyncpg.UniqueViolationError:
-            raise key_hash_exists() from None
+            raise rules.key_hash_exists() from None
         if exists is None:
-            raise no_key(key_id)
-        raise key_revoked(key_id)
+            raise rules.no_key(key_id)
+        raise rules.key_revoked(key_id)
 
     # -- admin: team tokens and the audit log -------------------------------------
 
@@ -248,16 +211,16 @@ class PostgresKeys(PostgresCore):
             row = await self._fetchrow(
                 "INSERT INTO team_tokens (id, team_id, name, prefix, token_hash) "  # noqa: S608 - constant
                 f"VALUES ($1, $2, $3, $4, $5) RETURNING {TOKEN_COLUMNS}",
-                new_id("tok"),
+                rules.new_id("tok"),
                 team_id,
                 name,
                 prefix,
                 token_hash,
             )
         except asyncpg.ForeignKeyViolationError:
-            raise no_team(team_id) from None
+            raise rules.no_team(team_id) from None
         except asyncpg.UniqueViolationError:
-            raise token_hash_exists() from None
+            raise rules.token_hash_exists() from None
         assert row is not None
         return model.token(row)
 
@@ -277,7 +240,7 @@ class PostgresKeys(PostgresCore):
             token_id,
         )
         if row is None:
-            raise no_token(token_id)
+            raise rules.no_token(token_id)
         return model.token(row)
 
     async def revoke_token(self, token_id: str) -> TeamToken:
@@ -291,8 +254,8 @@ class PostgresKeys(PostgresCore):
                 return model.token(row)
             exists = await conn.fetchval("SELECT 1 FROM team_tokens WHERE id = $1", token_id)
         if exists is None:
-            raise no_token(token_id)
-        raise token_already_revoked(token_id)
+            raise rules.no_token(token_id)
+        raise rules.token_already_revoked(token_id)
 
     async def find_token(self, token_hash: str) -> TeamToken | None:
         row = await self._fetchrow(
@@ -301,25 +264,12 @@ class PostgresKeys(PostgresCore):
         )
         return None if row is None else model.token(row)
 
-    async def append_audit(
-        self,
-        actor: str,
-        action: str,
-        target: str | None,
-        team_id: str | None,
-        client_ip: str | None,
-        details: dict[str, object],
-    ) -> None:
+    async def _insert_audit(self, values: tuple[str | None, ...]) -> None:
         async with self._connection() as conn:
             await conn.execute(
                 "INSERT INTO audit_log (actor, action, target, team_id, client_ip, details) "
                 "VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
-                actor,
-                action,
-                target,
-                team_id,
-                client_ip,
-                orjson.dumps(details).decode(),
+                *values,
             )
 
     async def list_audit(

@@ -14,10 +14,7 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
-from gateway.models import (
-    Environment,
-    LedgerEntry,
-)
+from gateway.models import Environment, LedgerEntry
 from gateway.storage import (
     ExpiryPolicy,
     GrantResult,
@@ -25,18 +22,12 @@ from gateway.storage import (
     Mismatch,
     ReserveRequest,
     ReserveResult,
+    rules,
     sql,
 )
 from gateway.storage import rows as model
 from gateway.storage.postgresql.core import PostgresCore
-from gateway.storage.rules import (
-    balances_by_environment,
-    check_grant,
-    decode_ledger_cursor,
-    grant_key_reused,
-    no_team,
-    replayed_grant,
-)
+from gateway.storage.shared import GrantOrder
 
 if TYPE_CHECKING:
     from gateway.storage.postgresql.core import Connection
@@ -146,56 +137,22 @@ class PostgresLedger(PostgresCore):
             "SELECT environment, available FROM balances WHERE team_id = $1", team_id
         )
         found = {r["environment"]: int(r["available"]) for r in rows}
-        return balances_by_environment(found)
+        return rules.balances_by_environment(found)
 
-    async def grant(
-        self,
-        team_id: str,
-        environment: Environment,
-        amount: int,
-        reason: str,
-        actor: str,
-        idempotency_key: str | None = None,
-    ) -> int:
-        result = await self.apply_grant(
-            team_id, environment, amount, reason, actor, idempotency_key
-        )
-        return result.balance
-
-    async def apply_grant(
-        self,
-        team_id: str,
-        environment: Environment,
-        amount: int,
-        reason: str,
-        actor: str,
-        idempotency_key: str | None = None,
-        request_hash: str | None = None,
-    ) -> GrantResult:
+    async def _apply_grant(self, order: GrantOrder) -> GrantResult:
         try:
             async with self._connection() as conn, conn.transaction():
-                return await self._grant(
-                    conn, team_id, environment, amount, reason, actor, idempotency_key,
-                    request_hash,
-                )  # fmt: skip
+                return await self._grant(conn, order)
         except asyncpg.UniqueViolationError:
             # Only a concurrent grant with the same key for the other environment
             # gets here (same-environment grants queue on the balance row).
-            raise grant_key_reused() from None
+            raise rules.grant_key_reused() from None
 
     @staticmethod
-    async def _grant(
-        conn: Connection,
-        team_id: str,
-        environment: Environment,
-        amount: int,
-        reason: str,
-        actor: str,
-        idempotency_key: str | None,
-        request_hash: str | None,
-    ) -> GrantResult:
+    async def _grant(conn: Connection, order: GrantOrder) -> GrantResult:
+        team_id, environment, amount = order.team_id, order.environment, order.amount
         if await conn.fetchval("SELECT 1 FROM teams WHERE id = $1", team_id) is None:
-            raise no_team(team_id)
+            raise rules.no_team(team_id)
         # Lock the account's row (creating it at zero) before looking at the
         # Idempotency-Key, so that a concurrent retry of this grant waits here
         # and then finds the entry written by the first.
@@ -208,29 +165,21 @@ class PostgresLedger(PostgresCore):
                 environment,
             )
         )
-        if idempotency_key is not None:
+        if order.idempotency_key is not None:
             seen = await conn.fetchrow(
                 "SELECT amount, environment, request_hash, balance_after FROM credit_entries "
                 "WHERE team_id = $1 AND idempotency_key = $2",
                 team_id,
-                idempotency_key,
+                order.idempotency_key,
             )
             if seen is not None:
-                return replayed_grant(dict(seen), amount, environment, request_hash)
-        check_grant(current, amount, environment)
+                return rules.replayed_grant(dict(seen), amount, environment, order.request_hash)
+        rules.check_grant(current, amount, environment)
         await conn.execute(
             "INSERT INTO credit_entries (team_id, environment, kind, amount, reason, actor, "
             "idempotency_key, request_hash, balance_after) "
             "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            team_id,
-            environment,
-            "grant" if amount >= 0 else "adjust",
-            amount,
-            reason,
-            actor,
-            idempotency_key,
-            request_hash,
-            current + amount,
+            *order.entry(current + amount),
         )
         await conn.execute(
             "UPDATE balances SET available = $3 WHERE team_id = $1 AND environment = $2",
@@ -247,7 +196,7 @@ class PostgresLedger(PostgresCore):
             query = _LEDGER_SQL.format(credit_cursor="", reservation_cursor="")
             rows = await self._fetch(query, team_id, limit)
         else:
-            at, entry_id = decode_ledger_cursor(before)
+            at, entry_id = rules.decode_ledger_cursor(before)
             query = _LEDGER_SQL.format(
                 credit_cursor=_LEDGER_CURSOR.format(table="c", kind="c"),
                 reservation_cursor=_LEDGER_CURSOR.format(table="r", kind="r"),

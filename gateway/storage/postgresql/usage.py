@@ -11,6 +11,7 @@ from gateway.models import (
 )
 from gateway.storage import (
     InvalidData,
+    sql,
 )
 from gateway.storage.postgresql.core import REFUSED_VALUES, PostgresCore
 
@@ -82,17 +83,8 @@ class PostgresUsage(PostgresCore):
     async def usage_buckets(
         self, team_id: str, start: int, end: float, step: int, key_id: str | None
     ) -> list[tuple[int, str, int, int]]:
-        query = (
-            "SELECT $2::bigint + (minute - $2::bigint) / $4::bigint * $4::bigint AS bucket, "
-            "outcome, sum(requests)::bigint AS requests, sum(credits)::bigint AS credits "
-            "FROM usage_minutes WHERE team_id = $1 AND minute >= $2 AND minute < $3"
-        )
-        # minute < end holds for a whole minute exactly when minute < ceil(end).
-        args: list[object] = [team_id, start, math.ceil(end), step]
-        if key_id is not None:
-            query += " AND key_id = $5"
-            args.append(key_id)
-        rows = await self._fetch(query + " GROUP BY 1, 2 ORDER BY 1, 2", *args)
+        query, args = sql.usage_buckets(team_id, start, end, step, key_id)
+        rows = await self._fetch(query, *args)
         return [(int(r[0]), r[1], int(r[2]), int(r[3])) for r in rows]
 
     async def usage_top_keys(
@@ -125,15 +117,8 @@ class PostgresUsage(PostgresCore):
     async def key_ips(
         self, team_id: str, key_id: str | None, start_day: int, end_day: int
     ) -> list[tuple[int, str, str, int]]:
-        query = (
-            "SELECT day, key_id, client_ip, requests FROM key_ip_days "
-            "WHERE team_id = $1 AND day >= $2 AND day < $3"
-        )
-        args: list[object] = [team_id, start_day, end_day]
-        if key_id is not None:
-            query += " AND key_id = $4"
-            args.append(key_id)
-        rows = await self._fetch(query + " ORDER BY day, key_id, client_ip", *args)
+        query, args = sql.key_ips(team_id, key_id, start_day, end_day)
+        rows = await self._fetch(query, *args)
         return [(int(r[0]), r[1], r[2], int(r[3])) for r in rows]
 
     async def add_auth_failures(self, rows: list[tuple[int, str, str, str, int]]) -> None:

@@ -20,6 +20,7 @@ from gateway.storage import (
     StorageUnavailable,
 )
 from gateway.storage._schema import SQLITE_MIGRATIONS
+from gateway.storage.shared import SharedMethods
 
 __all__ = ["REFUSED_VALUES", "SqliteCore"]
 
@@ -35,7 +36,7 @@ REFUSED_VALUES: tuple[type[Exception], ...] = (
 )
 
 
-class SqliteCore:
+class SqliteCore(SharedMethods):
     """The connection, its thread and transactions; the area classes build on it."""
 
     def __init__(self, path: str, *, lease_seconds: float) -> None:

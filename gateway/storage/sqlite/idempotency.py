@@ -57,16 +57,12 @@ class SqliteIdempotency(SqliteCore):
 
         return await self._run(self._tx, claim_key)
 
-    async def complete_idempotency(
+    async def _complete_idempotency(
         self,
-        team_id: str,
-        environment: Environment,
-        key: str,
-        body_hash: str,
-        status: int,
-        content_type: str | None,
-        body: bytes | None,
+        record: tuple[str, str, str],
+        answer: tuple[str, int, str | None, bytes | None],
     ) -> None:
+        stored = int(answer[3] is not None)
         await self._run(
             self._tx,
             lambda db: db.execute(
@@ -74,17 +70,7 @@ class SqliteIdempotency(SqliteCore):
                 "content_type = ?, body = ?, body_stored = ?, completed_at = ? "
                 "WHERE team_id = ? AND environment = ? AND idempotency_key = ? "
                 "AND state = 'in_flight'",
-                (
-                    body_hash,
-                    status,
-                    content_type,
-                    body,
-                    int(body is not None),
-                    time.time(),
-                    team_id,
-                    environment,
-                    key,
-                ),
+                (*answer, stored, time.time(), *record),
             ),
         )
 

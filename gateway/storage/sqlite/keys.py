@@ -6,35 +6,11 @@ import sqlite3
 import time
 from collections.abc import Mapping
 
-import orjson
-
-from gateway.models import (
-    ApiKey,
-    AuditEntry,
-    Environment,
-    KeyRecord,
-    Team,
-    TeamToken,
-)
-from gateway.storage import (
-    KeyChange,
-)
+from gateway.models import ApiKey, AuditEntry, KeyRecord, Team, TeamToken
+from gateway.storage import KeyChange, rules
 from gateway.storage import rows as model
 from gateway.storage.rows import CACHED_KEY_FIELDS, KEY_COLUMNS, TOKEN_COLUMNS
-from gateway.storage.rules import (
-    changes_after,
-    checked_key_changes,
-    key_already_revoked,
-    key_hash_exists,
-    key_revoked,
-    new_id,
-    no_key,
-    no_team,
-    no_token,
-    team_exists,
-    token_already_revoked,
-    token_hash_exists,
-)
+from gateway.storage.shared import NewKey
 from gateway.storage.sqlite.core import SqliteCore
 
 __all__ = ["SqliteKeys"]
@@ -93,7 +69,7 @@ class SqliteKeys(SqliteCore):
             "SELECT seq, key_hash, team_id FROM key_changes WHERE seq > ? ORDER BY seq LIMIT 10000",
             (seq,),
         ).fetchall()
-        return changes_after(seq, [model.key_change(r) for r in rows])
+        return rules.changes_after(seq, [model.key_change(r) for r in rows])
 
     @staticmethod
     def _log_change(db: sqlite3.Connection, key_hash: str | None, team_id: str | None) -> None:
@@ -109,7 +85,7 @@ class SqliteKeys(SqliteCore):
         )
 
     async def create_team(self, name: str, rate_limit_per_minute: int | None = None) -> Team:
-        team = Team(new_id("team"), name, time.time(), rate_limit_per_minute)
+        team = Team(rules.new_id("team"), name, time.time(), rate_limit_per_minute)
 
         def insert(db: sqlite3.Connection) -> Team:
             try:
@@ -119,7 +95,7 @@ class SqliteKeys(SqliteCore):
                     (team.id, team.name, team.rate_limit_per_minute, team.created_at),
                 )
             except sqlite3.IntegrityError:
-                raise team_exists(name) from None
+                raise rules.team_exists(name) from None
             return team
 
         return await self._run(self._tx, insert)
@@ -132,7 +108,7 @@ class SqliteKeys(SqliteCore):
             ).fetchone()
         )
         if row is None:
-            raise no_team(id_or_name)
+            raise rules.no_team(id_or_name)
         return model.team(row)
 
     async def list_teams(self, limit: int, after: str | None) -> list[Team]:
@@ -143,51 +119,32 @@ class SqliteKeys(SqliteCore):
         )
         return [model.team(r) for r in rows]
 
-    async def create_key(
-        self,
-        team_id: str,
-        name: str,
-        environment: Environment,
-        key_hash: str,
-        prefix: str,
-        rate_limit_per_minute: int | None,
-        expires_at: float | None,
-    ) -> ApiKey:
+    async def _insert_key(self, new: NewKey) -> ApiKey:
         key = ApiKey(
-            id=new_id("key"),
-            team_id=team_id,
-            name=name,
-            prefix=prefix,
-            environment=environment,
-            rate_limit_per_minute=rate_limit_per_minute,
+            id=rules.new_id("key"),
+            team_id=new.team_id,
+            name=new.name,
+            prefix=new.prefix,
+            environment=new.environment,
+            rate_limit_per_minute=new.rate_limit_per_minute,
             disabled=False,
             created_at=time.time(),
             last_used_at=None,
-            expires_at=expires_at,
+            expires_at=new.expires_at,
             revoked_at=None,
         )
 
         def insert(db: sqlite3.Connection) -> ApiKey:
-            if db.execute("SELECT 1 FROM teams WHERE id = ?", (team_id,)).fetchone() is None:
-                raise no_team(team_id)
+            if db.execute("SELECT 1 FROM teams WHERE id = ?", (new.team_id,)).fetchone() is None:
+                raise rules.no_team(new.team_id)
             db.execute(
                 "INSERT INTO api_keys (id, team_id, name, prefix, key_hash, environment, "
                 "rate_limit_per_minute, disabled, created_at, expires_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
-                (
-                    key.id,
-                    team_id,
-                    name,
-                    prefix,
-                    key_hash,
-                    environment,
-                    rate_limit_per_minute,
-                    key.created_at,
-                    expires_at,
-                ),
+                (key.id, *new.columns(), key.created_at, new.expires_at),
             )
             # A new key may have been looked up (and cached as unknown) before it existed.
-            self._log_change(db, key_hash, None)
+            self._log_change(db, new.key_hash, None)
             return key
 
         return await self._run(self._tx, insert)
@@ -200,7 +157,7 @@ class SqliteKeys(SqliteCore):
             ).fetchone()
         )
         if row is None:
-            raise no_key(key_id)
+            raise rules.no_key(key_id)
         return model.api_key(row)
 
     async def list_keys(self, team_id: str, limit: int, after: str | None) -> list[ApiKey]:
@@ -219,9 +176,9 @@ class SqliteKeys(SqliteCore):
                 "SELECT key_hash, revoked_at FROM api_keys WHERE id = ?", (key_id,)
             ).fetchone()
             if row is None:
-                raise no_key(key_id)
+                raise rules.no_key(key_id)
             if row["revoked_at"] is not None:
-                raise key_already_revoked(key_id)
+                raise rules.key_already_revoked(key_id)
             db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (time.time(), key_id))
             self._log_change(db, row["key_hash"], None)
 
@@ -234,7 +191,7 @@ class SqliteKeys(SqliteCore):
                 "SELECT rate_limit_per_minute FROM teams WHERE id = ?", (team_id,)
             ).fetchone()
             if old is None:
-                raise no_team(team_id)
+                raise rules.no_team(team_id)
             row = db.execute(
                 "UPDATE teams SET rate_limit_per_minute = ? WHERE id = ? RETURNING *",
                 (rate_limit_per_minute, team_id),
@@ -246,7 +203,7 @@ class SqliteKeys(SqliteCore):
         return await self._run(self._tx, update)
 
     async def update_key(self, key_id: str, changes: Mapping[str, object]) -> ApiKey:
-        checked = checked_key_changes(changes)
+        checked = rules.checked_key_changes(changes)
         values = {
             field: int(value) if isinstance(value, bool) else value
             for field, value in checked.items()
@@ -258,9 +215,9 @@ class SqliteKeys(SqliteCore):
                 (key_id,),
             ).fetchone()
             if old is None:
-                raise no_key(key_id)
+                raise rules.no_key(key_id)
             if old["revoked_at"] is not None:
-                raise key_revoked(key_id)
+                raise rules.key_revoked(key_id)
             if not values:
                 return model.api_key(old)
             # Column names come from KEY_FIELDS only (checked_key_changes).
@@ -279,7 +236,7 @@ class SqliteKeys(SqliteCore):
     async def rotate_key(
         self, key_id: str, new_hash: str, new_prefix: str, old_expires_at: float
     ) -> ApiKey:
-        fresh_id = new_id("key")
+        fresh_id = rules.new_id("key")
         now = time.time()
 
         def rotate(db: sqlite3.Connection) -> ApiKey:
@@ -289,9 +246,9 @@ class SqliteKeys(SqliteCore):
                 (key_id,),
             ).fetchone()
             if old is None:
-                raise no_key(key_id)
+                raise rules.no_key(key_id)
             if old["revoked_at"] is not None:
-                raise key_revoked(key_id)
+                raise rules.key_revoked(key_id)
             try:
                 new = db.execute(
                     "INSERT INTO api_keys (id, team_id, name, prefix, key_hash, environment, "  # noqa: S608 - constant
@@ -309,7 +266,7 @@ class SqliteKeys(SqliteCore):
                     ),
                 ).fetchone()
             except sqlite3.IntegrityError:
-                raise key_hash_exists() from None
+                raise rules.key_hash_exists() from None
             self._log_change(db, new_hash, None)
             expires = old_expires_at
             if old["expires_at"] is not None:
@@ -326,11 +283,11 @@ class SqliteKeys(SqliteCore):
     async def create_token(
         self, team_id: str, name: str, token_hash: str, prefix: str
     ) -> TeamToken:
-        token = TeamToken(new_id("tok"), team_id, name, prefix, time.time(), None, None)
+        token = TeamToken(rules.new_id("tok"), team_id, name, prefix, time.time(), None, None)
 
         def insert(db: sqlite3.Connection) -> TeamToken:
             if db.execute("SELECT 1 FROM teams WHERE id = ?", (team_id,)).fetchone() is None:
-                raise no_team(team_id)
+                raise rules.no_team(team_id)
             try:
                 db.execute(
                     "INSERT INTO team_tokens (id, team_id, name, prefix, token_hash, created_at) "
@@ -338,7 +295,7 @@ class SqliteKeys(SqliteCore):
                     (token.id, team_id, name, prefix, token_hash, token.created_at),
                 )
             except sqlite3.IntegrityError:
-                raise token_hash_exists() from None
+                raise rules.token_hash_exists() from None
             return token
 
         return await self._run(self._tx, insert)
@@ -361,7 +318,7 @@ class SqliteKeys(SqliteCore):
             ).fetchone()
         )
         if row is None:
-            raise no_token(token_id)
+            raise rules.no_token(token_id)
         return model.token(row)
 
     async def revoke_token(self, token_id: str) -> TeamToken:
@@ -374,8 +331,8 @@ class SqliteKeys(SqliteCore):
             if row is not None:
                 return model.token(row)
             if db.execute("SELECT 1 FROM team_tokens WHERE id = ?", (token_id,)).fetchone():
-                raise token_already_revoked(token_id)
-            raise no_token(token_id)
+                raise rules.token_already_revoked(token_id)
+            raise rules.no_token(token_id)
 
         return await self._run(self._tx, revoke)
 
@@ -388,22 +345,13 @@ class SqliteKeys(SqliteCore):
         )
         return None if row is None else model.token(row)
 
-    async def append_audit(
-        self,
-        actor: str,
-        action: str,
-        target: str | None,
-        team_id: str | None,
-        client_ip: str | None,
-        details: dict[str, object],
-    ) -> None:
-        encoded = orjson.dumps(details).decode()
+    async def _insert_audit(self, values: tuple[str | None, ...]) -> None:
         await self._run(
             self._tx,
             lambda db: db.execute(
                 "INSERT INTO audit_log (at, actor, action, target, team_id, client_ip, details) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (time.time(), actor, action, target, team_id, client_ip, encoded),
+                (time.time(), *values),
             ),
         )
 

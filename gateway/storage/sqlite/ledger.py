@@ -6,10 +6,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 
-from gateway.models import (
-    Environment,
-    LedgerEntry,
-)
+from gateway.models import Environment, LedgerEntry
 from gateway.storage import (
     IDEMPOTENCY_TTL_SECONDS,
     ExpiryPolicy,
@@ -17,16 +14,11 @@ from gateway.storage import (
     Mismatch,
     ReserveRequest,
     ReserveResult,
+    rules,
     sql,
 )
 from gateway.storage import rows as model
-from gateway.storage.rules import (
-    balances_by_environment,
-    check_grant,
-    decode_ledger_cursor,
-    no_team,
-    replayed_grant,
-)
+from gateway.storage.shared import GrantOrder
 from gateway.storage.sqlite.core import SqliteCore
 from gateway.storage.sqlite.idempotency import CLAIM_SQL, HELD_SQL
 
@@ -175,65 +167,33 @@ class SqliteLedger(SqliteCore):
             ).fetchall()
         )
         found = {r["environment"]: int(r["available"]) for r in rows}
-        return balances_by_environment(found)
+        return rules.balances_by_environment(found)
 
-    async def grant(
-        self,
-        team_id: str,
-        environment: Environment,
-        amount: int,
-        reason: str,
-        actor: str,
-        idempotency_key: str | None = None,
-    ) -> int:
-        result = await self.apply_grant(
-            team_id, environment, amount, reason, actor, idempotency_key
-        )
-        return result.balance
+    async def _apply_grant(self, order: GrantOrder) -> GrantResult:
+        team_id, environment, amount = order.team_id, order.environment, order.amount
 
-    async def apply_grant(
-        self,
-        team_id: str,
-        environment: Environment,
-        amount: int,
-        reason: str,
-        actor: str,
-        idempotency_key: str | None = None,
-        request_hash: str | None = None,
-    ) -> GrantResult:
         def grant(db: sqlite3.Connection) -> GrantResult:
             if db.execute("SELECT 1 FROM teams WHERE id = ?", (team_id,)).fetchone() is None:
-                raise no_team(team_id)
-            if idempotency_key is not None:
+                raise rules.no_team(team_id)
+            if order.idempotency_key is not None:
                 seen = db.execute(
                     "SELECT amount, environment, request_hash, balance_after FROM credit_entries "
                     "WHERE team_id = ? AND idempotency_key = ?",
-                    (team_id, idempotency_key),
+                    (team_id, order.idempotency_key),
                 ).fetchone()
                 if seen is not None:
-                    return replayed_grant(dict(seen), amount, environment, request_hash)
+                    return rules.replayed_grant(dict(seen), amount, environment, order.request_hash)
             row = db.execute(
                 "SELECT available FROM balances WHERE team_id = ? AND environment = ?",
                 (team_id, environment),
             ).fetchone()
             current = 0 if row is None else int(row["available"])
-            check_grant(current, amount, environment)
+            rules.check_grant(current, amount, environment)
             db.execute(
                 "INSERT INTO credit_entries (team_id, environment, kind, amount, reason, actor, "
                 "idempotency_key, request_hash, balance_after, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    team_id,
-                    environment,
-                    "grant" if amount >= 0 else "adjust",
-                    amount,
-                    reason,
-                    actor,
-                    idempotency_key,
-                    request_hash,
-                    current + amount,
-                    time.time(),
-                ),
+                (*order.entry(current + amount), time.time()),
             )
             db.execute(
                 "INSERT INTO balances (team_id, environment, available) VALUES (?, ?, ?) "
@@ -251,7 +211,7 @@ class SqliteLedger(SqliteCore):
             query = _LEDGER_SQL.format(credit_cursor="", reservation_cursor="")
             args: tuple[object, ...] = (team_id, limit, team_id, limit, limit)
         else:
-            at, entry_id = decode_ledger_cursor(before)
+            at, entry_id = rules.decode_ledger_cursor(before)
             query = _LEDGER_SQL.format(
                 credit_cursor=" AND (created_at, 'c' || id) < (?, ?)",
                 reservation_cursor=" AND (created_at, 'r' || id) < (?, ?)",

@@ -10,6 +10,7 @@ from gateway.models import (
 )
 from gateway.storage import (
     InvalidData,
+    sql,
 )
 from gateway.storage.sqlite.core import REFUSED_VALUES, SqliteCore
 
@@ -58,17 +59,8 @@ class SqliteUsage(SqliteCore):
     async def usage_buckets(
         self, team_id: str, start: int, end: float, step: int, key_id: str | None
     ) -> list[tuple[int, str, int, int]]:
-        query = (
-            "SELECT ? + ((minute - ?) / ?) * ? AS bucket, outcome, "
-            "SUM(requests) AS requests, SUM(credits) AS credits FROM usage_minutes "
-            "WHERE team_id = ? AND minute >= ? AND minute < ?"
-        )
-        args: tuple[object, ...] = (start, start, step, step, team_id, start, end)
-        if key_id is not None:
-            query += " AND key_id = ?"
-            args += (key_id,)
-        query += " GROUP BY bucket, outcome ORDER BY bucket, outcome"
-        rows = await self._run(lambda: self._db.execute(query, args).fetchall())
+        query, args = sql.usage_buckets(team_id, start, end, step, key_id)
+        rows = await self._run(lambda: self._db.execute(sql.qmark(query), args).fetchall())
         return [(int(r[0]), r[1], int(r[2]), int(r[3])) for r in rows]
 
     async def usage_top_keys(
@@ -99,16 +91,8 @@ class SqliteUsage(SqliteCore):
     async def key_ips(
         self, team_id: str, key_id: str | None, start_day: int, end_day: int
     ) -> list[tuple[int, str, str, int]]:
-        query = (
-            "SELECT day, key_id, client_ip, requests FROM key_ip_days "
-            "WHERE team_id = ? AND day >= ? AND day < ?"
-        )
-        args: tuple[object, ...] = (team_id, start_day, end_day)
-        if key_id is not None:
-            query += " AND key_id = ?"
-            args += (key_id,)
-        query += " ORDER BY day, key_id, client_ip"
-        rows = await self._run(lambda: self._db.execute(query, args).fetchall())
+        query, args = sql.key_ips(team_id, key_id, start_day, end_day)
+        rows = await self._run(lambda: self._db.execute(sql.qmark(query), args).fetchall())
         return [(int(r[0]), r[1], r[2], int(r[3])) for r in rows]
 
     async def add_auth_failures(self, rows: list[tuple[int, str, str, str, int]]) -> None:
