@@ -34,7 +34,8 @@ async def _create_keys(db_path: Path, count: int) -> list[str]:
     import sqlite3
 
     from gateway.keys import display_prefix, generate_key, hash_secret
-    from gateway.storage.sqlite import SqliteBackend, new_id
+    from gateway.storage.rules import new_id
+    from gateway.storage.sqlite import SqliteBackend
 
     backend = SqliteBackend(str(db_path), lease_seconds=60)
     await backend.open()

@@ -40,7 +40,7 @@ import asyncpg
 from gateway.config import CreditSettings, PostgresSettings
 from gateway.credits import Credits
 from gateway.storage import Backend, ReserveRequest, ReserveResult
-from gateway.storage.postgres import PostgresBackend
+from gateway.storage.postgresql import PostgresBackend
 from gateway.storage.sqlite import SqliteBackend
 
 CONCURRENCY = (1, 8, 64)

@@ -32,7 +32,7 @@ import uvloop
 
 from gateway.config import PostgresSettings
 from gateway.storage import ReserveRequest
-from gateway.storage.postgres import PostgresBackend
+from gateway.storage.postgresql import PostgresBackend
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -22,7 +22,7 @@ from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.proxy import UpstreamPool
 from gateway.routing import Router
-from gateway.storage import Backend
+from gateway.storage import Backend, PushesKeyChanges
 from gateway.storage.registry import open_backend
 from gateway.tracing import Tracing
 from gateway.usage import UsageRecorder
@@ -103,9 +103,11 @@ class Gateway:
             with contextlib.suppress(LimiterUnavailable):
                 warm_up = Limit("warm-up", MAX_RATE_PER_MINUTE, MAX_BURST)
                 await self.limiter.check([warm_up], "warm-up")
-        listen = getattr(self.backend, "listen_key_changes", None)
         # PostgreSQL pushes key changes (LISTEN/NOTIFY); SQLite is polled.
-        follow = self.keys.listen(listen) if listen is not None else self.keys.follow()
+        if isinstance(self.backend, PushesKeyChanges):
+            follow = self.keys.listen(self.backend.listen_key_changes)
+        else:
+            follow = self.keys.follow()
         self._tasks = [
             asyncio.create_task(follow, name="key-changes"),
             asyncio.create_task(self.credits.run(), name="credits"),

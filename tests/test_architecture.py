@@ -57,10 +57,12 @@ LEAVES: dict[str, frozenset[str]] = {
 }
 
 STORAGE_BACKENDS = (
-    "gateway.storage.sqlite",
-    "gateway.storage.postgres",
+    "gateway.storage.sqlite",  # a module, then a package
+    "gateway.storage.postgres",  # the module the package replaced
     "gateway.storage.postgresql",  # the package the Layout names
 )
+# Rule 3b: the storage registry is the one place a storage URL becomes a backend.
+STORAGE_REGISTRY = "gateway.storage.registry"
 LIMITER_BACKENDS = ("gateway.limiter.redis", "gateway.limiter.memory", "gateway.limiter.fallback")
 CONCRETE_BACKENDS = STORAGE_BACKENDS + LIMITER_BACKENDS
 ADAPTERS = ("gateway.admin", "gateway.console", "gateway.cli")
@@ -270,6 +272,27 @@ def backends_are_chosen_in_the_app_factory() -> Iterator[Violation]:
         )
 
 
+def storage_backends_are_chosen_in_the_registry() -> Iterator[Violation]:
+    """Rule 3b: a concrete storage backend is imported only by the registry and its own package.
+
+    Not even the app factory names one: it opens its store through the registry,
+    as the CLI does, so the two cannot pick differently. Shared rules and row
+    types live beside the Protocols, and a backend imports no other backend.
+    """
+    for imp in all_imports():
+        backend = next((b for b in STORAGE_BACKENDS if within(imp.target, b)), None)
+        if backend is None:
+            continue
+        importer = imp.importer.name
+        if importer == STORAGE_REGISTRY or within(importer, backend):
+            continue
+        yield (
+            (importer, imp.target),
+            f"{imp} - a storage backend is imported only by {STORAGE_REGISTRY} "
+            "and its own package",
+        )
+
+
 def backends_import_no_upper_layer() -> Iterator[Violation]:
     """Rule 4: storage and limiter code imports no pipeline, proxy, adapter or wiring."""
     upper = ("gateway.pipeline", "gateway.proxy", *ADAPTERS, *WIRING)
@@ -362,6 +385,7 @@ RULES: dict[str, Callable[[], Iterator[Violation]]] = {
     "1-leaves": leaves_import_nothing_of_ours,
     "2-pipeline-protocols-only": pipeline_imports_no_concrete_backend,
     "3-backends-chosen-in-app": backends_are_chosen_in_the_app_factory,
+    "3b-storage-backends-chosen-in-registry": storage_backends_are_chosen_in_the_registry,
     "4-backends-below-everything": backends_import_no_upper_layer,
     "5-adapters-apart": adapters_never_import_each_other,
     "6-one-error-renderer": error_bodies_only_in_errors,
@@ -496,3 +520,10 @@ def test_the_reader_sees_the_app_factory_pick_backends() -> None:
     targets = {i.target for i in imports_in(modules()["gateway.app"])}
     assert {"gateway.storage.registry", "gateway.limiter.memory"} <= targets
     assert "Backend" in protocols()["gateway.storage"]
+
+
+def test_the_reader_sees_the_registry_pick_storage_backends() -> None:
+    """Rule 3b is not vacuous: the registry's imports of both packages are seen, and allowed."""
+    targets = {i.target for i in imports_in(modules()[STORAGE_REGISTRY])}
+    assert {"gateway.storage.sqlite", "gateway.storage.postgresql"} <= targets
+    assert {"gateway.storage.sqlite.core", "gateway.storage.postgresql.core"} <= set(modules())

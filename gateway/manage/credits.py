@@ -13,7 +13,8 @@ from gateway.manage.actors import SYSTEM, Actor
 from gateway.manage.bounds import AMOUNT_MAX, REASON_MAX
 from gateway.manage.inputs import Check, InputError
 from gateway.models import Environment, LedgerEntry, Team
-from gateway.storage import KeyReused, Mismatch, decode_ledger_cursor
+from gateway.storage import KeyReused, Mismatch
+from gateway.storage.rules import decode_ledger_cursor
 
 __all__ = ["CreditActions", "Granted"]
 

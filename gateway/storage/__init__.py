@@ -2,17 +2,15 @@
 
 The pipeline, admin API and CLI import only these; ``gateway.app`` and the CLI
 pick a backend by the ``storage`` URL through :func:`gateway.storage.registry.open_backend`.
+This module holds only the Protocols and the types they speak in; the rules
+both backends apply live in :mod:`gateway.storage.rules`, the row mappers in
+:mod:`gateway.storage.rows`.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import math
-import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 from gateway.models import (
     ApiKey,
@@ -24,6 +22,26 @@ from gateway.models import (
     TeamToken,
     UsageRow,
 )
+from gateway.storage.types import (
+    IDEMPOTENCY_TTL_SECONDS,
+    KEY_FIELDS,
+    MAX_BALANCE,
+    Conflict,
+    ExpiryPolicy,
+    GrantResult,
+    IdempotencyClaim,
+    IdempotencyRecord,
+    IdempotencyState,
+    InvalidData,
+    KeyChange,
+    KeyReused,
+    Mismatch,
+    NotFound,
+    ReserveRequest,
+    ReserveResult,
+    StorageError,
+    StorageUnavailable,
+)
 
 __all__ = [
     "IDEMPOTENCY_TTL_SECONDS",
@@ -32,146 +50,25 @@ __all__ = [
     "AdminStore",
     "Backend",
     "Conflict",
+    "ExpiryPolicy",
     "GrantResult",
     "IdempotencyClaim",
     "IdempotencyRecord",
+    "IdempotencyState",
     "InvalidData",
     "KeyChange",
     "KeyReused",
     "Ledger",
     "Mismatch",
     "NotFound",
+    "PushesKeyChanges",
     "ReserveRequest",
     "ReserveResult",
     "StorageError",
     "StorageUnavailable",
     "Store",
     "UsageStore",
-    "check_grant",
-    "checked_key_changes",
-    "decode_ledger_cursor",
-    "encode_ledger_cursor",
-    "replayed_grant",
 ]
-
-# What update_key may change; anything else is refused (ValueError).
-KEY_FIELDS = frozenset({"name", "rate_limit_per_minute", "expires_at", "disabled"})
-
-ExpiryPolicy = Literal["void", "post"]
-
-# How long an Idempotency-Key is remembered: a record older than this counts as
-# absent (and may be overwritten by a new claim) on every backend.
-IDEMPOTENCY_TTL_SECONDS = 86_400.0
-
-# No balance grows past this (a grant that would is a Conflict): balance plus
-# any grant then stays far inside a signed 64-bit integer on both backends.
-MAX_BALANCE = 10**15
-# Ledger cursors carry a time the backends can store (up to 9999-12-31T23:59:59Z).
-_LATEST = 253_402_300_799.0
-_ENTRY_ID = re.compile(r"[cr][\x20-\x7e]{1,200}\Z", re.ASCII)  # printable ASCII: no NUL
-
-
-class StorageError(Exception):
-    """Base of the errors a backend raises on purpose."""
-
-
-class NotFound(StorageError):
-    """No such team, key, token or reservation."""
-
-
-class Conflict(StorageError):
-    """The change contradicts the stored state (duplicate name, balance below zero...)."""
-
-
-class KeyReused(Conflict):
-    """An Idempotency-Key already used for a different request (the caller answers 422)."""
-
-
-class StorageUnavailable(StorageError):
-    """The database could not be reached; the caller answers 503."""
-
-
-class InvalidData(StorageError):
-    """The database refused a value it was given (not UTF-8, out of range, a constraint).
-
-    Unlike :class:`StorageUnavailable`, the same call would be refused again.
-    """
-
-
-@dataclass(frozen=True, slots=True)
-class KeyChange:
-    """One entry of the change feed the key cache follows."""
-
-    seq: int
-    key_hash: str | None
-    team_id: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class IdempotencyClaim:
-    """A client's ``Idempotency-Key`` on a charged request, claimed with its reservation.
-
-    Scoped to the team and environment of the request.
-    """
-
-    key: str  # the client's Idempotency-Key, 1-255 visible ASCII
-    method: str
-    path: str
-
-
-IdempotencyState = Literal["in_flight", "completed"]
-
-
-@dataclass(frozen=True, slots=True)
-class IdempotencyRecord:
-    """What an earlier attempt under the same key left: in flight, or its answer."""
-
-    state: IdempotencyState
-    method: str
-    path: str
-    body_hash: str | None  # hex SHA-256 of the first attempt's request body (completed only)
-    status: int | None  # the first attempt's status (completed only)
-    content_type: str | None
-    body: bytes | None  # the first attempt's response body; None if it was over the replay cap
-    body_stored: bool  # False when the body was too large to keep
-
-
-@dataclass(frozen=True, slots=True)
-class ReserveRequest:
-    reservation_id: str
-    team_id: str
-    environment: Environment
-    key_id: str
-    amount: int
-    idempotency: IdempotencyClaim | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ReserveResult:
-    granted: bool
-    # The balance after this reservation when granted, the balance seen when refused.
-    available: int
-    # The record of an earlier attempt under the same Idempotency-Key: then
-    # nothing was reserved (granted is False) and the caller answers from it.
-    replay: IdempotencyRecord | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class GrantResult:
-    """A grant's answer: the balance right after it, and whether it was a replay."""
-
-    balance: int
-    replayed: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Mismatch:
-    """A balance that does not equal the sum of its ledger."""
-
-    team_id: str
-    environment: Environment
-    stored: int
-    derived: int
 
 
 class Store(Protocol):
@@ -472,83 +369,18 @@ class Backend(Store, AdminStore, UsageStore, Ledger, Protocol):
     async def ping(self) -> None: ...
 
 
-def checked_key_changes(changes: Mapping[str, object]) -> dict[str, object]:
-    """``changes`` for :meth:`Store.update_key`, checked: known fields, right types.
+@runtime_checkable
+class PushesKeyChanges(Protocol):
+    """A backend that announces key changes as they commit (PostgreSQL ``LISTEN/NOTIFY``).
 
-    Raises ValueError naming the first bad field; backends build their UPDATE
-    from the result, so only :data:`KEY_FIELDS` can ever reach the SQL.
+    A backend without it is polled through :meth:`Store.key_changes_since`.
     """
-    checked: dict[str, object] = {}
-    for field_name in sorted(changes):
-        value = changes[field_name]
-        if field_name not in KEY_FIELDS:
-            raise ValueError(f"unknown key field {field_name!r}")
-        if field_name == "name":
-            ok = isinstance(value, str)
-        elif field_name == "disabled":
-            ok = isinstance(value, bool)
-        elif value is None:
-            ok = True  # rate_limit_per_minute and expires_at may be cleared
-        elif isinstance(value, bool):
-            ok = False
-        elif field_name == "rate_limit_per_minute":
-            ok = isinstance(value, int)
-        elif isinstance(value, int | float) and math.isfinite(value):
-            ok, value = True, float(value)
-        else:
-            ok = False
-        if not ok:
-            raise ValueError(f"bad value for key field {field_name!r}: {value!r}")
-        checked[field_name] = value
-    return checked
 
-
-def check_grant(current: int, amount: int, environment: str) -> None:
-    """The rule both backends apply to a grant against the balance it finds (Conflict)."""
-    if current + amount < 0:
-        raise Conflict(
-            f"an adjustment of {amount} would take the {environment} balance ({current}) below zero"
-        )
-    if current + amount > MAX_BALANCE:
-        raise Conflict(f"a balance may not exceed {MAX_BALANCE}")
-
-
-def replayed_grant(
-    seen: Mapping[str, object], amount: int, environment: str, request_hash: str | None
-) -> GrantResult:
-    """The answer to a grant whose Idempotency-Key the team used before.
-
-    Entries written before request hashes were kept (or by callers that send
-    none) are compared by amount and environment, as they were then.
-    """
-    stored_hash = seen.get("request_hash")
-    if stored_hash is not None and request_hash is not None:
-        same = stored_hash == request_hash
-    else:
-        same = seen.get("amount") == amount and seen.get("environment") == environment
-    if not same:
-        raise KeyReused("this Idempotency-Key was used for a different grant")
-    balance = seen.get("balance_after")
-    return GrantResult(int(balance) if isinstance(balance, int) else 0, replayed=True)
-
-
-def encode_ledger_cursor(created_at: float, entry_id: str) -> str:
-    """The opaque paging cursor of a ledger entry (URL-safe)."""
-    raw = f"{created_at!r} {entry_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
-
-
-def decode_ledger_cursor(cursor: str) -> tuple[float, str]:
-    """(created_at, entry id) of a cursor; ValueError when it is not one of ours."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise ValueError("not a ledger cursor") from None
-    at, _, entry_id = raw.partition(" ")
-    if not _ENTRY_ID.match(entry_id) or not at.isascii():
-        raise ValueError("not a ledger cursor")
-    created_at = float(at)  # ValueError as well
-    # 1e300 is finite, and no backend stores a time that far (PostgreSQL: DataError).
-    if not 0.0 <= created_at <= _LATEST:
-        raise ValueError("not a ledger cursor")
-    return created_at, entry_id
+    async def listen_key_changes(
+        self,
+        on_change: Callable[[KeyChange], None],
+        on_connected: Callable[[], None],
+        on_lost: Callable[[], None],
+    ) -> None:
+        """Follow key changes as they commit, until cancelled."""
+        ...

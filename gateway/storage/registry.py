@@ -24,7 +24,7 @@ def _sqlite(url: str, lease_seconds: float, postgres: PostgresSettings | None) -
 
 
 def _postgres(url: str, lease_seconds: float, postgres: PostgresSettings | None) -> Backend:
-    from gateway.storage.postgres import PostgresBackend
+    from gateway.storage.postgresql import PostgresBackend
 
     settings = postgres if postgres is not None else PostgresSettings()
     return PostgresBackend(url, settings, lease_seconds=lease_seconds)

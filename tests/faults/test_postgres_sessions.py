@@ -50,7 +50,7 @@ from .harness import (
 
 CLOSE_DELAY = 3.0
 ROOT_CAUSE = (
-    "gateway/storage/postgres.py: _UNAVAILABLE (and so _CANNOT_CONNECT) lacks asyncpg's "
+    "gateway/storage/postgresql/core.py: UNAVAILABLE (and so CANNOT_CONNECT) lacks asyncpg's "
     "InternalClientError, raised by a session PostgreSQL terminated while it was idle, so it "
     "is not taken for 'database unavailable'"
 )

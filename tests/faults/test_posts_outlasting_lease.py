@@ -40,7 +40,7 @@ from .harness import (
 )
 
 LEASE, SWEEP, MAX_DURATION = 2.0, 0.5, 1.0
-POST_STATEMENT = b"gateway_resolve($1, $2, 'post')"  # gateway/storage/postgres.py post_batch
+POST_STATEMENT = b"gateway_resolve($1, $2, 'post')"  # gateway/storage/postgresql/ledger.py post_batch
 
 
 class ChargesLost(AssertionError):

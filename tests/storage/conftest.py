@@ -24,7 +24,7 @@ import pytest
 
 from gateway.config import PostgresSettings
 from gateway.storage import Backend
-from gateway.storage.postgres import PostgresBackend
+from gateway.storage.postgresql import PostgresBackend
 from gateway.storage.sqlite import SqliteBackend
 from tests import services
 

@@ -25,9 +25,8 @@ from gateway.storage import (
     InvalidData,
     NotFound,
     ReserveRequest,
-    decode_ledger_cursor,
-    encode_ledger_cursor,
 )
+from gateway.storage.rules import decode_ledger_cursor, encode_ledger_cursor
 from tests.storage.conftest import Backends
 
 DAY = 86_400

@@ -27,7 +27,7 @@ from gateway.storage import (
     StorageUnavailable,
     migrations,
 )
-from gateway.storage.postgres import PostgresBackend
+from gateway.storage.postgresql import PostgresBackend
 from gateway.storage.registry import open_backend
 from tests import services
 from tests.storage.conftest import Databases

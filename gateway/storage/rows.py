@@ -1,0 +1,151 @@
+"""Rows → models, written once for both backends.
+
+``sqlite3.Row`` and ``asyncpg.Record`` both read a column as ``row["name"]``,
+and both backends hand times over as epoch seconds (PostgreSQL through the
+pool's ``timestamptz`` codec), so one mapper serves both. SQLite stores
+booleans as 0/1: every flag goes through ``bool()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import orjson
+
+from gateway.models import ApiKey, AuditEntry, KeyRecord, LedgerEntry, Team, TeamToken
+from gateway.storage import IdempotencyRecord, KeyChange, Mismatch
+from gateway.storage.rules import encode_ledger_cursor
+
+__all__ = [
+    "CACHED_KEY_FIELDS",
+    "KEY_COLUMNS",
+    "TEAM_COLUMNS",
+    "TOKEN_COLUMNS",
+    "Row",
+    "api_key",
+    "audit",
+    "idempotency_record",
+    "key_change",
+    "key_record",
+    "ledger_entry",
+    "mismatches",
+    "team",
+    "token",
+]
+
+KEY_COLUMNS = (
+    "id, team_id, name, prefix, environment, rate_limit_per_minute, disabled, "
+    "created_at, last_used_at, expires_at, revoked_at"
+)
+TOKEN_COLUMNS = "id, team_id, name, prefix, created_at, last_used_at, revoked_at"  # noqa: S105
+TEAM_COLUMNS = "id, name, rate_limit_per_minute, created_at"
+# What a key cache holds of a key besides its hash: a change of one of these
+# must reach the caches (the PostgreSQL trigger compares the same columns).
+CACHED_KEY_FIELDS = ("rate_limit_per_minute", "disabled", "expires_at")
+
+
+class Row(Protocol):
+    """A result row read by column name: ``sqlite3.Row`` or ``asyncpg.Record``."""
+
+    def __getitem__(self, key: Any, /) -> Any: ...
+
+
+def team(row: Row) -> Team:
+    return Team(row["id"], row["name"], row["created_at"], row["rate_limit_per_minute"])
+
+
+def api_key(row: Row) -> ApiKey:
+    return ApiKey(
+        id=row["id"],
+        team_id=row["team_id"],
+        name=row["name"],
+        prefix=row["prefix"],
+        environment=row["environment"],
+        rate_limit_per_minute=row["rate_limit_per_minute"],
+        disabled=bool(row["disabled"]),
+        created_at=row["created_at"],
+        last_used_at=row["last_used_at"],
+        expires_at=row["expires_at"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+def key_record(row: Row) -> KeyRecord:
+    """What authentication needs of a key (``team_limit``: its team's limit)."""
+    return KeyRecord(
+        id=row["id"],
+        team_id=row["team_id"],
+        prefix=row["prefix"],
+        environment=row["environment"],
+        rate_limit_per_minute=row["rate_limit_per_minute"],
+        team_rate_limit_per_minute=row["team_limit"],
+        disabled=bool(row["disabled"]),
+        expires_at=row["expires_at"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+def token(row: Row) -> TeamToken:
+    return TeamToken(
+        id=row["id"],
+        team_id=row["team_id"],
+        name=row["name"],
+        prefix=row["prefix"],
+        created_at=row["created_at"],
+        last_used_at=row["last_used_at"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+def audit(row: Row) -> AuditEntry:
+    return AuditEntry(
+        id=row["id"],
+        at=row["at"],
+        actor=row["actor"],
+        action=row["action"],
+        target=row["target"],
+        team_id=row["team_id"],
+        client_ip=row["client_ip"],
+        details=orjson.loads(row["details"]),
+    )
+
+
+def idempotency_record(row: Row, prefix: str = "") -> IdempotencyRecord:
+    """The record in ``row``; ``prefix`` names its columns (``replay_`` in a reserve result)."""
+    return IdempotencyRecord(
+        state=row[prefix + "state"],
+        method=row[prefix + "method"],
+        path=row[prefix + "path"],
+        body_hash=row[prefix + "body_hash"],
+        status=row[prefix + "status"],
+        content_type=row[prefix + "content_type"],
+        body=row[prefix + "body"],
+        body_stored=bool(row[prefix + "body_stored"]),
+    )
+
+
+def key_change(row: Row) -> KeyChange:
+    return KeyChange(int(row["seq"]), row["key_hash"], row["team_id"])
+
+
+def ledger_entry(row: Row, team_id: str) -> LedgerEntry:
+    return LedgerEntry(
+        id=row["entry_id"],
+        team_id=team_id,
+        environment=row["environment"],
+        kind=row["kind"],
+        amount=int(row["amount"]),
+        reason=row["reason"],
+        reservation_id=row["reservation_id"],
+        created_at=row["created_at"],
+        cursor=encode_ledger_cursor(row["created_at"], row["entry_id"]),
+    )
+
+
+def mismatches(rows: list[Any]) -> list[Mismatch]:
+    """The accounts of a reconcile query (:data:`gateway.storage.sql.RECONCILE`) that differ."""
+    return [
+        Mismatch(r["team_id"], r["environment"], int(r["stored"]), int(r["derived"]))
+        for r in rows
+        if int(r["stored"]) != int(r["derived"])
+    ]

@@ -1,0 +1,165 @@
+"""The public methods whose arguments both backends take the same way, written once.
+
+Each gathers its arguments into one value and hands it to a small method of the
+backend that only does the I/O in its dialect (``_insert_key``, ``_apply_grant``,
+``_insert_audit``, ``_complete_idempotency``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+from gateway.models import ApiKey, Environment
+from gateway.storage import GrantResult
+
+__all__ = ["GrantOrder", "NewKey", "SharedMethods"]
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    """A key to create, as :meth:`Store.create_key` was given it."""
+
+    team_id: str
+    name: str
+    environment: Environment
+    key_hash: str
+    prefix: str
+    rate_limit_per_minute: int | None
+    expires_at: float | None
+
+    def columns(self) -> tuple[object, ...]:
+        """(team_id, name, prefix, key_hash, environment, rate_limit_per_minute), as inserted."""
+        return (
+            self.team_id,
+            self.name,
+            self.prefix,
+            self.key_hash,
+            self.environment,
+            self.rate_limit_per_minute,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GrantOrder:
+    """A grant or adjustment, as :meth:`Ledger.apply_grant` was given it."""
+
+    team_id: str
+    environment: Environment
+    amount: int
+    reason: str
+    actor: str
+    idempotency_key: str | None
+    request_hash: str | None
+
+    def entry(self, balance_after: int) -> tuple[object, ...]:
+        """The values of its credit entry, in the order both backends insert them.
+
+        (team_id, environment, kind, amount, reason, actor, idempotency_key,
+        request_hash, balance_after)
+        """
+        kind = "grant" if self.amount >= 0 else "adjust"
+        return (
+            self.team_id,
+            self.environment,
+            kind,
+            self.amount,
+            self.reason,
+            self.actor,
+            self.idempotency_key,
+            self.request_hash,
+            balance_after,
+        )
+
+
+class SharedMethods:
+    """Mixed into each backend; the backend supplies the underscored I/O methods."""
+
+    async def create_key(
+        self,
+        team_id: str,
+        name: str,
+        environment: Environment,
+        key_hash: str,
+        prefix: str,
+        rate_limit_per_minute: int | None,
+        expires_at: float | None,
+    ) -> ApiKey:
+        new = NewKey(
+            team_id, name, environment, key_hash, prefix, rate_limit_per_minute, expires_at
+        )
+        return await self._insert_key(new)
+
+    async def _insert_key(self, new: NewKey) -> ApiKey:
+        raise NotImplementedError
+
+    async def append_audit(
+        self,
+        actor: str,
+        action: str,
+        target: str | None,
+        team_id: str | None,
+        client_ip: str | None,
+        details: dict[str, object],
+    ) -> None:
+        encoded = orjson.dumps(details).decode()
+        await self._insert_audit((actor, action, target, team_id, client_ip, encoded))
+
+    async def _insert_audit(self, values: tuple[str | None, ...]) -> None:
+        """Insert (actor, action, target, team_id, client_ip, details as JSON text)."""
+        raise NotImplementedError
+
+    async def grant(
+        self,
+        team_id: str,
+        environment: Environment,
+        amount: int,
+        reason: str,
+        actor: str,
+        idempotency_key: str | None = None,
+    ) -> int:
+        result = await self.apply_grant(
+            team_id, environment, amount, reason, actor, idempotency_key
+        )
+        return result.balance
+
+    async def apply_grant(
+        self,
+        team_id: str,
+        environment: Environment,
+        amount: int,
+        reason: str,
+        actor: str,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+    ) -> GrantResult:
+        order = GrantOrder(
+            team_id, environment, amount, reason, actor, idempotency_key, request_hash
+        )
+        return await self._apply_grant(order)
+
+    async def _apply_grant(self, order: GrantOrder) -> GrantResult:
+        raise NotImplementedError
+
+    async def complete_idempotency(
+        self,
+        team_id: str,
+        environment: Environment,
+        key: str,
+        body_hash: str,
+        status: int,
+        content_type: str | None,
+        body: bytes | None,
+    ) -> None:
+        answer = (body_hash, status, content_type, body)
+        await self._complete_idempotency((team_id, environment, key), answer)
+
+    async def _complete_idempotency(
+        self,
+        record: tuple[str, str, str],
+        answer: tuple[str, int, str | None, bytes | None],
+    ) -> None:
+        """Complete the in-flight record (team, environment, key) with (body_hash,
+        status, content_type, body)."""
+        raise NotImplementedError

@@ -1,0 +1,86 @@
+"""SQL whose text is the same in both dialects, written once.
+
+Both dialects read keywords and function names in any letter case; a query
+with parameters would differ only in their style (``?`` against ``$1``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+__all__ = ["RECONCILE", "key_ips", "qmark", "usage_buckets"]
+
+_NUMBERED = re.compile(r"\$(\d+)")
+
+
+def qmark(query: str) -> str:
+    """``query`` with PostgreSQL's ``$n`` parameters written as SQLite's ``?n``."""
+    return _NUMBERED.sub(r"?\1", query)
+
+
+def usage_buckets(
+    team_id: str, start: int, end: float, step: int, key_id: str | None
+) -> tuple[str, list[object]]:
+    """The query of :meth:`UsageStore.usage_buckets` (``$n`` style) and its arguments."""
+    # minute < end holds for a whole minute exactly when minute < ceil(end).
+    args: list[object] = [team_id, start, math.ceil(end), step]
+    query = (
+        "SELECT CAST($2 AS bigint) + (minute - CAST($2 AS bigint)) / CAST($4 AS bigint) "
+        "* CAST($4 AS bigint) AS bucket, outcome, CAST(SUM(requests) AS bigint) AS requests, "
+        "CAST(SUM(credits) AS bigint) AS credits "
+        "FROM usage_minutes WHERE team_id = $1 AND minute >= $2 AND minute < $3"
+    )
+    if key_id is not None:
+        query += " AND key_id = $5"
+        args.append(key_id)
+    return query + " GROUP BY 1, 2 ORDER BY 1, 2", args
+
+
+def key_ips(
+    team_id: str, key_id: str | None, start_day: int, end_day: int
+) -> tuple[str, list[object]]:
+    """The query of :meth:`UsageStore.key_ips` (``$n`` style) and its arguments."""
+    query = (
+        "SELECT day, key_id, client_ip, requests FROM key_ip_days "
+        "WHERE team_id = $1 AND day >= $2 AND day < $3"
+    )
+    args: list[object] = [team_id, start_day, end_day]
+    if key_id is not None:
+        query += " AND key_id = $4"
+        args.append(key_id)
+    return query + " ORDER BY day, key_id, client_ip", args
+
+
+# The balance derived from immutable facts: grants and adjustments, minus what
+# pending reservations hold, minus what resolved ones charged (rolled up or not).
+# One statement, so one snapshot: consistent while the ledger is being written.
+RECONCILE = """
+WITH accounts AS (
+    SELECT team_id, environment FROM balances
+    UNION SELECT team_id, environment FROM credit_entries
+    UNION SELECT team_id, environment FROM reservations
+    UNION SELECT team_id, environment FROM reservation_rollups
+),
+granted AS (
+    SELECT team_id, environment, sum(amount) AS total FROM credit_entries
+    GROUP BY team_id, environment
+),
+spent AS (
+    SELECT team_id, environment,
+           sum(CASE WHEN resolution IS NULL THEN amount ELSE charged END) AS total
+    FROM reservations GROUP BY team_id, environment
+),
+rolled AS (
+    SELECT team_id, environment, sum(charged) AS total FROM reservation_rollups
+    GROUP BY team_id, environment
+)
+SELECT a.team_id, a.environment,
+       coalesce(b.available, 0) AS stored,
+       coalesce(g.total, 0) - coalesce(s.total, 0) - coalesce(r.total, 0) AS derived
+FROM accounts a
+LEFT JOIN balances b USING (team_id, environment)
+LEFT JOIN granted g USING (team_id, environment)
+LEFT JOIN spent s USING (team_id, environment)
+LEFT JOIN rolled r USING (team_id, environment)
+"""

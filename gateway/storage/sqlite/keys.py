@@ -1,0 +1,369 @@
+"""SQLite: teams, keys and their change feed, team tokens, the audit log."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Mapping
+
+from gateway.models import ApiKey, AuditEntry, KeyRecord, Team, TeamToken
+from gateway.storage import KeyChange, rules
+from gateway.storage import rows as model
+from gateway.storage.rows import CACHED_KEY_FIELDS, KEY_COLUMNS, TOKEN_COLUMNS
+from gateway.storage.shared import NewKey
+from gateway.storage.sqlite.core import SqliteCore
+
+__all__ = ["SqliteKeys"]
+
+_CHANGE_RETENTION_SECONDS = 3600.0
+
+
+class SqliteKeys(SqliteCore):
+    """Store and AdminStore on SQLite."""
+
+    # -- store: keys and teams ----------------------------------------------------
+
+    async def find_key(self, key_hash: str) -> KeyRecord | None:
+        return await self._run(self._find_key, key_hash)
+
+    def _find_key(self, key_hash: str) -> KeyRecord | None:
+        row = self._db.execute(
+            "SELECT k.id, k.team_id, k.prefix, k.environment, k.rate_limit_per_minute, "
+            "k.disabled, k.expires_at, k.revoked_at, t.rate_limit_per_minute AS team_limit "
+            "FROM api_keys k JOIN teams t ON t.id = k.team_id WHERE k.key_hash = ?",
+            (key_hash,),
+        ).fetchone()
+        if row is None:
+            return None
+        return model.key_record(row)
+
+    async def find_key_id_by_hash(self, key_hash: str) -> str | None:
+        row = await self._run(
+            lambda: self._db.execute(
+                "SELECT id FROM api_keys WHERE key_hash = ?", (key_hash,)
+            ).fetchone()
+        )
+        return None if row is None else str(row["id"])
+
+    async def find_key_hash_by_id(self, key_id: str) -> str | None:
+        row = await self._run(
+            lambda: self._db.execute(
+                "SELECT key_hash FROM api_keys WHERE id = ?", (key_id,)
+            ).fetchone()
+        )
+        return None if row is None else str(row["key_hash"])
+
+    async def latest_key_change(self) -> int:
+        row = await self._run(
+            lambda: self._db.execute(
+                "SELECT COALESCE(MAX(seq), 0) AS s FROM key_changes"
+            ).fetchone()
+        )
+        return int(row["s"])
+
+    async def key_changes_since(self, seq: int) -> tuple[int, list[KeyChange], bool]:
+        return await self._run(self._key_changes_since, seq)
+
+    def _key_changes_since(self, seq: int) -> tuple[int, list[KeyChange], bool]:
+        rows = self._db.execute(
+            "SELECT seq, key_hash, team_id FROM key_changes WHERE seq > ? ORDER BY seq LIMIT 10000",
+            (seq,),
+        ).fetchall()
+        return rules.changes_after(seq, [model.key_change(r) for r in rows])
+
+    @staticmethod
+    def _log_change(db: sqlite3.Connection, key_hash: str | None, team_id: str | None) -> None:
+        now = time.time()
+        db.execute(
+            "INSERT INTO key_changes (key_hash, team_id, changed_at) VALUES (?, ?, ?)",
+            (key_hash, team_id, now),
+        )
+        db.execute(
+            "DELETE FROM key_changes "
+            "WHERE changed_at < ? AND seq < (SELECT MAX(seq) FROM key_changes)",
+            (now - _CHANGE_RETENTION_SECONDS,),
+        )
+
+    async def create_team(self, name: str, rate_limit_per_minute: int | None = None) -> Team:
+        team = Team(rules.new_id("team"), name, time.time(), rate_limit_per_minute)
+
+        def insert(db: sqlite3.Connection) -> Team:
+            try:
+                db.execute(
+                    "INSERT INTO teams (id, name, rate_limit_per_minute, created_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (team.id, team.name, team.rate_limit_per_minute, team.created_at),
+                )
+            except sqlite3.IntegrityError:
+                raise rules.team_exists(name) from None
+            return team
+
+        return await self._run(self._tx, insert)
+
+    async def get_team(self, id_or_name: str) -> Team:
+        row = await self._run(
+            lambda: self._db.execute(
+                "SELECT * FROM teams WHERE id = ? OR name = ? ORDER BY id = ? DESC LIMIT 1",
+                (id_or_name, id_or_name, id_or_name),
+            ).fetchone()
+        )
+        if row is None:
+            raise rules.no_team(id_or_name)
+        return model.team(row)
+
+    async def list_teams(self, limit: int, after: str | None) -> list[Team]:
+        rows = await self._run(
+            lambda: self._db.execute(
+                "SELECT * FROM teams WHERE id > ? ORDER BY id LIMIT ?", (after or "", limit)
+            ).fetchall()
+        )
+        return [model.team(r) for r in rows]
+
+    async def _insert_key(self, new: NewKey) -> ApiKey:
+        key = ApiKey(
+            id=rules.new_id("key"),
+            team_id=new.team_id,
+            name=new.name,
+            prefix=new.prefix,
+            environment=new.environment,
+            rate_limit_per_minute=new.rate_limit_per_minute,
+            disabled=False,
+            created_at=time.time(),
+            last_used_at=None,
+            expires_at=new.expires_at,
+            revoked_at=None,
+        )
+
+        def insert(db: sqlite3.Connection) -> ApiKey:
+            if db.execute("SELECT 1 FROM teams WHERE id = ?", (new.team_id,)).fetchone() is None:
+                raise rules.no_team(new.team_id)
+            db.execute(
+                "INSERT INTO api_keys (id, team_id, name, prefix, key_hash, environment, "
+                "rate_limit_per_minute, disabled, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                (key.id, *new.columns(), key.created_at, new.expires_at),
+            )
+            # A new key may have been looked up (and cached as unknown) before it existed.
+            self._log_change(db, new.key_hash, None)
+            return key
+
+        return await self._run(self._tx, insert)
+
+    async def get_key(self, key_id: str) -> ApiKey:
+        row = await self._run(
+            lambda: self._db.execute(
+                f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?",  # noqa: S608 - constant
+                (key_id,),
+            ).fetchone()
+        )
+        if row is None:
+            raise rules.no_key(key_id)
+        return model.api_key(row)
+
+    async def list_keys(self, team_id: str, limit: int, after: str | None) -> list[ApiKey]:
+        rows = await self._run(
+            lambda: self._db.execute(
+                f"SELECT {KEY_COLUMNS} FROM api_keys "  # noqa: S608 - constant
+                "WHERE team_id = ? AND id > ? ORDER BY id LIMIT ?",
+                (team_id, after or "", limit),
+            ).fetchall()
+        )
+        return [model.api_key(r) for r in rows]
+
+    async def revoke_key(self, key_id: str) -> ApiKey:
+        def revoke(db: sqlite3.Connection) -> None:
+            row = db.execute(
+                "SELECT key_hash, revoked_at FROM api_keys WHERE id = ?", (key_id,)
+            ).fetchone()
+            if row is None:
+                raise rules.no_key(key_id)
+            if row["revoked_at"] is not None:
+                raise rules.key_already_revoked(key_id)
+            db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (time.time(), key_id))
+            self._log_change(db, row["key_hash"], None)
+
+        await self._run(self._tx, revoke)
+        return await self.get_key(key_id)
+
+    async def update_team(self, team_id: str, rate_limit_per_minute: int | None) -> Team:
+        def update(db: sqlite3.Connection) -> Team:
+            old = db.execute(
+                "SELECT rate_limit_per_minute FROM teams WHERE id = ?", (team_id,)
+            ).fetchone()
+            if old is None:
+                raise rules.no_team(team_id)
+            row = db.execute(
+                "UPDATE teams SET rate_limit_per_minute = ? WHERE id = ? RETURNING *",
+                (rate_limit_per_minute, team_id),
+            ).fetchone()
+            if old["rate_limit_per_minute"] != rate_limit_per_minute:
+                self._log_change(db, None, team_id)
+            return model.team(row)
+
+        return await self._run(self._tx, update)
+
+    async def update_key(self, key_id: str, changes: Mapping[str, object]) -> ApiKey:
+        checked = rules.checked_key_changes(changes)
+        values = {
+            field: int(value) if isinstance(value, bool) else value
+            for field, value in checked.items()
+        }
+
+        def update(db: sqlite3.Connection) -> ApiKey:
+            old = db.execute(
+                f"SELECT key_hash, {KEY_COLUMNS} FROM api_keys WHERE id = ?",  # noqa: S608 - constant
+                (key_id,),
+            ).fetchone()
+            if old is None:
+                raise rules.no_key(key_id)
+            if old["revoked_at"] is not None:
+                raise rules.key_revoked(key_id)
+            if not values:
+                return model.api_key(old)
+            # Column names come from KEY_FIELDS only (checked_key_changes).
+            assignments = ", ".join(f"{field} = ?" for field in values)
+            new = db.execute(
+                f"UPDATE api_keys SET {assignments} WHERE id = ? "  # noqa: S608 - checked names
+                f"RETURNING {KEY_COLUMNS}",
+                (*values.values(), key_id),
+            ).fetchone()
+            if any(old[f] != new[f] for f in CACHED_KEY_FIELDS):
+                self._log_change(db, old["key_hash"], None)
+            return model.api_key(new)
+
+        return await self._run(self._tx, update)
+
+    async def rotate_key(
+        self, key_id: str, new_hash: str, new_prefix: str, old_expires_at: float
+    ) -> ApiKey:
+        fresh_id = rules.new_id("key")
+        now = time.time()
+
+        def rotate(db: sqlite3.Connection) -> ApiKey:
+            old = db.execute(
+                "SELECT key_hash, team_id, name, environment, rate_limit_per_minute, "
+                "expires_at, revoked_at FROM api_keys WHERE id = ?",
+                (key_id,),
+            ).fetchone()
+            if old is None:
+                raise rules.no_key(key_id)
+            if old["revoked_at"] is not None:
+                raise rules.key_revoked(key_id)
+            try:
+                new = db.execute(
+                    "INSERT INTO api_keys (id, team_id, name, prefix, key_hash, environment, "  # noqa: S608 - constant
+                    "rate_limit_per_minute, disabled, created_at) "
+                    f"VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?) RETURNING {KEY_COLUMNS}",
+                    (
+                        fresh_id,
+                        old["team_id"],
+                        old["name"],
+                        new_prefix,
+                        new_hash,
+                        old["environment"],
+                        old["rate_limit_per_minute"],
+                        now,
+                    ),
+                ).fetchone()
+            except sqlite3.IntegrityError:
+                raise rules.key_hash_exists() from None
+            self._log_change(db, new_hash, None)
+            expires = old_expires_at
+            if old["expires_at"] is not None:
+                expires = min(old["expires_at"], old_expires_at)
+            if expires != old["expires_at"]:
+                db.execute("UPDATE api_keys SET expires_at = ? WHERE id = ?", (expires, key_id))
+                self._log_change(db, old["key_hash"], None)
+            return model.api_key(new)
+
+        return await self._run(self._tx, rotate)
+
+    # -- admin: team tokens and the audit log -------------------------------------
+
+    async def create_token(
+        self, team_id: str, name: str, token_hash: str, prefix: str
+    ) -> TeamToken:
+        token = TeamToken(rules.new_id("tok"), team_id, name, prefix, time.time(), None, None)
+
+        def insert(db: sqlite3.Connection) -> TeamToken:
+            if db.execute("SELECT 1 FROM teams WHERE id = ?", (team_id,)).fetchone() is None:
+                raise rules.no_team(team_id)
+            try:
+                db.execute(
+                    "INSERT INTO team_tokens (id, team_id, name, prefix, token_hash, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (token.id, team_id, name, prefix, token_hash, token.created_at),
+                )
+            except sqlite3.IntegrityError:
+                raise rules.token_hash_exists() from None
+            return token
+
+        return await self._run(self._tx, insert)
+
+    async def list_tokens(self, team_id: str, limit: int, after: str | None) -> list[TeamToken]:
+        rows = await self._run(
+            lambda: self._db.execute(
+                f"SELECT {TOKEN_COLUMNS} FROM team_tokens "  # noqa: S608 - constant
+                "WHERE team_id = ? AND id > ? ORDER BY id LIMIT ?",
+                (team_id, after or "", limit),
+            ).fetchall()
+        )
+        return [model.token(r) for r in rows]
+
+    async def get_token(self, token_id: str) -> TeamToken:
+        row = await self._run(
+            lambda: self._db.execute(
+                f"SELECT {TOKEN_COLUMNS} FROM team_tokens WHERE id = ?",  # noqa: S608 - constant
+                (token_id,),
+            ).fetchone()
+        )
+        if row is None:
+            raise rules.no_token(token_id)
+        return model.token(row)
+
+    async def revoke_token(self, token_id: str) -> TeamToken:
+        def revoke(db: sqlite3.Connection) -> TeamToken:
+            row = db.execute(
+                "UPDATE team_tokens SET revoked_at = ? "  # noqa: S608 - constant
+                f"WHERE id = ? AND revoked_at IS NULL RETURNING {TOKEN_COLUMNS}",
+                (time.time(), token_id),
+            ).fetchone()
+            if row is not None:
+                return model.token(row)
+            if db.execute("SELECT 1 FROM team_tokens WHERE id = ?", (token_id,)).fetchone():
+                raise rules.token_already_revoked(token_id)
+            raise rules.no_token(token_id)
+
+        return await self._run(self._tx, revoke)
+
+    async def find_token(self, token_hash: str) -> TeamToken | None:
+        row = await self._run(
+            lambda: self._db.execute(
+                f"SELECT {TOKEN_COLUMNS} FROM team_tokens WHERE token_hash = ?",  # noqa: S608 - constant
+                (token_hash,),
+            ).fetchone()
+        )
+        return None if row is None else model.token(row)
+
+    async def _insert_audit(self, values: tuple[str | None, ...]) -> None:
+        await self._run(
+            self._tx,
+            lambda db: db.execute(
+                "INSERT INTO audit_log (at, actor, action, target, team_id, client_ip, details) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (time.time(), *values),
+            ),
+        )
+
+    async def list_audit(
+        self, team_id: str | None, limit: int, before: int | None
+    ) -> list[AuditEntry]:
+        upper = before if before is not None else 2**62
+        if team_id is None:
+            query = "SELECT * FROM audit_log WHERE id < ? ORDER BY id DESC LIMIT ?"
+            args: tuple[object, ...] = (upper, limit)
+        else:
+            query = "SELECT * FROM audit_log WHERE team_id = ? AND id < ? ORDER BY id DESC LIMIT ?"
+            args = (team_id, upper, limit)
+        rows = await self._run(lambda: self._db.execute(query, args).fetchall())
+        return [model.audit(r) for r in rows]

@@ -1,0 +1,131 @@
+"""SQLite: usage aggregates, key IPs and auth failures, written in batches."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+
+from gateway.models import (
+    UsageRow,
+)
+from gateway.storage import (
+    InvalidData,
+    sql,
+)
+from gateway.storage.sqlite.core import REFUSED_VALUES, SqliteCore
+
+__all__ = ["SqliteUsage"]
+
+
+class SqliteUsage(SqliteCore):
+    """UsageStore on SQLite: each batch one transaction."""
+
+    # -- usage and patterns ---------------------------------------------------------
+
+    async def add_usage(self, rows: list[UsageRow]) -> None:
+        if not rows:
+            return
+        params = [
+            (r.team_id, r.minute, r.key_id, r.environment, r.outcome, r.requests, r.credits)
+            for r in rows
+        ]
+        await self._write_batch(
+            "INSERT INTO usage_minutes "
+            "(team_id, minute, key_id, environment, outcome, requests, credits) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (team_id, minute, key_id, environment, outcome) DO UPDATE SET "
+            "requests = requests + excluded.requests, credits = credits + excluded.credits",
+            params,
+        )
+
+    async def _write_batch(self, statement: str, params: Sequence[Sequence[object]]) -> None:
+        """``statement`` once per row, in one transaction; refused values raise InvalidData."""
+        try:
+            await self._run(self._tx, lambda db: db.executemany(statement, params))
+        except REFUSED_VALUES as exc:
+            raise InvalidData(f"SQLite: {type(exc).__name__}: {exc}") from exc
+
+    async def touch_keys(self, last_used: dict[str, float]) -> None:
+        # last_used_at is not cached: no key change is logged.
+        if not last_used:
+            return
+        params = [(at, key_id, at) for key_id, at in sorted(last_used.items())]
+        await self._write_batch(
+            "UPDATE api_keys SET last_used_at = ? "
+            "WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)",
+            params,
+        )
+
+    async def usage_buckets(
+        self, team_id: str, start: int, end: float, step: int, key_id: str | None
+    ) -> list[tuple[int, str, int, int]]:
+        query, args = sql.usage_buckets(team_id, start, end, step, key_id)
+        rows = await self._run(lambda: self._db.execute(sql.qmark(query), args).fetchall())
+        return [(int(r[0]), r[1], int(r[2]), int(r[3])) for r in rows]
+
+    async def usage_top_keys(
+        self, team_id: str, start: int, end: float, limit: int
+    ) -> list[tuple[str, int, int]]:
+        rows = await self._run(
+            lambda: self._db.execute(
+                "SELECT key_id, SUM(requests) AS requests, SUM(credits) AS credits "
+                "FROM usage_minutes WHERE team_id = ? AND minute >= ? AND minute < ? "
+                "GROUP BY key_id ORDER BY requests DESC, key_id LIMIT ?",
+                (team_id, start, end, limit),
+            ).fetchall()
+        )
+        return [(r[0], int(r[1]), int(r[2])) for r in rows]
+
+    async def add_key_ips(self, rows: list[tuple[int, str, str, str, int]]) -> None:
+        if not rows:
+            return
+        params = [(team, key, day, ip, n) for day, team, key, ip, n in rows]
+        await self._write_batch(
+            "INSERT INTO key_ip_days (team_id, key_id, day, client_ip, requests) "
+            "VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (team_id, key_id, day, client_ip) DO UPDATE SET "
+            "requests = requests + excluded.requests",
+            params,
+        )
+
+    async def key_ips(
+        self, team_id: str, key_id: str | None, start_day: int, end_day: int
+    ) -> list[tuple[int, str, str, int]]:
+        query, args = sql.key_ips(team_id, key_id, start_day, end_day)
+        rows = await self._run(lambda: self._db.execute(sql.qmark(query), args).fetchall())
+        return [(int(r[0]), r[1], r[2], int(r[3])) for r in rows]
+
+    async def add_auth_failures(self, rows: list[tuple[int, str, str, str, int]]) -> None:
+        if not rows:
+            return
+        await self._write_batch(
+            "INSERT INTO auth_failure_minutes "
+            "(minute, key_prefix, client_ip, reason, failures) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (minute, key_prefix, client_ip, reason) DO UPDATE SET "
+            "failures = failures + excluded.failures",
+            rows,
+        )
+
+    async def auth_failure_counts(
+        self, start: int, end: float, limit: int
+    ) -> list[tuple[str, str, str, int]]:
+        rows = await self._run(
+            lambda: self._db.execute(
+                "SELECT key_prefix, client_ip, reason, SUM(failures) AS n "
+                "FROM auth_failure_minutes WHERE minute >= ? AND minute < ? "
+                "GROUP BY key_prefix, client_ip, reason "
+                "ORDER BY n DESC, key_prefix, client_ip, reason LIMIT ?",
+                (start, end, limit),
+            ).fetchall()
+        )
+        return [(r[0], r[1], r[2], int(r[3])) for r in rows]
+
+    async def prune_patterns(self, ip_before: int, failures_before: int) -> int:
+        def prune(db: sqlite3.Connection) -> int:
+            ips = db.execute("DELETE FROM key_ip_days WHERE day < ?", (ip_before,)).rowcount
+            failures = db.execute(
+                "DELETE FROM auth_failure_minutes WHERE minute < ?", (failures_before,)
+            ).rowcount
+            return ips + failures
+
+        return await self._run(self._tx, prune)

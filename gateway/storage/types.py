@@ -1,0 +1,145 @@
+"""The values and errors the storage Protocols speak in (re-exported by :mod:`gateway.storage`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from gateway.models import Environment
+
+__all__ = [
+    "IDEMPOTENCY_TTL_SECONDS",
+    "KEY_FIELDS",
+    "MAX_BALANCE",
+    "Conflict",
+    "ExpiryPolicy",
+    "GrantResult",
+    "IdempotencyClaim",
+    "IdempotencyRecord",
+    "IdempotencyState",
+    "InvalidData",
+    "KeyChange",
+    "KeyReused",
+    "Mismatch",
+    "NotFound",
+    "ReserveRequest",
+    "ReserveResult",
+    "StorageError",
+    "StorageUnavailable",
+]
+
+# What update_key may change; anything else is refused (ValueError).
+KEY_FIELDS = frozenset({"name", "rate_limit_per_minute", "expires_at", "disabled"})
+
+ExpiryPolicy = Literal["void", "post"]
+
+# How long an Idempotency-Key is remembered: a record older than this counts as
+# absent (and may be overwritten by a new claim) on every backend.
+IDEMPOTENCY_TTL_SECONDS = 86_400.0
+
+# No balance grows past this (a grant that would is a Conflict): balance plus
+# any grant then stays far inside a signed 64-bit integer on both backends.
+MAX_BALANCE = 10**15
+
+
+class StorageError(Exception):
+    """Base of the errors a backend raises on purpose."""
+
+
+class NotFound(StorageError):
+    """No such team, key, token or reservation."""
+
+
+class Conflict(StorageError):
+    """The change contradicts the stored state (duplicate name, balance below zero...)."""
+
+
+class KeyReused(Conflict):
+    """An Idempotency-Key already used for a different request (the caller answers 422)."""
+
+
+class StorageUnavailable(StorageError):
+    """The database could not be reached; the caller answers 503."""
+
+
+class InvalidData(StorageError):
+    """The database refused a value it was given (not UTF-8, out of range, a constraint).
+
+    Unlike :class:`StorageUnavailable`, the same call would be refused again.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class KeyChange:
+    """One entry of the change feed the key cache follows."""
+
+    seq: int
+    key_hash: str | None
+    team_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyClaim:
+    """A client's ``Idempotency-Key`` on a charged request, claimed with its reservation.
+
+    Scoped to the team and environment of the request.
+    """
+
+    key: str  # the client's Idempotency-Key, 1-255 visible ASCII
+    method: str
+    path: str
+
+
+IdempotencyState = Literal["in_flight", "completed"]
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    """What an earlier attempt under the same key left: in flight, or its answer."""
+
+    state: IdempotencyState
+    method: str
+    path: str
+    body_hash: str | None  # hex SHA-256 of the first attempt's request body (completed only)
+    status: int | None  # the first attempt's status (completed only)
+    content_type: str | None
+    body: bytes | None  # the first attempt's response body; None if it was over the replay cap
+    body_stored: bool  # False when the body was too large to keep
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRequest:
+    reservation_id: str
+    team_id: str
+    environment: Environment
+    key_id: str
+    amount: int
+    idempotency: IdempotencyClaim | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    granted: bool
+    # The balance after this reservation when granted, the balance seen when refused.
+    available: int
+    # The record of an earlier attempt under the same Idempotency-Key: then
+    # nothing was reserved (granted is False) and the caller answers from it.
+    replay: IdempotencyRecord | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GrantResult:
+    """A grant's answer: the balance right after it, and whether it was a replay."""
+
+    balance: int
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    """A balance that does not equal the sum of its ledger."""
+
+    team_id: str
+    environment: Environment
+    stored: int
+    derived: int
