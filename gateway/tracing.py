@@ -16,6 +16,7 @@ pipeline reads the same either way.
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING
 
@@ -85,7 +86,7 @@ class Tracing:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         exporter = OTLPSpanExporter(
@@ -95,7 +96,8 @@ class Tracing:
         )
         self.provider: TracerProvider = TracerProvider(
             resource=Resource.create({"service.name": settings.service_name}),
-            sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
+            # The root decision is made in start(), before the SDK is asked anything.
+            sampler=ParentBased(ALWAYS_ON),
         )
         self.provider.add_span_processor(
             BatchSpanProcessor(
@@ -104,9 +106,14 @@ class Tracing:
         )
         self.tracer: Tracer = self.provider.get_tracer("gateway")
         self.propagator = TraceContextTextMapPropagator()
+        self._ratio = settings.sample_ratio
 
     def start(self, headers: Mapping[str, str], method: str) -> RequestTrace:
         """The trace of a request whose headers are ``headers`` (a traceparent is continued)."""
+        if "traceparent" not in headers and random.random() >= self._ratio:
+            # An unsampled root: the SDK's span set-up alone cost a quarter of the
+            # enforced route's CPU at 1 % sampling (bench row redis_pg_trace1).
+            return NO_TRACE
         from opentelemetry.trace import SpanKind
 
         parent = self.propagator.extract(headers)
