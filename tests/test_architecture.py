@@ -43,8 +43,6 @@ GATEWAY = ROOT / "gateway"
 
 # The pipeline is being rewritten from the module gateway/pipeline.py into the
 # package gateway/pipeline/ (issue 15). Rules about its shape apply to the package.
-LEGACY_PIPELINE = (GATEWAY / "pipeline.py").exists()
-PIPELINE_IS_PACKAGE = (GATEWAY / "pipeline" / "__init__.py").exists() and not LEGACY_PIPELINE
 
 LEAVES: dict[str, frozenset[str]] = {
     # leaf -> the modules of its own box it may import (each itself a leaf)
@@ -391,20 +389,10 @@ RULES: dict[str, Callable[[], Iterator[Violation]]] = {
     "6-one-error-renderer": error_bodies_only_in_errors,
 }
 
-_LEGACY_MEMORY = (
-    "gateway/pipeline.py (the legacy module) imports gateway.limiter.memory.MemoryLimiter; "
-    "the gateway/pipeline/ package of issue 15 drops it"
-)
-
-# Violations known today: rule -> {(importer, target): why it is still there}.
-KNOWN: dict[str, dict[tuple[str, str], str]] = {
-    "2-pipeline-protocols-only": (
-        {("gateway.pipeline", "gateway.limiter.memory"): _LEGACY_MEMORY} if LEGACY_PIPELINE else {}
-    ),
-    "3-backends-chosen-in-app": (
-        {("gateway.pipeline", "gateway.limiter.memory"): _LEGACY_MEMORY} if LEGACY_PIPELINE else {}
-    ),
-}
+# Violations known today: rule -> {(importer, target): why it is still there}. None are left;
+# a violation that cannot be mended at once is listed here with its reason, and test_rule
+# fails as soon as it is mended so that the entry is deleted.
+KNOWN: dict[str, dict[tuple[str, str], str]] = {}
 
 
 def _found(rule: str) -> dict[tuple[str, str], list[str]]:
@@ -425,32 +413,12 @@ def test_rule(rule: str) -> None:
     assert not fixed, f"rule {rule}: fixed, now delete from KNOWN:\n  " + "\n  ".join(fixed)
 
 
-@pytest.mark.parametrize(
-    "rule",
-    [
-        pytest.param(
-            rule,
-            marks=pytest.mark.xfail(strict=True, reason="; ".join(sorted(set(known.values())))),
-        )
-        for rule, known in sorted(KNOWN.items())
-        if known
-    ],
-)
-def test_rule_fully_holds(rule: str) -> None:
-    """The rule with no exceptions at all: xfail (strict) while KNOWN lists any."""
-    messages = [m for ms in _found(rule).values() for m in ms]
-    assert not messages, f"rule {rule} broken:\n  " + "\n  ".join(messages)
-
-
 # --- rule 7: the pipeline package reads in screens ------------------------------------
 
 
 def _pipeline_modules() -> list[Module]:
-    if not PIPELINE_IS_PACKAGE:
-        pytest.skip(
-            "gateway/pipeline.py is still a module; size limits apply to the "
-            "gateway/pipeline/ package of issue 15"
-        )
+    assert (GATEWAY / "pipeline" / "__init__.py").exists(), "gateway/pipeline/ is a package"
+    assert not (GATEWAY / "pipeline.py").exists(), "no gateway/pipeline.py beside the package"
     return [m for name, m in modules().items() if within(name, "gateway.pipeline")]
 
 
