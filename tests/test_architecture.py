@@ -286,8 +286,7 @@ def storage_backends_are_chosen_in_the_registry() -> Iterator[Violation]:
             continue
         yield (
             (importer, imp.target),
-            f"{imp} - a storage backend is imported only by {STORAGE_REGISTRY} "
-            "and its own package",
+            f"{imp} - a storage backend is imported only by {STORAGE_REGISTRY} and its own package",
         )
 
 
@@ -379,6 +378,34 @@ def error_bodies_only_in_errors() -> Iterator[Violation]:
                     )
 
 
+AUDIT_AUTHOR = "gateway.manage.audit"
+AUDIT_WRITERS = frozenset({"gateway.storage.sqlite.core", "gateway.storage.postgresql.core"})
+
+
+def audit_entries_only_from_the_service() -> Iterator[Violation]:
+    """Rule 8: the management service says every audit entry; the store only writes it.
+
+    Only gateway.manage.audit builds an ``AuditRecord``, and only each backend's
+    core holds the statement that inserts one (inside the change's transaction).
+    """
+    for name, module in modules().items():
+        for node in ast.walk(module.tree):
+            where = f"{module.where}:{getattr(node, 'lineno', 0)}: {name}"
+            if (
+                isinstance(node, ast.Call)
+                and _callee(node) == "AuditRecord"
+                and name != AUDIT_AUTHOR
+            ):
+                yield (name, "AuditRecord"), f"{where} builds an audit entry - use {AUDIT_AUTHOR}"
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and "INSERT INTO audit_log" in node.value
+                and name not in AUDIT_WRITERS
+            ):
+                yield (name, "INSERT INTO audit_log"), f"{where} writes the audit log by hand"
+
+
 RULES: dict[str, Callable[[], Iterator[Violation]]] = {
     "1-leaves": leaves_import_nothing_of_ours,
     "2-pipeline-protocols-only": pipeline_imports_no_concrete_backend,
@@ -387,6 +414,7 @@ RULES: dict[str, Callable[[], Iterator[Violation]]] = {
     "4-backends-below-everything": backends_import_no_upper_layer,
     "5-adapters-apart": adapters_never_import_each_other,
     "6-one-error-renderer": error_bodies_only_in_errors,
+    "8-one-audit-author": audit_entries_only_from_the_service,
 }
 
 # Violations known today: rule -> {(importer, target): why it is still there}. None are left;

@@ -13,7 +13,6 @@ from typing import Protocol
 from gateway.config import Settings
 from gateway.keys import hash_secret, is_token_shaped
 from gateway.manage.actors import ADMIN, SYSTEM, Actor, team_token
-from gateway.manage.audit import AuditLog
 from gateway.manage.inputs import Unknown, text_problem
 from gateway.models import ApiKey, Team, TeamToken
 from gateway.storage import Backend, NotFound
@@ -36,7 +35,6 @@ class Core:
     ) -> None:
         self._backend = backend
         self._listener = listener
-        self._audit = AuditLog(backend)
         pepper = settings.keys.pepper
         self._pepper = pepper.get_secret_value().encode() if pepper else None
         token = settings.admin.token

@@ -1,31 +1,34 @@
-"""The audit log: written here and nowhere else, once per real change."""
+"""The audit log's entries: said here and nowhere else, once per real change.
+
+The store writes an entry in the transaction of the change it records (see
+``gateway.storage.Store``): a change that rolls back leaves no entry, and an
+entry never stands for a change that did not happen. A replay changes nothing
+and writes none.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
 from gateway.manage.actors import Actor
-from gateway.storage import AdminStore
+from gateway.storage import AuditRecord
 
-__all__ = ["AuditLog"]
+__all__ = ["Said", "audit"]
+
+_R = TypeVar("_R")
+
+# What an entry says of a change, from what the change made: (target, team id, details).
+Said = tuple[str | None, str | None, Mapping[str, object]]
 
 
-class AuditLog:
-    def __init__(self, store: AdminStore) -> None:
-        self._store = store
+def audit(actor: Actor, action: str, said: Callable[[_R], Said]) -> Callable[[_R], AuditRecord]:
+    """The entry the store is to write, in its transaction, for the change it makes."""
 
-    async def record(
-        self,
-        actor: Actor,
-        action: str,
-        target: str | None,
-        team_id: str | None,
-        details: dict[str, object] | None = None,
-    ) -> None:
-        """One entry for a change that was made (never for a replay or a refusal).
-
-        Written right after the change, not in its transaction: the store's
-        mutating methods do not take an audit row yet.
-        """
-        entry = dict(details or {})
+    def entry(made: _R) -> AuditRecord:
+        target, team_id, details = said(made)
         if actor.via is not None:
-            entry["via"] = actor.via
-        await self._store.append_audit(actor.label, action, target, team_id, actor.client_ip, entry)
+            details = {**details, "via": actor.via}
+        return AuditRecord(actor.label, action, target, team_id, actor.client_ip, details)
+
+    return entry

@@ -10,6 +10,7 @@ import orjson
 from gateway.idempotency import valid_key
 from gateway.manage._core import Core
 from gateway.manage.actors import SYSTEM, Actor
+from gateway.manage.audit import audit
 from gateway.manage.bounds import AMOUNT_MAX, REASON_MAX
 from gateway.manage.inputs import Check, InputError
 from gateway.models import Environment, LedgerEntry, Team
@@ -55,20 +56,22 @@ class CreditActions(Core):
             raise InputError.field("Idempotency-Key", "must be 1-255 visible ASCII characters")
         owner = await self.team(team, actor=actor)
         actor.require_admin("grant credits")
+        action = "credits.grant" if amount > 0 else "credits.adjust"
+        said = (
+            owner.id,
+            owner.id,
+            {"amount": amount, "environment": environment, "reason": reason},
+        )
         try:
             result = await self._backend.apply_grant(
                 owner.id, environment, amount, reason, actor.label, idempotency_key,
                 _request_hash(environment, amount, reason),
+                audit=audit(actor, action, lambda _: said),  # not called for a replay
             )  # fmt: skip
         except KeyReused:
             raise InputError.field(
                 "Idempotency-Key", "was used before for a different grant"
             ) from None
-        if not result.replayed:
-            await self._audit.record(
-                actor, "credits.grant" if amount > 0 else "credits.adjust", owner.id, owner.id,
-                {"amount": amount, "environment": environment, "reason": reason},
-            )  # fmt: skip
         return Granted(owner, environment, result.balance, result.replayed)
 
     async def balances(self, team: str, *, actor: Actor = SYSTEM) -> tuple[Team, dict[str, int]]:

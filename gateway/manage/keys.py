@@ -8,11 +8,13 @@ to this process's key cache before the action returns (see ``Core._changing``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.keys import display_prefix, generate_key, parse_key
 from gateway.manage._core import Core, iso
 from gateway.manage.actors import SYSTEM, Actor
+from gateway.manage.audit import Said, audit
 from gateway.manage.bounds import GRACE_MAX_SECONDS, KEY_SECRET_MAX, NAME_MAX, RATE_LIMIT_MAX
 from gateway.manage.inputs import Check, Unknown
 from gateway.models import ApiKey, Environment
@@ -65,14 +67,13 @@ class KeyActions(Core):
         secret = generate_key(environment)
         key_hash = self.hash(secret)
         # It may have been looked up, and cached as unknown, before it existed.
+        said = {"name": name, "environment": environment}
         with self._changing(key_hash):
             key = await self._backend.create_key(
                 owner.id, name, environment, key_hash, display_prefix(secret),
                 rate_limit_per_minute, expires_at,
+                audit=audit(actor, "key.create", lambda made: (made.id, owner.id, said)),
             )  # fmt: skip
-        await self._audit.record(
-            actor, "key.create", key.id, owner.id, {"name": name, "environment": environment}
-        )
         return CreatedKey(key, secret)
 
     async def _hash_of(self, key: ApiKey) -> str:
@@ -90,13 +91,22 @@ class KeyActions(Core):
         key = await self.key(key_id, actor=actor)
         if not changes:
             return key
+
+        def said(updated: ApiKey) -> Said:
+            return (
+                key.id,
+                key.team_id,
+                {
+                    k: (iso(updated.expires_at) if k == "expires_at" else v)
+                    for k, v in changes.items()
+                },
+            )
+
         # The store refuses a revoked key atomically (409): no second look here.
         with self._changing(await self._hash_of(key)):
-            updated = await self._backend.update_key(key.id, changes)
-        audited = {k: (iso(updated.expires_at) if k == "expires_at" else v)
-                   for k, v in changes.items()}  # fmt: skip
-        await self._audit.record(actor, "key.update", key.id, key.team_id, audited)
-        return updated
+            return await self._backend.update_key(
+                key.id, changes, audit=audit(actor, "key.update", said)
+            )
 
     async def rotate_key(
         self, key_id: str, grace_seconds: int = 0, *, actor: Actor = SYSTEM
@@ -109,22 +119,24 @@ class KeyActions(Core):
         old_hash = await self._hash_of(old)
         secret = generate_key(old.environment)
         new_hash = self.hash(secret)
+        said: Callable[[ApiKey], Said] = lambda new: (  # noqa: E731 - one expression
+            old.id,
+            old.team_id,
+            {"new_key": new.id, "grace_seconds": grace_seconds},
+        )
         with self._changing(old_hash), self._changing(new_hash):
             new = await self._backend.rotate_key(
-                old.id, new_hash, display_prefix(secret), time.time() + grace_seconds
-            )
-        await self._audit.record(
-            actor, "key.rotate", old.id, old.team_id,
-            {"new_key": new.id, "grace_seconds": grace_seconds},
-        )  # fmt: skip
+                old.id, new_hash, display_prefix(secret), time.time() + grace_seconds,
+                audit=audit(actor, "key.rotate", said),
+            )  # fmt: skip
         return CreatedKey(new, secret)
 
     async def revoke_key(self, key_id: str, *, actor: Actor = SYSTEM) -> ApiKey:
         key = await self.key(key_id, actor=actor)
         with self._changing(await self._hash_of(key)):
-            revoked = await self._backend.revoke_key(key.id)
-        await self._audit.record(actor, "key.revoke", key.id, key.team_id)
-        return revoked
+            return await self._backend.revoke_key(
+                key.id, audit=audit(actor, "key.revoke", lambda _: (key.id, key.team_id, {}))
+            )
 
     async def key_by_secret(self, secret: str, *, actor: Actor = SYSTEM) -> ApiKey:
         """The key a leaked secret belongs to (what a secret scanner reports)."""
@@ -139,9 +151,8 @@ class KeyActions(Core):
     async def revoke_leaked(self, secret: str, *, actor: Actor = SYSTEM) -> ApiKey:
         """Revoke a key given its full text, as a secret scanner reports it."""
         key = await self.key_by_secret(secret, actor=actor)
+        said = (key.id, key.team_id, {"prefix": key.prefix})
         with self._changing(await self._hash_of(key)):
-            revoked = await self._backend.revoke_key(key.id)
-        await self._audit.record(
-            actor, "key.revoke_leaked", key.id, key.team_id, {"prefix": key.prefix}
-        )
-        return revoked
+            return await self._backend.revoke_key(
+                key.id, audit=audit(actor, "key.revoke_leaked", lambda _: said)
+            )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from gateway.keys import display_prefix, generate_token
 from gateway.manage._core import Core
 from gateway.manage.actors import SYSTEM, Actor
+from gateway.manage.audit import audit
 from gateway.manage.bounds import NAME_MAX, RATE_LIMIT_MAX
 from gateway.manage.inputs import Check
 from gateway.models import Team, TeamToken
@@ -29,9 +30,10 @@ class TeamActions(Core):
         check.text("name", name, NAME_MAX)
         check.integer("rate_limit_per_minute", rate_limit_per_minute, 1, RATE_LIMIT_MAX)
         check.done()
-        team = await self._backend.create_team(name, rate_limit_per_minute)
-        await self._audit.record(actor, "team.create", team.id, team.id, {"name": name})
-        return team
+        return await self._backend.create_team(
+            name, rate_limit_per_minute,
+            audit=audit(actor, "team.create", lambda team: (team.id, team.id, {"name": name})),
+        )  # fmt: skip
 
     async def update_team(
         self, team: str, rate_limit_per_minute: int | None, *, actor: Actor = SYSTEM
@@ -40,13 +42,11 @@ class TeamActions(Core):
         check.integer("rate_limit_per_minute", rate_limit_per_minute, 1, RATE_LIMIT_MAX)
         check.done()
         owner = await self.team(team, actor=actor)
+        said = (owner.id, owner.id, {"rate_limit_per_minute": rate_limit_per_minute})
         with self._changing(team_id=owner.id):
-            updated = await self._backend.update_team(owner.id, rate_limit_per_minute)
-        await self._audit.record(
-            actor, "team.update", owner.id, owner.id,
-            {"rate_limit_per_minute": rate_limit_per_minute},
-        )  # fmt: skip
-        return updated
+            return await self._backend.update_team(
+                owner.id, rate_limit_per_minute, audit=audit(actor, "team.update", lambda _: said)
+            )
 
     async def create_token(self, team: str, name: str, *, actor: Actor = SYSTEM) -> CreatedToken:
         check = Check()
@@ -56,16 +56,16 @@ class TeamActions(Core):
         actor.require_admin("create management tokens")
         secret = generate_token()
         token = await self._backend.create_token(
-            owner.id, name, self.hash(secret), display_prefix(secret)
-        )
-        await self._audit.record(actor, "token.create", token.id, owner.id, {"name": name})
+            owner.id, name, self.hash(secret), display_prefix(secret),
+            audit=audit(actor, "token.create", lambda made: (made.id, owner.id, {"name": name})),
+        )  # fmt: skip
         return CreatedToken(token, secret)
 
     async def revoke_token(self, token_id: str, *, actor: Actor = SYSTEM) -> TeamToken:
         token = await self.token(token_id, actor=actor)
-        revoked = await self._backend.revoke_token(token.id)
-        await self._audit.record(actor, "token.revoke", token.id, token.team_id)
-        return revoked
+        return await self._backend.revoke_token(
+            token.id, audit=audit(actor, "token.revoke", lambda _: (token.id, token.team_id, {}))
+        )
 
     async def find_token(self, secret: str) -> TeamToken | None:
         return await self._backend.find_token(self.hash(secret))

@@ -26,6 +26,8 @@ from gateway.storage.types import (
     IDEMPOTENCY_TTL_SECONDS,
     KEY_FIELDS,
     MAX_BALANCE,
+    Audit,
+    AuditRecord,
     Conflict,
     ExpiryPolicy,
     GrantResult,
@@ -48,6 +50,8 @@ __all__ = [
     "KEY_FIELDS",
     "MAX_BALANCE",
     "AdminStore",
+    "Audit",
+    "AuditRecord",
     "Backend",
     "Conflict",
     "ExpiryPolicy",
@@ -72,7 +76,13 @@ __all__ = [
 
 
 class Store(Protocol):
-    """Teams, keys and the change feed that keeps key caches honest."""
+    """Teams, keys and the change feed that keeps key caches honest.
+
+    Every mutating method here, in :class:`AdminStore` and ``Ledger.apply_grant``
+    takes ``audit``: called with what the change made, inside its transaction,
+    its :class:`AuditRecord` is written in that transaction (none when the call
+    changed nothing, as a replayed grant).
+    """
 
     async def find_key(self, key_hash: str) -> KeyRecord | None: ...
 
@@ -82,7 +92,13 @@ class Store(Protocol):
 
     async def latest_key_change(self) -> int: ...
 
-    async def create_team(self, name: str, rate_limit_per_minute: int | None = None) -> Team: ...
+    async def create_team(
+        self,
+        name: str,
+        rate_limit_per_minute: int | None = None,
+        *,
+        audit: Audit[Team] | None = None,
+    ) -> Team: ...
 
     async def get_team(self, id_or_name: str) -> Team: ...
 
@@ -97,13 +113,15 @@ class Store(Protocol):
         prefix: str,
         rate_limit_per_minute: int | None,
         expires_at: float | None,
+        *,
+        audit: Audit[ApiKey] | None = None,
     ) -> ApiKey: ...
 
     async def get_key(self, key_id: str) -> ApiKey: ...
 
     async def list_keys(self, team_id: str, limit: int, after: str | None) -> list[ApiKey]: ...
 
-    async def revoke_key(self, key_id: str) -> ApiKey: ...
+    async def revoke_key(self, key_id: str, *, audit: Audit[ApiKey] | None = None) -> ApiKey: ...
 
     async def find_key_id_by_hash(self, key_hash: str) -> str | None: ...
 
@@ -114,11 +132,15 @@ class Store(Protocol):
         """
         ...
 
-    async def update_team(self, team_id: str, rate_limit_per_minute: int | None) -> Team:
+    async def update_team(
+        self, team_id: str, rate_limit_per_minute: int | None, *, audit: Audit[Team] | None = None
+    ) -> Team:
         """Set (or, with None, clear) the team's limit; key caches hear of a change."""
         ...
 
-    async def update_key(self, key_id: str, changes: Mapping[str, object]) -> ApiKey:
+    async def update_key(
+        self, key_id: str, changes: Mapping[str, object], *, audit: Audit[ApiKey] | None = None
+    ) -> ApiKey:
         """Change the given fields of :data:`KEY_FIELDS` only; None clears a nullable one.
 
         NotFound for an unknown key, Conflict for a revoked one, ValueError for a
@@ -129,7 +151,13 @@ class Store(Protocol):
         ...
 
     async def rotate_key(
-        self, key_id: str, new_hash: str, new_prefix: str, old_expires_at: float
+        self,
+        key_id: str,
+        new_hash: str,
+        new_prefix: str,
+        old_expires_at: float,
+        *,
+        audit: Audit[ApiKey] | None = None,
     ) -> ApiKey:
         """In one transaction: a new key like the old one, and the old one expiring.
 
@@ -145,28 +173,26 @@ class AdminStore(Protocol):
     """Team-scoped management tokens and the audit log of the admin API."""
 
     async def create_token(
-        self, team_id: str, name: str, token_hash: str, prefix: str
+        self,
+        team_id: str,
+        name: str,
+        token_hash: str,
+        prefix: str,
+        *,
+        audit: Audit[TeamToken] | None = None,
     ) -> TeamToken: ...
 
     async def list_tokens(self, team_id: str, limit: int, after: str | None) -> list[TeamToken]: ...
 
     async def get_token(self, token_id: str) -> TeamToken: ...
 
-    async def revoke_token(self, token_id: str) -> TeamToken: ...
+    async def revoke_token(
+        self, token_id: str, *, audit: Audit[TeamToken] | None = None
+    ) -> TeamToken: ...
 
     async def find_token(self, token_hash: str) -> TeamToken | None:
         """The token with this hash, revoked or not; None when there is none."""
         ...
-
-    async def append_audit(
-        self,
-        actor: str,
-        action: str,
-        target: str | None,
-        team_id: str | None,
-        client_ip: str | None,
-        details: dict[str, object],
-    ) -> None: ...
 
     async def list_audit(
         self, team_id: str | None, limit: int, before: int | None
@@ -283,6 +309,8 @@ class Ledger(Protocol):
         actor: str,
         idempotency_key: str | None = None,
         request_hash: str | None = None,
+        *,
+        audit: Audit[GrantResult] | None = None,
     ) -> GrantResult:
         """Grant (or, negative, adjust) credits, once per Idempotency-Key of the team.
 

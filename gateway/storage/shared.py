@@ -2,17 +2,15 @@
 
 Each gathers its arguments into one value and hands it to a small method of the
 backend that only does the I/O in its dialect (``_insert_key``, ``_apply_grant``,
-``_insert_audit``, ``_complete_idempotency``).
+``_complete_idempotency``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import orjson
-
 from gateway.models import ApiKey, Environment
-from gateway.storage import GrantResult
+from gateway.storage import Audit, GrantResult
 
 __all__ = ["GrantOrder", "NewKey", "SharedMethods"]
 
@@ -85,29 +83,15 @@ class SharedMethods:
         prefix: str,
         rate_limit_per_minute: int | None,
         expires_at: float | None,
+        *,
+        audit: Audit[ApiKey] | None = None,
     ) -> ApiKey:
         new = NewKey(
             team_id, name, environment, key_hash, prefix, rate_limit_per_minute, expires_at
         )
-        return await self._insert_key(new)
+        return await self._insert_key(new, audit)
 
-    async def _insert_key(self, new: NewKey) -> ApiKey:
-        raise NotImplementedError
-
-    async def append_audit(
-        self,
-        actor: str,
-        action: str,
-        target: str | None,
-        team_id: str | None,
-        client_ip: str | None,
-        details: dict[str, object],
-    ) -> None:
-        encoded = orjson.dumps(details).decode()
-        await self._insert_audit((actor, action, target, team_id, client_ip, encoded))
-
-    async def _insert_audit(self, values: tuple[str | None, ...]) -> None:
-        """Insert (actor, action, target, team_id, client_ip, details as JSON text)."""
+    async def _insert_key(self, new: NewKey, audit: Audit[ApiKey] | None) -> ApiKey:
         raise NotImplementedError
 
     async def grant(
@@ -133,13 +117,17 @@ class SharedMethods:
         actor: str,
         idempotency_key: str | None = None,
         request_hash: str | None = None,
+        *,
+        audit: Audit[GrantResult] | None = None,
     ) -> GrantResult:
         order = GrantOrder(
             team_id, environment, amount, reason, actor, idempotency_key, request_hash
         )
-        return await self._apply_grant(order)
+        return await self._apply_grant(order, audit)
 
-    async def _apply_grant(self, order: GrantOrder) -> GrantResult:
+    async def _apply_grant(
+        self, order: GrantOrder, audit: Audit[GrantResult] | None
+    ) -> GrantResult:
         raise NotImplementedError
 
     async def complete_idempotency(

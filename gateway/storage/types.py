@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
+
+import orjson
 
 from gateway.models import Environment
 
@@ -11,6 +14,8 @@ __all__ = [
     "IDEMPOTENCY_TTL_SECONDS",
     "KEY_FIELDS",
     "MAX_BALANCE",
+    "Audit",
+    "AuditRecord",
     "Conflict",
     "ExpiryPolicy",
     "GrantResult",
@@ -27,6 +32,36 @@ __all__ = [
     "StorageError",
     "StorageUnavailable",
 ]
+
+_R = TypeVar("_R")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One audit entry, written by the store in the same transaction as its change.
+
+    The management service says what the entry holds; the store only writes it,
+    so a change and its entry commit together or not at all, and a replay (which
+    changes nothing) writes none.
+    """
+
+    actor: str
+    action: str
+    target: str | None
+    team_id: str | None
+    client_ip: str | None
+    details: Mapping[str, object]
+
+    def values(self) -> tuple[str | None, ...]:
+        """(actor, action, target, team_id, client_ip, details as JSON text), as inserted."""
+        details = orjson.dumps(dict(self.details)).decode()
+        return (self.actor, self.action, self.target, self.team_id, self.client_ip, details)
+
+
+# What a mutating store method is given to audit its change: it is called, inside
+# the transaction, with what the change made (the new key, the grant's result...),
+# because an entry often names what only the change knows (a new id).
+Audit = Callable[[_R], AuditRecord]
 
 # What update_key may change; anything else is refused (ValueError).
 KEY_FIELDS = frozenset({"name", "rate_limit_per_minute", "expires_at", "disabled"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 
 from ..conftest import bearer
@@ -251,6 +252,34 @@ async def test_audit_log_names_who_did_what(admin: Admin) -> None:
     assert key["key"] not in str(entries) and token["token"] not in str(entries)
     seen_by_token = await admin.call("GET", "/admin/v1/audit", token=token["token"], expect=200)
     assert all(e["team"] is not None for e in seen_by_token["items"])
+
+
+async def test_a_change_is_made_only_with_its_audit_entry(admin: Admin) -> None:
+    """The entry is written in the change's transaction: when it cannot be, nothing changes."""
+    await admin.call("POST", "/admin/v1/teams", {"name": "t"}, expect=201)
+    key = await admin.call("POST", "/admin/v1/teams/t/keys", {"name": "k"}, expect=201)
+    storage = admin.harness.gateway.settings.storage
+    database = sqlite3.connect(storage.removeprefix("sqlite:///"))
+    try:
+        # The audit table goes missing (a disk or a schema gone wrong, here by hand).
+        database.execute("ALTER TABLE audit_log RENAME TO audit_log_away")
+        status, body = await admin.call("POST", f"/admin/v1/keys/{key['id']}/revoke")
+        assert (status, body["error"]) == (503, "The database is unavailable")
+        status, _ = await admin.call(
+            "POST", "/admin/v1/teams/t/credits", {"amount": 5, "reason": "r"}
+        )
+        assert status == 503
+        database.execute("ALTER TABLE audit_log_away RENAME TO audit_log")
+    finally:
+        database.close()
+    # Neither happened: the key still works, the balance is what it was.
+    [shown] = (await admin.call("GET", "/admin/v1/teams/t/keys", expect=200))["items"]
+    assert (shown["id"], shown["revoked_at"]) == (key["id"], None)
+    resp = await admin.harness.client.post("/api/v1/assess", headers=bearer(key["key"]))
+    assert resp.status == 402
+    await admin.call("POST", f"/admin/v1/keys/{key['id']}/revoke", expect=200)
+    entries = (await admin.call("GET", "/admin/v1/audit", expect=200))["items"]
+    assert [e["action"] for e in entries] == ["key.revoke", "key.create", "team.create"]
 
 
 async def test_usage_counts_by_outcome(admin: Admin) -> None:

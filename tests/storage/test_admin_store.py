@@ -18,8 +18,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from gateway.models import ApiKey, Environment, UsageRow
+from gateway.models import ApiKey, Environment, Team, UsageRow
 from gateway.storage import (
+    AuditRecord,
     Backend,
     Conflict,
     InvalidData,
@@ -316,16 +317,38 @@ async def test_revoking_a_team_token(db: Backend) -> None:
 # -- the audit log ----------------------------------------------------------------------
 
 
+def entry(
+    actor: str,
+    action: str,
+    target: str | None = None,
+    team_id: str | None = None,
+    client_ip: str | None = None,
+    details: dict[str, object] | None = None,
+) -> Callable[[object], AuditRecord]:
+    """An audit entry that does not depend on what the change made."""
+    record = AuditRecord(actor, action, target, team_id, client_ip, details or {})
+    return lambda _made: record
+
+
 async def test_audit_log_newest_first_paged_and_by_team(db: Backend) -> None:
-    a = await db.create_team("a")
-    b = await db.create_team("b")
-    await db.append_audit("admin", "team.create", a.id, a.id, "10.0.0.1", {"name": "a"})
-    await db.append_audit("cli", "team.create", b.id, b.id, None, {"name": "b"})
-    await db.append_audit(
-        "token:tok_1", "key.update", "key_1", a.id, "::1", {"changes": {"disabled": True}}
+    def created(actor: str, client_ip: str | None) -> Callable[[Team], AuditRecord]:
+        return lambda t: AuditRecord(actor, "team.create", t.id, t.id, client_ip, {"name": t.name})
+
+    a = await db.create_team("a", audit=created("admin", "10.0.0.1"))
+    b = await db.create_team("b", audit=created("cli", None))
+    key = await a_key(db, a.id)
+    await db.update_key(
+        key.id,
+        {"disabled": True},
+        audit=entry(
+            "token:tok_1", "key.update", "key_1", a.id, "::1", {"changes": {"disabled": True}}
+        ),
     )
-    await db.append_audit("admin", "settings.reload", None, None, None, {})
-    await db.append_audit("admin", "credits.grant", a.id, a.id, "10.0.0.1", {"amount": -5})
+    await db.update_team(b.id, 5, audit=entry("admin", "settings.reload"))
+    await db.apply_grant(
+        a.id, "live", 5, "seed", "admin",
+        audit=entry("admin", "credits.grant", a.id, a.id, "10.0.0.1", {"amount": -5}),
+    )  # fmt: skip
 
     everything = await db.list_audit(None, 10, None)
     assert [e.action for e in everything] == [
@@ -359,8 +382,102 @@ async def test_audit_log_newest_first_paged_and_by_team(db: Backend) -> None:
     assert await db.list_audit("team_nope", 10, None) == []
 
 
+async def test_a_replayed_grant_writes_no_audit_entry(db: Backend) -> None:
+    team = await db.create_team("a")
+    said = entry("admin", "credits.grant", team.id, team.id)
+    first = await db.apply_grant(team.id, "live", 5, "seed", "admin", "order-1", "h", audit=said)
+    again = await db.apply_grant(team.id, "live", 5, "seed", "admin", "order-1", "h", audit=said)
+    assert (first.replayed, again.replayed) == (False, True)
+    assert [e.action for e in await db.list_audit(None, 10, None)] == ["credits.grant"]
+
+
+async def refuse_audit_entries(backends: Backends, action: str) -> None:
+    """Make the database refuse an audit row with this action, as a full disk or a bug would."""
+    if backends.kind == "sqlite":
+        raw = sqlite3.connect(backends.location)
+        try:
+            raw.execute(
+                f"CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log WHEN NEW.action = '{action}' "
+                "BEGIN SELECT RAISE(ABORT, 'audit refused'); END"
+            )
+            raw.commit()
+        finally:
+            raw.close()
+        return
+    conn = await asyncpg.connect(backends.location)
+    try:
+        await conn.execute(
+            "CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            "BEGIN RAISE EXCEPTION 'audit refused'; END $$"
+        )
+        await conn.execute(
+            "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log FOR EACH ROW "
+            f"WHEN (NEW.action = '{action}') EXECUTE FUNCTION refuse_audit()"
+        )
+    finally:
+        await conn.close()
+
+
+AUDIT_REFUSED = (sqlite3.IntegrityError, asyncpg.RaiseError)
+
+
+async def test_a_change_whose_audit_entry_fails_is_not_made(
+    db: Backend, backends: Backends
+) -> None:
+    """The entry is written in the change's transaction: no change without its entry."""
+    team = await db.create_team("a")
+    key = await a_key(db, team.id)
+    token = await db.create_token(team.id, "ci", "token-hash", "ckiq_tok_ab")
+    await db.grant(team.id, "live", 7, "seed", "test")
+    await refuse_audit_entries(backends, "boom")
+    boom = entry("admin", "boom")
+    seq = await db.latest_key_change()
+
+    attempts: list[Awaitable[object]] = [
+        db.create_team("b", audit=boom),
+        db.update_team(team.id, 9, audit=boom),
+        a_key_audited(db, team.id, boom),
+        db.update_key(key.id, {"disabled": True}, audit=boom),
+        db.rotate_key(key.id, "hash-new", "ckiq_live_wxyz", time.time(), audit=boom),
+        db.revoke_key(key.id, audit=boom),
+        db.create_token(team.id, "two", "token-hash-2", "ckiq_tok_cd", audit=boom),
+        db.revoke_token(token.id, audit=boom),
+        db.apply_grant(team.id, "live", 5, "more", "admin", "order-9", "h", audit=boom),
+    ]
+    for attempt in attempts:
+        with pytest.raises(AUDIT_REFUSED):
+            await attempt
+
+    assert [t.name for t in await db.list_teams(10, None)] == ["a"]
+    assert (await db.get_team(team.id)).rate_limit_per_minute is None
+    [still] = await db.list_keys(team.id, 10, None)
+    assert (still.id, still.disabled, still.revoked_at, still.expires_at) == (
+        key.id,
+        False,
+        None,
+        None,
+    )
+    [same_token] = await db.list_tokens(team.id, 10, None)
+    assert same_token.revoked_at is None
+    assert await db.balance(team.id, "live") == 7
+    assert await db.reconcile() == []
+    assert await db.list_audit(None, 10, None) == []
+    assert await changes_since(db, seq) == []
+    # The same grant, retried once the database takes the entry, is a first grant.
+    done = await db.apply_grant(team.id, "live", 5, "more", "admin", "order-9", "h")
+    assert (done.balance, done.replayed) == (12, False)
+
+
+async def a_key_audited(
+    db: Backend, team_id: str, audit: Callable[[object], AuditRecord]
+) -> ApiKey:
+    return await db.create_key(
+        team_id, "new", "live", "hash-other", "ckiq_live_othr", None, None, audit=audit
+    )
+
+
 async def test_the_audit_log_is_append_only(db: Backend, backends: Backends) -> None:
-    await db.append_audit("admin", "team.create", "team_1", "team_1", None, {})
+    await db.create_team("a", audit=entry("admin", "team.create", "team_1", "team_1"))
     if backends.kind == "sqlite":
         raw = sqlite3.connect(backends.location)
         try:
@@ -382,8 +499,8 @@ async def test_the_audit_log_is_append_only(db: Backend, backends: Backends) -> 
                     await conn.execute(statement)
         finally:
             await conn.close()
-    [entry] = await db.list_audit(None, 10, None)
-    assert entry.actor == "admin"
+    [entry_] = await db.list_audit(None, 10, None)
+    assert entry_.actor == "admin"
 
 
 # -- usage ----------------------------------------------------------------------------------

@@ -10,12 +10,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import asyncpg
 
 from gateway.config import PostgresSettings
 from gateway.storage import (
+    Audit,
     StorageUnavailable,
     migrations,
 )
@@ -24,6 +25,8 @@ from gateway.storage.shared import SharedMethods
 __all__ = ["CANNOT_CONNECT", "REFUSED_VALUES", "UNAVAILABLE", "Connection", "PostgresCore", "log"]
 
 log = logging.getLogger("gateway.storage.postgres")
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -213,6 +216,22 @@ class PostgresCore(SharedMethods):
             raise StorageUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
         finally:
             self._pinned_busy = False
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Connection]:
+        async with self._connection() as conn, conn.transaction():
+            yield conn
+
+    @staticmethod
+    async def _write_audit(conn: Connection, audit: Audit[T] | None, made: T) -> T:
+        """Write the audit entry of the change that made ``made``, in its transaction."""
+        if audit is not None:
+            await conn.execute(
+                "INSERT INTO audit_log (actor, action, target, team_id, client_ip, details) "
+                "VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
+                *audit(made).values(),
+            )
+        return made
 
     async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         async with self._connection() as conn:

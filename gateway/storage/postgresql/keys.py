@@ -7,19 +7,15 @@ triggers, in the writing transaction (see listen.py for the other end).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import asyncpg
 
 from gateway.models import ApiKey, AuditEntry, KeyRecord, Team, TeamToken
-from gateway.storage import KeyChange, rules
+from gateway.storage import Audit, KeyChange, rules
 from gateway.storage import rows as model
 from gateway.storage.postgresql.core import PostgresCore
 from gateway.storage.rows import KEY_COLUMNS, TEAM_COLUMNS, TOKEN_COLUMNS
 from gateway.storage.shared import NewKey
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["PostgresKeys"]
 
@@ -59,19 +55,26 @@ class PostgresKeys(PostgresCore):
         )
         return rules.changes_after(seq, [model.key_change(r) for r in rows])
 
-    async def create_team(self, name: str, rate_limit_per_minute: int | None = None) -> Team:
+    async def create_team(
+        self,
+        name: str,
+        rate_limit_per_minute: int | None = None,
+        *,
+        audit: Audit[Team] | None = None,
+    ) -> Team:
         try:
-            row = await self._fetchrow(
-                "INSERT INTO teams (id, name, rate_limit_per_minute) VALUES ($1, $2, $3) "
-                "RETURNING id, name, rate_limit_per_minute, created_at",
-                rules.new_id("team"),
-                name,
-                rate_limit_per_minute,
-            )
+            async with self._transaction() as conn:
+                row = await conn.fetchrow(
+                    "INSERT INTO teams (id, name, rate_limit_per_minute) VALUES ($1, $2, $3) "  # noqa: S608 - constant
+                    f"RETURNING {TEAM_COLUMNS}",
+                    rules.new_id("team"),
+                    name,
+                    rate_limit_per_minute,
+                )
+                assert row is not None
+                return await self._write_audit(conn, audit, model.team(row))
         except asyncpg.UniqueViolationError:
             raise rules.team_exists(name) from None
-        assert row is not None
-        return model.team(row)
 
     async def get_team(self, id_or_name: str) -> Team:
         row = await self._fetchrow(
@@ -92,23 +95,24 @@ class PostgresKeys(PostgresCore):
         )
         return [model.team(r) for r in rows]
 
-    async def _insert_key(self, new: NewKey) -> ApiKey:
+    async def _insert_key(self, new: NewKey, audit: Audit[ApiKey] | None) -> ApiKey:
         # The trigger on api_keys logs and announces the new key in this transaction.
         try:
-            row = await self._fetchrow(
-                "INSERT INTO api_keys (id, team_id, name, prefix, key_hash, environment, "  # noqa: S608 - constant
-                "rate_limit_per_minute, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
-                f"RETURNING {KEY_COLUMNS}",
-                rules.new_id("key"),
-                *new.columns(),
-                new.expires_at,
-            )
+            async with self._transaction() as conn:
+                row = await conn.fetchrow(
+                    "INSERT INTO api_keys (id, team_id, name, prefix, key_hash, environment, "  # noqa: S608 - constant
+                    "rate_limit_per_minute, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+                    f"RETURNING {KEY_COLUMNS}",
+                    rules.new_id("key"),
+                    *new.columns(),
+                    new.expires_at,
+                )
+                assert row is not None
+                return await self._write_audit(conn, audit, model.api_key(row))
         except asyncpg.ForeignKeyViolationError:
             raise rules.no_team(new.team_id) from None
         except asyncpg.UniqueViolationError:
             raise rules.key_hash_exists() from None
-        assert row is not None
-        return model.api_key(row)
 
     async def get_key(self, key_id: str) -> ApiKey:
         row = await self._fetchrow(
@@ -129,37 +133,42 @@ class PostgresKeys(PostgresCore):
         )
         return [model.api_key(r) for r in rows]
 
-    async def revoke_key(self, key_id: str) -> ApiKey:
-        async with self._connection() as conn:
+    async def revoke_key(self, key_id: str, *, audit: Audit[ApiKey] | None = None) -> ApiKey:
+        async with self._transaction() as conn:
             row = await conn.fetchrow(
                 "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL "  # noqa: S608 - constant
                 f"RETURNING {KEY_COLUMNS}",
                 key_id,
             )
             if row is not None:
-                return model.api_key(row)
+                return await self._write_audit(conn, audit, model.api_key(row))
             exists = await conn.fetchval("SELECT 1 FROM api_keys WHERE id = $1", key_id)
         if exists is None:
             raise rules.no_key(key_id)
         raise rules.key_already_revoked(key_id)
 
-    async def update_team(self, team_id: str, rate_limit_per_minute: int | None) -> Team:
+    async def update_team(
+        self, team_id: str, rate_limit_per_minute: int | None, *, audit: Audit[Team] | None = None
+    ) -> Team:
         # The trigger on teams announces a changed limit to every key cache.
-        row = await self._fetchrow(
-            "UPDATE teams SET rate_limit_per_minute = $2 WHERE id = $1 "  # noqa: S608 - constant
-            f"RETURNING {TEAM_COLUMNS}",
-            team_id,
-            rate_limit_per_minute,
-        )
-        if row is None:
-            raise rules.no_team(team_id)
-        return model.team(row)
+        async with self._transaction() as conn:
+            row = await conn.fetchrow(
+                "UPDATE teams SET rate_limit_per_minute = $2 WHERE id = $1 "  # noqa: S608 - constant
+                f"RETURNING {TEAM_COLUMNS}",
+                team_id,
+                rate_limit_per_minute,
+            )
+            if row is not None:
+                return await self._write_audit(conn, audit, model.team(row))
+        raise rules.no_team(team_id)
 
-    async def update_key(self, key_id: str, changes: Mapping[str, object]) -> ApiKey:
+    async def update_key(
+        self, key_id: str, changes: Mapping[str, object], *, audit: Audit[ApiKey] | None = None
+    ) -> ApiKey:
         # The trigger on api_keys announces a change of what caches hold (limit,
         # expiry, disabled); a new name changes nothing cached.
         checked = rules.checked_key_changes(changes)
-        async with self._connection() as conn:
+        async with self._transaction() as conn:
             if checked:
                 # Column names come from KEY_FIELDS only (checked_key_changes).
                 assignments = ", ".join(
@@ -178,23 +187,29 @@ class PostgresKeys(PostgresCore):
                     key_id,
                 )
             if row is not None:
-                return model.api_key(row)
+                return await self._write_audit(conn, audit, model.api_key(row))
             exists = await conn.fetchval("SELECT 1 FROM api_keys WHERE id = $1", key_id)
         if exists is None:
             raise rules.no_key(key_id)
         raise rules.key_revoked(key_id)
 
     async def rotate_key(
-        self, key_id: str, new_hash: str, new_prefix: str, old_expires_at: float
+        self,
+        key_id: str,
+        new_hash: str,
+        new_prefix: str,
+        old_expires_at: float,
+        *,
+        audit: Audit[ApiKey] | None = None,
     ) -> ApiKey:
-        # One statement, so one transaction; the triggers announce both keys.
+        # One statement makes both changes; the triggers announce both keys.
         try:
-            async with self._connection() as conn:
+            async with self._transaction() as conn:
                 row = await conn.fetchrow(
                     _ROTATE_SQL, key_id, new_hash, new_prefix, old_expires_at, rules.new_id("key")
                 )
                 if row is not None:
-                    return model.api_key(row)
+                    return await self._write_audit(conn, audit, model.api_key(row))
                 exists = await conn.fetchval("SELECT 1 FROM api_keys WHERE id = $1", key_id)
         except asyncpg.UniqueViolationError:
             raise rules.key_hash_exists() from None
@@ -205,24 +220,31 @@ class PostgresKeys(PostgresCore):
     # -- admin: team tokens and the audit log -------------------------------------
 
     async def create_token(
-        self, team_id: str, name: str, token_hash: str, prefix: str
+        self,
+        team_id: str,
+        name: str,
+        token_hash: str,
+        prefix: str,
+        *,
+        audit: Audit[TeamToken] | None = None,
     ) -> TeamToken:
         try:
-            row = await self._fetchrow(
-                "INSERT INTO team_tokens (id, team_id, name, prefix, token_hash) "  # noqa: S608 - constant
-                f"VALUES ($1, $2, $3, $4, $5) RETURNING {TOKEN_COLUMNS}",
-                rules.new_id("tok"),
-                team_id,
-                name,
-                prefix,
-                token_hash,
-            )
+            async with self._transaction() as conn:
+                row = await conn.fetchrow(
+                    "INSERT INTO team_tokens (id, team_id, name, prefix, token_hash) "  # noqa: S608 - constant
+                    f"VALUES ($1, $2, $3, $4, $5) RETURNING {TOKEN_COLUMNS}",
+                    rules.new_id("tok"),
+                    team_id,
+                    name,
+                    prefix,
+                    token_hash,
+                )
+                assert row is not None
+                return await self._write_audit(conn, audit, model.token(row))
         except asyncpg.ForeignKeyViolationError:
             raise rules.no_team(team_id) from None
         except asyncpg.UniqueViolationError:
             raise rules.token_hash_exists() from None
-        assert row is not None
-        return model.token(row)
 
     async def list_tokens(self, team_id: str, limit: int, after: str | None) -> list[TeamToken]:
         rows = await self._fetch(
@@ -243,15 +265,17 @@ class PostgresKeys(PostgresCore):
             raise rules.no_token(token_id)
         return model.token(row)
 
-    async def revoke_token(self, token_id: str) -> TeamToken:
-        async with self._connection() as conn:
+    async def revoke_token(
+        self, token_id: str, *, audit: Audit[TeamToken] | None = None
+    ) -> TeamToken:
+        async with self._transaction() as conn:
             row = await conn.fetchrow(
                 "UPDATE team_tokens SET revoked_at = now() "  # noqa: S608 - constant
                 f"WHERE id = $1 AND revoked_at IS NULL RETURNING {TOKEN_COLUMNS}",
                 token_id,
             )
             if row is not None:
-                return model.token(row)
+                return await self._write_audit(conn, audit, model.token(row))
             exists = await conn.fetchval("SELECT 1 FROM team_tokens WHERE id = $1", token_id)
         if exists is None:
             raise rules.no_token(token_id)
@@ -263,14 +287,6 @@ class PostgresKeys(PostgresCore):
             token_hash,
         )
         return None if row is None else model.token(row)
-
-    async def _insert_audit(self, values: tuple[str | None, ...]) -> None:
-        async with self._connection() as conn:
-            await conn.execute(
-                "INSERT INTO audit_log (actor, action, target, team_id, client_ip, details) "
-                "VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
-                *values,
-            )
 
     async def list_audit(
         self, team_id: str | None, limit: int, before: int | None

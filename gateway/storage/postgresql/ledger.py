@@ -16,6 +16,7 @@ import asyncpg
 
 from gateway.models import Environment, LedgerEntry
 from gateway.storage import (
+    Audit,
     ExpiryPolicy,
     GrantResult,
     IdempotencyRecord,
@@ -139,10 +140,15 @@ class PostgresLedger(PostgresCore):
         found = {r["environment"]: int(r["available"]) for r in rows}
         return rules.balances_by_environment(found)
 
-    async def _apply_grant(self, order: GrantOrder) -> GrantResult:
+    async def _apply_grant(
+        self, order: GrantOrder, audit: Audit[GrantResult] | None
+    ) -> GrantResult:
         try:
-            async with self._connection() as conn, conn.transaction():
-                return await self._grant(conn, order)
+            async with self._transaction() as conn:
+                result = await self._grant(conn, order)
+                if result.replayed:
+                    return result
+                return await self._write_audit(conn, audit, result)
         except asyncpg.UniqueViolationError:
             # Only a concurrent grant with the same key for the other environment
             # gets here (same-environment grants queue on the balance row).

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.storage import (
+    Audit,
     StorageUnavailable,
     migrations,
 )
@@ -97,6 +98,17 @@ class SqliteCore(SharedMethods):
             raise
         db.execute("COMMIT")
         return result
+
+    @staticmethod
+    def _write_audit(db: sqlite3.Connection, audit: Audit[T] | None, made: T) -> T:
+        """Write the audit entry of the change that made ``made``, in its transaction."""
+        if audit is not None:
+            db.execute(
+                "INSERT INTO audit_log (at, actor, action, target, team_id, client_ip, details) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (time.time(), *audit(made).values()),
+            )
+        return made
 
     async def ping(self) -> None:
         await self._run(lambda: self._db.execute("SELECT 1").fetchone())

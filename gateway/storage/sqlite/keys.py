@@ -7,7 +7,7 @@ import time
 from collections.abc import Mapping
 
 from gateway.models import ApiKey, AuditEntry, KeyRecord, Team, TeamToken
-from gateway.storage import KeyChange, rules
+from gateway.storage import Audit, KeyChange, rules
 from gateway.storage import rows as model
 from gateway.storage.rows import CACHED_KEY_FIELDS, KEY_COLUMNS, TOKEN_COLUMNS
 from gateway.storage.shared import NewKey
@@ -84,7 +84,13 @@ class SqliteKeys(SqliteCore):
             (now - _CHANGE_RETENTION_SECONDS,),
         )
 
-    async def create_team(self, name: str, rate_limit_per_minute: int | None = None) -> Team:
+    async def create_team(
+        self,
+        name: str,
+        rate_limit_per_minute: int | None = None,
+        *,
+        audit: Audit[Team] | None = None,
+    ) -> Team:
         team = Team(rules.new_id("team"), name, time.time(), rate_limit_per_minute)
 
         def insert(db: sqlite3.Connection) -> Team:
@@ -96,7 +102,7 @@ class SqliteKeys(SqliteCore):
                 )
             except sqlite3.IntegrityError:
                 raise rules.team_exists(name) from None
-            return team
+            return self._write_audit(db, audit, team)
 
         return await self._run(self._tx, insert)
 
@@ -119,7 +125,7 @@ class SqliteKeys(SqliteCore):
         )
         return [model.team(r) for r in rows]
 
-    async def _insert_key(self, new: NewKey) -> ApiKey:
+    async def _insert_key(self, new: NewKey, audit: Audit[ApiKey] | None) -> ApiKey:
         key = ApiKey(
             id=rules.new_id("key"),
             team_id=new.team_id,
@@ -145,7 +151,7 @@ class SqliteKeys(SqliteCore):
             )
             # A new key may have been looked up (and cached as unknown) before it existed.
             self._log_change(db, new.key_hash, None)
-            return key
+            return self._write_audit(db, audit, key)
 
         return await self._run(self._tx, insert)
 
@@ -170,22 +176,25 @@ class SqliteKeys(SqliteCore):
         )
         return [model.api_key(r) for r in rows]
 
-    async def revoke_key(self, key_id: str) -> ApiKey:
-        def revoke(db: sqlite3.Connection) -> None:
+    async def revoke_key(self, key_id: str, *, audit: Audit[ApiKey] | None = None) -> ApiKey:
+        def revoke(db: sqlite3.Connection) -> ApiKey:
             row = db.execute(
-                "SELECT key_hash, revoked_at FROM api_keys WHERE id = ?", (key_id,)
+                "UPDATE api_keys SET revoked_at = ? "  # noqa: S608 - constant
+                f"WHERE id = ? AND revoked_at IS NULL RETURNING key_hash, {KEY_COLUMNS}",
+                (time.time(), key_id),
             ).fetchone()
             if row is None:
+                if db.execute("SELECT 1 FROM api_keys WHERE id = ?", (key_id,)).fetchone():
+                    raise rules.key_already_revoked(key_id)
                 raise rules.no_key(key_id)
-            if row["revoked_at"] is not None:
-                raise rules.key_already_revoked(key_id)
-            db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (time.time(), key_id))
             self._log_change(db, row["key_hash"], None)
+            return self._write_audit(db, audit, model.api_key(row))
 
-        await self._run(self._tx, revoke)
-        return await self.get_key(key_id)
+        return await self._run(self._tx, revoke)
 
-    async def update_team(self, team_id: str, rate_limit_per_minute: int | None) -> Team:
+    async def update_team(
+        self, team_id: str, rate_limit_per_minute: int | None, *, audit: Audit[Team] | None = None
+    ) -> Team:
         def update(db: sqlite3.Connection) -> Team:
             old = db.execute(
                 "SELECT rate_limit_per_minute FROM teams WHERE id = ?", (team_id,)
@@ -198,11 +207,13 @@ class SqliteKeys(SqliteCore):
             ).fetchone()
             if old["rate_limit_per_minute"] != rate_limit_per_minute:
                 self._log_change(db, None, team_id)
-            return model.team(row)
+            return self._write_audit(db, audit, model.team(row))
 
         return await self._run(self._tx, update)
 
-    async def update_key(self, key_id: str, changes: Mapping[str, object]) -> ApiKey:
+    async def update_key(
+        self, key_id: str, changes: Mapping[str, object], *, audit: Audit[ApiKey] | None = None
+    ) -> ApiKey:
         checked = rules.checked_key_changes(changes)
         values = {
             field: int(value) if isinstance(value, bool) else value
@@ -229,12 +240,18 @@ class SqliteKeys(SqliteCore):
             ).fetchone()
             if any(old[f] != new[f] for f in CACHED_KEY_FIELDS):
                 self._log_change(db, old["key_hash"], None)
-            return model.api_key(new)
+            return self._write_audit(db, audit, model.api_key(new))
 
         return await self._run(self._tx, update)
 
     async def rotate_key(
-        self, key_id: str, new_hash: str, new_prefix: str, old_expires_at: float
+        self,
+        key_id: str,
+        new_hash: str,
+        new_prefix: str,
+        old_expires_at: float,
+        *,
+        audit: Audit[ApiKey] | None = None,
     ) -> ApiKey:
         fresh_id = rules.new_id("key")
         now = time.time()
@@ -274,14 +291,20 @@ class SqliteKeys(SqliteCore):
             if expires != old["expires_at"]:
                 db.execute("UPDATE api_keys SET expires_at = ? WHERE id = ?", (expires, key_id))
                 self._log_change(db, old["key_hash"], None)
-            return model.api_key(new)
+            return self._write_audit(db, audit, model.api_key(new))
 
         return await self._run(self._tx, rotate)
 
     # -- admin: team tokens and the audit log -------------------------------------
 
     async def create_token(
-        self, team_id: str, name: str, token_hash: str, prefix: str
+        self,
+        team_id: str,
+        name: str,
+        token_hash: str,
+        prefix: str,
+        *,
+        audit: Audit[TeamToken] | None = None,
     ) -> TeamToken:
         token = TeamToken(rules.new_id("tok"), team_id, name, prefix, time.time(), None, None)
 
@@ -296,7 +319,7 @@ class SqliteKeys(SqliteCore):
                 )
             except sqlite3.IntegrityError:
                 raise rules.token_hash_exists() from None
-            return token
+            return self._write_audit(db, audit, token)
 
         return await self._run(self._tx, insert)
 
@@ -321,7 +344,9 @@ class SqliteKeys(SqliteCore):
             raise rules.no_token(token_id)
         return model.token(row)
 
-    async def revoke_token(self, token_id: str) -> TeamToken:
+    async def revoke_token(
+        self, token_id: str, *, audit: Audit[TeamToken] | None = None
+    ) -> TeamToken:
         def revoke(db: sqlite3.Connection) -> TeamToken:
             row = db.execute(
                 "UPDATE team_tokens SET revoked_at = ? "  # noqa: S608 - constant
@@ -329,7 +354,7 @@ class SqliteKeys(SqliteCore):
                 (time.time(), token_id),
             ).fetchone()
             if row is not None:
-                return model.token(row)
+                return self._write_audit(db, audit, model.token(row))
             if db.execute("SELECT 1 FROM team_tokens WHERE id = ?", (token_id,)).fetchone():
                 raise rules.token_already_revoked(token_id)
             raise rules.no_token(token_id)
@@ -344,16 +369,6 @@ class SqliteKeys(SqliteCore):
             ).fetchone()
         )
         return None if row is None else model.token(row)
-
-    async def _insert_audit(self, values: tuple[str | None, ...]) -> None:
-        await self._run(
-            self._tx,
-            lambda db: db.execute(
-                "INSERT INTO audit_log (at, actor, action, target, team_id, client_ip, details) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (time.time(), *values),
-            ),
-        )
 
     async def list_audit(
         self, team_id: str | None, limit: int, before: int | None

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from gateway.models import Environment, LedgerEntry
 from gateway.storage import (
     IDEMPOTENCY_TTL_SECONDS,
+    Audit,
     ExpiryPolicy,
     GrantResult,
     Mismatch,
@@ -169,7 +170,9 @@ class SqliteLedger(SqliteCore):
         found = {r["environment"]: int(r["available"]) for r in rows}
         return rules.balances_by_environment(found)
 
-    async def _apply_grant(self, order: GrantOrder) -> GrantResult:
+    async def _apply_grant(
+        self, order: GrantOrder, audit: Audit[GrantResult] | None
+    ) -> GrantResult:
         team_id, environment, amount = order.team_id, order.environment, order.amount
 
         def grant(db: sqlite3.Connection) -> GrantResult:
@@ -200,7 +203,7 @@ class SqliteLedger(SqliteCore):
                 "ON CONFLICT (team_id, environment) DO UPDATE SET available = excluded.available",
                 (team_id, environment, current + amount),
             )
-            return GrantResult(current + amount, replayed=False)
+            return self._write_audit(db, audit, GrantResult(current + amount, replayed=False))
 
         return await self._run(self._tx, grant)
 
