@@ -263,7 +263,14 @@ class Ledger(Protocol):
     """The two-phase credit ledger: reserve, then post or void, exactly once."""
 
     async def reserve_batch(self, requests: Sequence[ReserveRequest]) -> list[ReserveResult]:
-        """Greedy in request order per account; an id reserved already is granted, not retaken.
+        """Greedy in request order per account; an id reserved already is never taken twice.
+
+        Each request is judged on the balance first: if it does not cover the
+        amount, the answer is ``granted=False`` — also for an id reserved
+        already (its reservation stays pending until posted, voided or
+        expired). If it does, an id reserved already is ``granted`` without
+        taking the amount again. (The gateway never sends an id twice: a
+        reserve whose outcome it did not hear is voided, see gateway.credits.)
 
         A request with an :class:`IdempotencyClaim` is checked in the same
         statement: if an unexpired record exists for (team, environment, key)
