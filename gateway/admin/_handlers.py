@@ -328,6 +328,8 @@ async def list_auth_failures(request: web.Request) -> web.Response:
         end - 86400 if start is None else start, end, _limit(request), actor=actor
     )
     items = [
-        {"key_prefix": p or None, "client_ip": ip, "reason": r, "count": n} for p, ip, r, n in rows
-    ]
+        {"key_prefix": f.key_prefix or None, "client_ip": f.client_ip, "reason": f.reason,
+         "count": f.failures}
+        for f in rows
+    ]  # fmt: skip
     return json_response(200, {"items": items, "next_cursor": None})

@@ -137,14 +137,14 @@ async def _failures(request: web.Request, start: float, end: float) -> Markup:
                 fmt(
                     "<tr><td>$p</td><td><code>$ip</code></td><td>$r</td>"
                     '<td class="num">$n</td></tr>',
-                    p=fmt("<code>$p…</code>", p=p)
-                    if p
+                    p=fmt("<code>$p…</code>", p=f.key_prefix)
+                    if f.key_prefix
                     else Markup('<span class="muted">none</span>'),
-                    ip=ip,
-                    r=reason,
-                    n=f"{n:,}",
+                    ip=f.client_ip,
+                    r=f.reason,
+                    n=f"{f.failures:,}",
                 )
-                for p, ip, reason, n in rows
+                for f in rows
             ),
         )
     else:

@@ -12,6 +12,7 @@ from gateway.manage.actors import SYSTEM, Actor
 from gateway.manage.bounds import GRANULARITY, LIST_MAX, MAX_BUCKETS
 from gateway.manage.inputs import Check, InputError, id_cursor
 from gateway.models import ApiKey, AuditEntry, Team, TeamToken
+from gateway.storage import AuthFailureCount
 
 __all__ = ["Reads", "usage_range"]
 
@@ -104,11 +105,11 @@ class Reads(Core):
         counts: dict[int, dict[str, int]] = {}
         credits: dict[int, int] = {}
         totals: dict[str, int] = {}
-        for bucket_start, outcome, requests, charged in rows:
-            per_outcome = counts.setdefault(bucket_start, {})
-            per_outcome[outcome] = per_outcome.get(outcome, 0) + requests
-            credits[bucket_start] = credits.get(bucket_start, 0) + charged
-            totals[outcome] = totals.get(outcome, 0) + requests
+        for row in rows:
+            per_outcome = counts.setdefault(row.start, {})
+            per_outcome[row.outcome] = per_outcome.get(row.outcome, 0) + row.requests
+            credits[row.start] = credits.get(row.start, 0) + row.credits
+            totals[row.outcome] = totals.get(row.outcome, 0) + row.requests
         buckets = [
             {
                 "start": iso(b),
@@ -128,12 +129,14 @@ class Reads(Core):
                 "total": sum(totals.values()),
                 "credits": sum(credits.values()),
             },
-            "top_keys": [{"key": k, "requests": r, "credits": c} for k, r, c in top],
+            "top_keys": [
+                {"key": k.key_id, "requests": k.requests, "credits": k.credits} for k in top
+            ],
         }
 
     async def auth_failures(
         self, start: float, end: float, limit: int, *, actor: Actor = SYSTEM
-    ) -> list[tuple[str, str, str, int]]:
+    ) -> list[AuthFailureCount]:
         actor.require_admin("read other teams' authentication failures")
         _limit(limit)
         return await self._backend.auth_failure_counts(int(start), end, limit)

@@ -28,6 +28,7 @@ from gateway.storage.types import (
     MAX_BALANCE,
     Audit,
     AuditRecord,
+    AuthFailureCount,
     Conflict,
     ExpiryPolicy,
     GrantResult,
@@ -36,13 +37,16 @@ from gateway.storage.types import (
     IdempotencyState,
     InvalidData,
     KeyChange,
+    KeyIpDay,
     KeyReused,
+    KeyUsage,
     Mismatch,
     NotFound,
     ReserveRequest,
     ReserveResult,
     StorageError,
     StorageUnavailable,
+    UsageBucket,
 )
 
 __all__ = [
@@ -52,6 +56,7 @@ __all__ = [
     "AdminStore",
     "Audit",
     "AuditRecord",
+    "AuthFailureCount",
     "Backend",
     "Conflict",
     "ExpiryPolicy",
@@ -61,7 +66,9 @@ __all__ = [
     "IdempotencyState",
     "InvalidData",
     "KeyChange",
+    "KeyIpDay",
     "KeyReused",
+    "KeyUsage",
     "Ledger",
     "Mismatch",
     "NotFound",
@@ -71,6 +78,7 @@ __all__ = [
     "StorageError",
     "StorageUnavailable",
     "Store",
+    "UsageBucket",
     "UsageStore",
 ]
 
@@ -220,8 +228,8 @@ class UsageStore(Protocol):
 
     async def usage_buckets(
         self, team_id: str, start: int, end: float, step: int, key_id: str | None
-    ) -> list[tuple[int, str, int, int]]:
-        """(bucket start, outcome, requests, credits) over minutes in [start, end).
+    ) -> list[UsageBucket]:
+        """Requests and credits by bucket and outcome over minutes in [start, end).
 
         A minute falls in the bucket ``start + (minute - start) // step * step``.
         """
@@ -229,8 +237,8 @@ class UsageStore(Protocol):
 
     async def usage_top_keys(
         self, team_id: str, start: int, end: float, limit: int
-    ) -> list[tuple[str, int, int]]:
-        """(key id, requests, credits) over minutes in [start, end), busiest first."""
+    ) -> list[KeyUsage]:
+        """Each key's requests and credits over minutes in [start, end), busiest first."""
         ...
 
     async def add_key_ips(self, rows: list[tuple[int, str, str, str, int]]) -> None:
@@ -239,8 +247,8 @@ class UsageStore(Protocol):
 
     async def key_ips(
         self, team_id: str, key_id: str | None, start_day: int, end_day: int
-    ) -> list[tuple[int, str, str, int]]:
-        """(day, key id, client IP, requests) for days in [start_day, end_day)."""
+    ) -> list[KeyIpDay]:
+        """Requests by day, key and client address for days in [start_day, end_day)."""
         ...
 
     async def add_auth_failures(self, rows: list[tuple[int, str, str, str, int]]) -> None:
@@ -249,8 +257,8 @@ class UsageStore(Protocol):
 
     async def auth_failure_counts(
         self, start: int, end: float, limit: int
-    ) -> list[tuple[str, str, str, int]]:
-        """(key prefix, client IP, reason, count) over minutes in [start, end), most first."""
+    ) -> list[AuthFailureCount]:
+        """Refusals by key prefix, address and reason over minutes in [start, end), most first."""
         ...
 
     async def prune_patterns(self, ip_before: int, failures_before: int) -> int:

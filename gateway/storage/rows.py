@@ -13,7 +13,15 @@ from typing import Any, Protocol
 import orjson
 
 from gateway.models import ApiKey, AuditEntry, KeyRecord, LedgerEntry, Team, TeamToken
-from gateway.storage import IdempotencyRecord, KeyChange, Mismatch
+from gateway.storage import (
+    AuthFailureCount,
+    IdempotencyRecord,
+    KeyChange,
+    KeyIpDay,
+    KeyUsage,
+    Mismatch,
+    UsageBucket,
+)
 from gateway.storage.rules import encode_ledger_cursor
 
 __all__ = [
@@ -24,13 +32,17 @@ __all__ = [
     "Row",
     "api_key",
     "audit",
+    "auth_failure_count",
     "idempotency_record",
     "key_change",
+    "key_ip_day",
     "key_record",
+    "key_usage",
     "ledger_entry",
     "mismatches",
     "team",
     "token",
+    "usage_bucket",
 ]
 
 KEY_COLUMNS = (
@@ -149,3 +161,23 @@ def mismatches(rows: list[Any]) -> list[Mismatch]:
         for r in rows
         if int(r["stored"]) != int(r["derived"])
     ]
+
+
+# The usage reads select their columns in the order of their row type; sums come
+# back as Decimal or int depending on the dialect, hence int().
+
+
+def usage_bucket(row: Row) -> UsageBucket:
+    return UsageBucket(int(row[0]), row[1], int(row[2]), int(row[3]))
+
+
+def key_usage(row: Row) -> KeyUsage:
+    return KeyUsage(row[0], int(row[1]), int(row[2]))
+
+
+def key_ip_day(row: Row) -> KeyIpDay:
+    return KeyIpDay(int(row[0]), row[1], row[2], int(row[3]))
+
+
+def auth_failure_count(row: Row) -> AuthFailureCount:
+    return AuthFailureCount(row[0], row[1], row[2], int(row[3]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal, NamedTuple, TypeVar
 
 import orjson
 
@@ -16,6 +16,7 @@ __all__ = [
     "MAX_BALANCE",
     "Audit",
     "AuditRecord",
+    "AuthFailureCount",
     "Conflict",
     "ExpiryPolicy",
     "GrantResult",
@@ -24,13 +25,16 @@ __all__ = [
     "IdempotencyState",
     "InvalidData",
     "KeyChange",
+    "KeyIpDay",
     "KeyReused",
+    "KeyUsage",
     "Mismatch",
     "NotFound",
     "ReserveRequest",
     "ReserveResult",
     "StorageError",
     "StorageUnavailable",
+    "UsageBucket",
 ]
 
 _R = TypeVar("_R")
@@ -178,3 +182,42 @@ class Mismatch:
     environment: Environment
     stored: int
     derived: int
+
+
+# The usage reads' rows. NamedTuples, not dataclasses: a row is still the tuple
+# it was (tests and callers compare whole rows), and its fields have names.
+
+
+class UsageBucket(NamedTuple):
+    """Requests and credits of one outcome in one bucket of :meth:`UsageStore.usage_buckets`."""
+
+    start: int  # the bucket's first minute, epoch seconds
+    outcome: str
+    requests: int
+    credits: int
+
+
+class KeyUsage(NamedTuple):
+    """One key's requests and credits over a range (:meth:`UsageStore.usage_top_keys`)."""
+
+    key_id: str
+    requests: int
+    credits: int
+
+
+class KeyIpDay(NamedTuple):
+    """Requests of one key from one client address on one day (:meth:`UsageStore.key_ips`)."""
+
+    day: int  # the day's first second, UTC
+    key_id: str
+    client_ip: str
+    requests: int
+
+
+class AuthFailureCount(NamedTuple):
+    """Refusals by prefix, address and reason (:meth:`UsageStore.auth_failure_counts`)."""
+
+    key_prefix: str  # "" when what was presented had no readable prefix
+    client_ip: str
+    reason: str
+    failures: int

@@ -10,9 +10,14 @@ from gateway.models import (
     UsageRow,
 )
 from gateway.storage import (
+    AuthFailureCount,
     InvalidData,
+    KeyIpDay,
+    KeyUsage,
+    UsageBucket,
     sql,
 )
+from gateway.storage import rows as model
 from gateway.storage.postgresql.core import REFUSED_VALUES, PostgresCore
 
 if TYPE_CHECKING:
@@ -82,14 +87,14 @@ class PostgresUsage(PostgresCore):
 
     async def usage_buckets(
         self, team_id: str, start: int, end: float, step: int, key_id: str | None
-    ) -> list[tuple[int, str, int, int]]:
+    ) -> list[UsageBucket]:
         query, args = sql.usage_buckets(team_id, start, end, step, key_id)
         rows = await self._fetch(query, *args)
-        return [(int(r[0]), r[1], int(r[2]), int(r[3])) for r in rows]
+        return [model.usage_bucket(r) for r in rows]
 
     async def usage_top_keys(
         self, team_id: str, start: int, end: float, limit: int
-    ) -> list[tuple[str, int, int]]:
+    ) -> list[KeyUsage]:
         rows = await self._fetch(
             "SELECT key_id, sum(requests)::bigint AS requests, sum(credits)::bigint AS credits "
             "FROM usage_minutes WHERE team_id = $1 AND minute >= $2 AND minute < $3 "
@@ -99,7 +104,7 @@ class PostgresUsage(PostgresCore):
             math.ceil(end),
             limit,
         )
-        return [(r[0], int(r[1]), int(r[2])) for r in rows]
+        return [model.key_usage(r) for r in rows]
 
     async def add_key_ips(self, rows: list[tuple[int, str, str, str, int]]) -> None:
         if not rows:
@@ -116,10 +121,10 @@ class PostgresUsage(PostgresCore):
 
     async def key_ips(
         self, team_id: str, key_id: str | None, start_day: int, end_day: int
-    ) -> list[tuple[int, str, str, int]]:
+    ) -> list[KeyIpDay]:
         query, args = sql.key_ips(team_id, key_id, start_day, end_day)
         rows = await self._fetch(query, *args)
-        return [(int(r[0]), r[1], r[2], int(r[3])) for r in rows]
+        return [model.key_ip_day(r) for r in rows]
 
     async def add_auth_failures(self, rows: list[tuple[int, str, str, str, int]]) -> None:
         if not rows:
@@ -136,7 +141,7 @@ class PostgresUsage(PostgresCore):
 
     async def auth_failure_counts(
         self, start: int, end: float, limit: int
-    ) -> list[tuple[str, str, str, int]]:
+    ) -> list[AuthFailureCount]:
         rows = await self._fetch(
             "SELECT key_prefix, client_ip, reason, sum(failures)::bigint AS n "
             "FROM auth_failure_minutes WHERE minute >= $1 AND minute < $2 "
@@ -146,7 +151,7 @@ class PostgresUsage(PostgresCore):
             math.ceil(end),
             limit,
         )
-        return [(r[0], r[1], r[2], int(r[3])) for r in rows]
+        return [model.auth_failure_count(r) for r in rows]
 
     async def prune_patterns(self, ip_before: int, failures_before: int) -> int:
         return int(await self._fetchval(_PRUNE_PATTERNS_SQL, ip_before, failures_before))

@@ -9,9 +9,14 @@ from gateway.models import (
     UsageRow,
 )
 from gateway.storage import (
+    AuthFailureCount,
     InvalidData,
+    KeyIpDay,
+    KeyUsage,
+    UsageBucket,
     sql,
 )
+from gateway.storage import rows as model
 from gateway.storage.sqlite.core import REFUSED_VALUES, SqliteCore
 
 __all__ = ["SqliteUsage"]
@@ -58,14 +63,14 @@ class SqliteUsage(SqliteCore):
 
     async def usage_buckets(
         self, team_id: str, start: int, end: float, step: int, key_id: str | None
-    ) -> list[tuple[int, str, int, int]]:
+    ) -> list[UsageBucket]:
         query, args = sql.usage_buckets(team_id, start, end, step, key_id)
         rows = await self._run(lambda: self._db.execute(sql.qmark(query), args).fetchall())
-        return [(int(r[0]), r[1], int(r[2]), int(r[3])) for r in rows]
+        return [model.usage_bucket(r) for r in rows]
 
     async def usage_top_keys(
         self, team_id: str, start: int, end: float, limit: int
-    ) -> list[tuple[str, int, int]]:
+    ) -> list[KeyUsage]:
         rows = await self._run(
             lambda: self._db.execute(
                 "SELECT key_id, SUM(requests) AS requests, SUM(credits) AS credits "
@@ -74,7 +79,7 @@ class SqliteUsage(SqliteCore):
                 (team_id, start, end, limit),
             ).fetchall()
         )
-        return [(r[0], int(r[1]), int(r[2])) for r in rows]
+        return [model.key_usage(r) for r in rows]
 
     async def add_key_ips(self, rows: list[tuple[int, str, str, str, int]]) -> None:
         if not rows:
@@ -90,10 +95,10 @@ class SqliteUsage(SqliteCore):
 
     async def key_ips(
         self, team_id: str, key_id: str | None, start_day: int, end_day: int
-    ) -> list[tuple[int, str, str, int]]:
+    ) -> list[KeyIpDay]:
         query, args = sql.key_ips(team_id, key_id, start_day, end_day)
         rows = await self._run(lambda: self._db.execute(sql.qmark(query), args).fetchall())
-        return [(int(r[0]), r[1], r[2], int(r[3])) for r in rows]
+        return [model.key_ip_day(r) for r in rows]
 
     async def add_auth_failures(self, rows: list[tuple[int, str, str, str, int]]) -> None:
         if not rows:
@@ -108,7 +113,7 @@ class SqliteUsage(SqliteCore):
 
     async def auth_failure_counts(
         self, start: int, end: float, limit: int
-    ) -> list[tuple[str, str, str, int]]:
+    ) -> list[AuthFailureCount]:
         rows = await self._run(
             lambda: self._db.execute(
                 "SELECT key_prefix, client_ip, reason, SUM(failures) AS n "
@@ -118,7 +123,7 @@ class SqliteUsage(SqliteCore):
                 (start, end, limit),
             ).fetchall()
         )
-        return [(r[0], r[1], r[2], int(r[3])) for r in rows]
+        return [model.auth_failure_count(r) for r in rows]
 
     async def prune_patterns(self, ip_before: int, failures_before: int) -> int:
         def prune(db: sqlite3.Connection) -> int:
