@@ -1,13 +1,14 @@
 """schemathesis against the live admin API: no server error, no response that breaks the schema.
 
-The admin API runs in a real gateway process; schemathesis' own command line
-runs every check on at least 100 generated examples per operation (valid and
-invalid), once with the admin token and once with a team-scoped token, with a
-fixed seed so a failure can be replayed.
+The admin API runs in a real gateway process, on SQLite and on PostgreSQL;
+schemathesis' own command line runs every check on at least 100 generated
+examples per operation (valid and invalid), once with the admin token and once
+with a team-scoped token, with a fixed seed so a failure can be replayed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ import yaml
 
 from ..conftest import ADMIN_TOKEN
 from ..services import free_port
+from ..storage.conftest import create_database, drop_database, unique_name
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -38,9 +40,18 @@ def _admin(url: str, method: str, path: str, body: object) -> dict[str, object]:
         return dict(json.loads(resp.read()))
 
 
-@pytest.fixture(scope="module")
-def admin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def admin_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
     work: Path = tmp_path_factory.mktemp("schemathesis")
+    storage = f"sqlite:///{work / 'gw.db'}"
+    admin_dsn = os.environ.get("GATEWAY_TEST_POSTGRES_DSN", "")
+    db_name = unique_name("schemathesis")
+    if request.param == "postgres":
+        if not admin_dsn:
+            pytest.fail("GATEWAY_TEST_POSTGRES_DSN is not set: run the tests through scripts/test")
+        storage = asyncio.run(create_database(admin_dsn, db_name))
     ports = [free_port() for _ in range(3)]
     config = work / "gw.yaml"
     config.write_text(
@@ -49,7 +60,7 @@ def admin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
                 "listen": f"127.0.0.1:{ports[0]}",
                 "status": {"listen": f"127.0.0.1:{ports[1]}"},
                 "admin": {"listen": f"127.0.0.1:{ports[2]}", "token": ADMIN_TOKEN},
-                "storage": f"sqlite:///{work / 'gw.db'}",
+                "storage": storage,
                 "logging": {"access_log": False, "level": "WARNING"},
                 "shutdown": {"readiness_delay_seconds": 0},
                 "upstreams": {"a": {"url": "http://127.0.0.1:9"}},
@@ -57,6 +68,10 @@ def admin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
             }
         )
     )
+    if request.param == "postgres":
+        subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "migrate", "--config", str(config)], check=True
+        )
     log = (work / "gw.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "run", "--config", str(config)],
@@ -84,6 +99,8 @@ def admin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
         process.send_signal(signal.SIGTERM)
         process.wait(20)
         log.close()
+        if request.param == "postgres":
+            asyncio.run(drop_database(admin_dsn, db_name))
         errors = [
             line for line in (work / "gw.log").read_text().splitlines() if "Traceback" in line
         ]
