@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import math
 import re
 import secrets
@@ -29,9 +30,11 @@ __all__ = [
     "changes_after",
     "check_grant",
     "checked_key_changes",
+    "client_net",
     "decode_ledger_cursor",
     "encode_ledger_cursor",
     "grant_key_reused",
+    "ip_within",
     "key_already_revoked",
     "key_hash_exists",
     "key_revoked",
@@ -196,3 +199,24 @@ def decode_ledger_cursor(cursor: str) -> tuple[float, str]:
     if not 0.0 <= created_at <= _LATEST:
         raise ValueError("not a ledger cursor")
     return created_at, entry_id
+
+
+def ip_within(address: str | None, network: str | None) -> bool:
+    """Whether ``address`` lies in ``network`` (CIDR); False for text that is neither.
+
+    SQLite's filter for a request log search by network (PostgreSQL compares inet).
+    """
+    if not address or not network:
+        return False
+    try:
+        return ipaddress.ip_address(address) in ipaddress.ip_network(network, strict=False)
+    except ValueError:
+        return False
+
+
+def client_net(address: str) -> str | None:
+    """The client address as PostgreSQL's inet takes it, or None when it is not one."""
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return None

@@ -1,7 +1,8 @@
 """The shared backend: store and ledger on PostgreSQL, through an asyncpg pool.
 
 Same semantics as :mod:`gateway.storage.sqlite`, made safe for many replicas.
-One class per area (keys, key change listening, usage, ledger, idempotency)
+One class per area (keys, key change listening, usage, request log, ledger,
+idempotency)
 over a shared core that owns the pool; :class:`PostgresBackend` is all of them.
 """
 
@@ -11,12 +12,18 @@ from gateway.storage.postgresql.idempotency import PostgresIdempotency
 from gateway.storage.postgresql.keys import PostgresKeys
 from gateway.storage.postgresql.ledger import PostgresLedger
 from gateway.storage.postgresql.listen import NOTIFY_CHANNEL, PostgresListen
+from gateway.storage.postgresql.requests import PostgresRequests
 from gateway.storage.postgresql.usage import PostgresUsage
 
 __all__ = ["NOTIFY_CHANNEL", "PostgresBackend"]
 
 
 class PostgresBackend(
-    PostgresKeys, PostgresListen, PostgresUsage, PostgresLedger, PostgresIdempotency
+    PostgresKeys,
+    PostgresListen,
+    PostgresUsage,
+    PostgresRequests,
+    PostgresLedger,
+    PostgresIdempotency,
 ):
     """Store and ledger on PostgreSQL; any number of replicas may share the database."""
