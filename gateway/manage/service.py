@@ -10,10 +10,11 @@ from __future__ import annotations
 from gateway.manage.credits import CreditActions
 from gateway.manage.keys import KeyActions
 from gateway.manage.reads import Reads
+from gateway.manage.requests import RequestReads
 from gateway.manage.teams import TeamActions
 
 __all__ = ["Management"]
 
 
-class Management(TeamActions, KeyActions, CreditActions, Reads):
+class Management(TeamActions, KeyActions, CreditActions, Reads, RequestReads):
     """One object per process, built by the app factory (or the CLI) over its backend."""
