@@ -27,13 +27,13 @@ MAX_BUFFERED = 100_000
 BATCH_ROWS = 5_000
 _MAX_PATH = 512
 _MAX_USER_AGENT = 200
-_MAX_ADDRESS = 100
 # Pruning runs this often; each statement deletes at most this many rows.
 PRUNE_INTERVAL_SECONDS = 300.0
 PRUNE_BATCH = 5_000
 
 # What a request leaves: (at, key, request id, method, route, target, status,
-# outcome, credits, client ip, user agent, duration ms), the text still raw.
+# outcome, credits, client ip, user agent, duration ms); the target and user agent
+# still raw, the client address already made safe by the pipeline.
 _Raw = tuple[float, KeyRecord, str, str, str, str, int, str, int, str, str, float]
 
 
@@ -129,5 +129,5 @@ def _entry(raw: _Raw) -> RequestEntry:
     return RequestEntry(
         at, key.team_id, key.id, key.prefix, key.environment, request_id, method, route,
         safe_text(path.partition("?")[0], _MAX_PATH), status, outcome, credits,
-        safe_text(ip, _MAX_ADDRESS), safe_text(agent, _MAX_USER_AGENT), round(ms, 3),
+        ip, safe_text(agent, _MAX_USER_AGENT), round(ms, 3),
     )  # fmt: skip

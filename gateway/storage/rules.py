@@ -30,7 +30,6 @@ __all__ = [
     "changes_after",
     "check_grant",
     "checked_key_changes",
-    "client_net",
     "decode_ledger_cursor",
     "encode_ledger_cursor",
     "grant_key_reused",
@@ -213,10 +212,3 @@ def ip_within(address: str | None, network: str | None) -> bool:
     except ValueError:
         return False
 
-
-def client_net(address: str) -> str | None:
-    """The client address as PostgreSQL's inet takes it, or None when it is not one."""
-    try:
-        return str(ipaddress.ip_address(address))
-    except ValueError:
-        return None

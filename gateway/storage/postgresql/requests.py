@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 
 from gateway.storage import InvalidData, LoggedRequest, RequestEntry, RequestQuery, sql
@@ -11,15 +10,7 @@ from gateway.storage.postgresql.core import REFUSED_VALUES, PostgresCore
 
 __all__ = ["PostgresRequests"]
 
-_COLUMNS = [c.strip() for c in sql.REQUEST_LOG_INSERT_COLUMNS.split(",")] + ["client_net"]
-IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def _net(address: str) -> IpAddress | None:
-    try:
-        return ipaddress.ip_address(address)
-    except ValueError:
-        return None
+_COLUMNS = [c.strip() for c in sql.REQUEST_LOG_INSERT_COLUMNS.split(",")]
 
 
 class PostgresRequests(PostgresCore):
@@ -27,15 +18,14 @@ class PostgresRequests(PostgresCore):
         if not entries:
             return
         # COPY: one round trip and the server's fastest path for a batch of rows.
-        records = [(*e, _net(e.client_ip)) for e in entries]
         try:
             async with self._connection() as conn:
-                await conn.copy_records_to_table("request_log", records=records, columns=_COLUMNS)
+                await conn.copy_records_to_table("request_log", records=entries, columns=_COLUMNS)
         except REFUSED_VALUES as exc:
             raise InvalidData(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
 
     async def find_requests(self, query: RequestQuery) -> list[LoggedRequest]:
-        text, args = sql.request_search(query, "client_net <<= CAST({n} AS cidr)")
+        text, args = sql.request_search(query, "gateway_inet(client_ip) <<= CAST({n} AS cidr)")
         rows = await self._fetch(text, *args)
         return [model.logged_request(r) for r in rows]
 
