@@ -340,7 +340,12 @@ def _responses(operation: dict[str, Any]) -> list[str]:
         if status >= 400:
             errors.append(status)
             continue
-        schema = response["content"]["application/json"]["schema"]
+        content = response["content"]
+        if "application/json" not in content:
+            kinds = ", ".join(f"`{media}`" for media in content)
+            lines += [f"**Response** `{status} {HTTPStatus(status).phrase}`: a stream of {kinds}.", ""]
+            continue
+        schema = content["application/json"]["schema"]
         rows = [
             (
                 f"`{name}`",

@@ -168,3 +168,24 @@ async def test_requests_lists_the_request_log(make_gateway: MakeGateway, tmp_pat
     assert "insufficient_credits" in out and " ok " not in out and secret not in out
     code, out, err = await cli(config, "requests", "--team", "acme", "--status", "5xx")
     assert (code, out.strip()) == (0, "no requests match")
+
+
+async def test_usage_export_streams_csv(make_gateway: MakeGateway, tmp_path: Path) -> None:
+    gw = await make_gateway()
+    secret = await gw.key(credits=5)
+    for _ in range(2):
+        assert (await gw.client.post("/api/v1/assess", headers=bearer(secret))).status == 200
+    assert gw.gateway.request_log is not None
+    await gw.gateway.request_log.flush()
+    config = cli_config(tmp_path)
+    code, out, err = await cli(config, "usage", "export", "--team", "acme")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("time,request_id,key_id") and len(lines) == 3
+    code, out, err = await cli(
+        config, "usage", "export", "--team", "acme", "--format", "cloudevents"
+    )
+    assert code == 0, err
+    assert [json.loads(line)["data"]["credits"] for line in out.splitlines()] == [1, 1]
+    code, _, err = await cli(config, "usage", "export", "--team", "acme", "--from", "yesterday")
+    assert code == 1 and err.startswith("gateway: ") and "from" in err

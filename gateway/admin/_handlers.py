@@ -22,6 +22,7 @@ from gateway.manage.bounds import (
     RATE_LIMIT_MAX,
     REASON_MAX,
 )
+from gateway.manage.export import CONTENT
 from gateway.manage.inputs import (
     Fields,
     parse_int,
@@ -44,6 +45,7 @@ __all__ = [
     "create_key",
     "create_team",
     "create_token",
+    "export_usage",
     "get_credits",
     "get_usage",
     "grant_credits",
@@ -320,6 +322,30 @@ async def list_requests(request: web.Request) -> web.Response:
     )  # fmt: skip
     items = [request_json(row) for row in found.rows]
     return json_response(200, {"items": items, "next_cursor": found.next_cursor})
+
+
+async def export_usage(request: web.Request) -> web.StreamResponse:
+    """Streamed as it is read: one page in memory, whatever the range."""
+    fmt = _query(request, "format") or "csv"
+    per = _query(request, "per") or "request"
+    until = _time(request, "to") or time.time()
+    since = _time(request, "from")
+    pages = await _m(request).export(
+        _path(request, "team"), until - 86_400 if since is None else since, until, fmt, per,
+        actor=_actor(request),
+    )  # fmt: skip
+    kind = CONTENT[fmt]
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": kind.content_type,
+            "Content-Disposition": f'attachment; filename="usage.{kind.filename_suffix}"',
+        }
+    )
+    await response.prepare(request)
+    async for chunk in pages:
+        await response.write(chunk)
+    await response.write_eof()
+    return response
 
 
 async def list_anomalies(request: web.Request) -> web.Response:

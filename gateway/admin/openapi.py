@@ -46,7 +46,7 @@ def openapi_document(version: str) -> dict[str, Any]:
         responses: dict[str, Any] = {
             str(op.success): {
                 "description": op.summary,
-                "content": {"application/json": {"schema": op.response}},
+                "content": {media: {"schema": op.response} for media in op.media_types},
             }
         }
         for code in errors:

@@ -18,6 +18,7 @@ from gateway.admin._handlers import (
     create_key,
     create_team,
     create_token,
+    export_usage,
     get_credits,
     get_usage,
     grant_credits,
@@ -65,7 +66,7 @@ from gateway.manage.bounds import KEY_SECRET_MAX
 
 __all__ = ["OPERATIONS", "Operation", "add_routes"]
 
-Handler = Callable[[web.Request], Awaitable[web.Response]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ class Operation:
     query: dict[str, dict[str, Any]] = field(default_factory=dict)
     errors: tuple[int, ...] = ()
     headers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # What a success answers in; anything but JSON is described as a string.
+    media_types: tuple[str, ...] = ("application/json",)
 
 
 # -- the table ------------------------------------------------------------------------------
@@ -172,6 +175,14 @@ OPERATIONS: tuple[Operation, ...] = (
                      "to": {"type": "string", "format": "date-time"},
                      "limit": LIMIT,
                      "cursor": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}}),
+    Operation("GET", "/admin/v1/teams/{team}/usage/export", export_usage, "exportUsage",
+              "A team's usage, streamed: per request (the request log) or per hour or day, "
+              "as CSV or CloudEvents 1.0 JSON lines", 200, {"type": "string"},
+              query={"from": {"type": "string", "format": "date-time"},
+                     "to": {"type": "string", "format": "date-time"},
+                     "format": {"enum": ["csv", "cloudevents"]},
+                     "per": {"enum": ["request", "hour", "day"]}},
+              media_types=("text/csv", "application/cloudevents-batch+jsonl")),
     Operation("GET", "/admin/v1/anomalies", list_anomalies, "listAnomalies",
               "Anomaly signals this replica raised recently", 200, ANOMALY_PAGE,
               query={"limit": LIMIT, "team": {"type": "string"}}),

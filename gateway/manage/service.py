@@ -8,6 +8,7 @@ transport into calls of this class.
 from __future__ import annotations
 
 from gateway.manage.credits import CreditActions
+from gateway.manage.export import ExportActions
 from gateway.manage.keys import KeyActions
 from gateway.manage.reads import Reads
 from gateway.manage.requests import RequestReads
@@ -16,5 +17,5 @@ from gateway.manage.teams import TeamActions
 __all__ = ["Management"]
 
 
-class Management(TeamActions, KeyActions, CreditActions, Reads, RequestReads):
+class Management(TeamActions, KeyActions, CreditActions, Reads, RequestReads, ExportActions):
     """One object per process, built by the app factory (or the CLI) over its backend."""

@@ -102,14 +102,16 @@ def request_search(q: RequestQuery, within_network: str) -> tuple[str, list[obje
         add("at >= {n}", q.since)
     if q.until is not None:
         add("at < {n}", q.until)
+    beyond, order = (">", "ASC") if q.oldest_first else ("<", "DESC")
     if q.before is not None:
         args.extend(q.before)
-        where.append(f"(at < ${len(args) - 1} OR (at = ${len(args) - 1} AND id < ${len(args)}))")
+        at, row_id = f"${len(args) - 1}", f"${len(args)}"
+        where.append(f"(at {beyond} {at} OR (at = {at} AND id {beyond} {row_id}))")
     args.append(q.limit)
     query = (
         f"SELECT {REQUEST_LOG_COLUMNS} FROM request_log WHERE "  # noqa: S608 - built from constants
         + " AND ".join(where)
-        + f" ORDER BY at DESC, id DESC LIMIT ${len(args)}"
+        + f" ORDER BY at {order}, id {order} LIMIT ${len(args)}"
     )
     return query, args
 

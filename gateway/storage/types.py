@@ -272,3 +272,6 @@ class RequestQuery:
     since: float | None = None  # at >= since
     until: float | None = None  # at < until
     before: tuple[float, int] | None = None  # (at, id) of the last row of the page before
+    # Oldest first instead (an export reads forward); ``before`` is then the
+    # (at, id) of the last row read, and rows after it come next.
+    oldest_first: bool = False

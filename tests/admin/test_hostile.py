@@ -100,6 +100,8 @@ class Admin:
             conn.endheaders(data)
             resp = conn.getresponse()
             raw = resp.read()
+            if not resp.getheader("Content-Type", "").startswith("application/json"):
+                return resp.status, raw  # a streamed export (CSV, CloudEvents lines)
             return resp.status, json.loads(raw) if raw else None
         finally:
             conn.close()

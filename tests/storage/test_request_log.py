@@ -138,3 +138,13 @@ async def test_odd_client_text_is_kept_or_refused_cleanly(db: Backend, odd: str)
     assert await db.find_requests(RequestQuery("team_a", 10, client_ip="10.0.0.0/8")) == []
     [row] = await db.find_requests(RequestQuery("team_a", 10))
     assert row.entry.client_ip == odd
+
+
+async def test_oldest_first_reads_forward_from_a_cursor(db: Backend) -> None:
+    await db.add_requests([entry(n) for n in range(1, 6)])
+    first = await db.find_requests(RequestQuery("team_a", 2, oldest_first=True))
+    last = first[-1]
+    rest = await db.find_requests(
+        RequestQuery("team_a", 10, oldest_first=True, before=(last.entry.at, last.id))
+    )
+    assert ids(first) + ids(rest) == ["req-1", "req-2", "req-3", "req-4", "req-5"]
