@@ -70,11 +70,14 @@ REQUEST_LOG_INSERT_COLUMNS = (
 REQUEST_LOG_COLUMNS = "id, " + REQUEST_LOG_INSERT_COLUMNS
 
 
-def request_search(q: RequestQuery, within_network: str) -> tuple[str, list[object]]:
+def request_search(
+    q: RequestQuery, within_network: str, is_address: str
+) -> tuple[str, list[object]]:
     """The query of :meth:`RequestLogStore.find_requests` (``$n`` style) and its arguments.
 
-    ``within_network`` is the dialect's test that the row's address lies in the
-    network given as parameter ``{n}`` (a CIDR text). Newest first by (at, id),
+    ``within_network`` and ``is_address`` are the dialect's tests that the row's
+    address lies in the network, or is the address, given as parameter ``{n}``
+    (canonical text, checked by the caller). Newest first by (at, id),
     which the indexes on (team_id, [key_id | status,] at, id) read in order.
     """
     args: list[object] = [q.team_id]
@@ -94,7 +97,7 @@ def request_search(q: RequestQuery, within_network: str) -> tuple[str, list[obje
     if q.outcome is not None:
         add("outcome = {n}", q.outcome)
     if q.client_ip is not None:
-        add(within_network if "/" in q.client_ip else "client_ip = {n}", q.client_ip)
+        add(within_network if "/" in q.client_ip else is_address, q.client_ip)
     if q.path_prefix is not None:
         # Not LIKE: SQLite's ignores letter case, and a prefix may hold % or _.
         add("substr(path, 1, length({n})) = {n}", q.path_prefix)

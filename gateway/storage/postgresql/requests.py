@@ -25,7 +25,9 @@ class PostgresRequests(PostgresCore):
             raise InvalidData(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
 
     async def find_requests(self, query: RequestQuery) -> list[LoggedRequest]:
-        text, args = sql.request_search(query, "gateway_inet(client_ip) <<= CAST({n} AS cidr)")
+        text, args = sql.request_search(
+            query, "client_net <<= CAST({n} AS cidr)", "client_net = CAST({n} AS inet)"
+        )
         rows = await self._fetch(text, *args)
         return [model.logged_request(r) for r in rows]
 

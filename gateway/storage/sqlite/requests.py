@@ -27,7 +27,7 @@ class SqliteRequests(SqliteCore):
             raise InvalidData(f"SQLite: {type(exc).__name__}: {exc}") from exc
 
     async def find_requests(self, query: RequestQuery) -> list[LoggedRequest]:
-        text, args = sql.request_search(query, "ip_within(client_ip, {n})")
+        text, args = sql.request_search(query, "ip_within(client_ip, {n})", "client_ip = {n}")
         rows = await self._run(lambda: self._db.execute(sql.qmark(text), args).fetchall())
         return [model.logged_request(r) for r in rows]
 
