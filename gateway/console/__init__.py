@@ -14,7 +14,7 @@ from importlib.resources import files
 from aiohttp import web
 
 from gateway.app import GATEWAY
-from gateway.console import _credits, _keys, _signin, _usage
+from gateway.console import _credits, _keys, _requests, _signin, _usage
 from gateway.console._checks import PROXIES
 from gateway.console._html import Templates
 from gateway.console._middleware import console_middleware
@@ -73,3 +73,4 @@ def setup_console(app: web.Application) -> None:
     router.add_get(_TEAM + "/credits", _credits.credits)
     router.add_post(_TEAM + "/credits", _credits.grant)
     router.add_get(_TEAM + "/usage", _usage.usage)
+    router.add_get(_TEAM + "/requests", _requests.requests_page)

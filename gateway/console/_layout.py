@@ -25,7 +25,12 @@ __all__ = [
     "when",
 ]
 
-TEAM_PAGES = (("keys", "API Keys"), ("credits", "Credits"), ("usage", "Usage"))
+TEAM_PAGES = (
+    ("keys", "API Keys"),
+    ("credits", "Credits"),
+    ("usage", "Usage"),
+    ("requests", "Requests"),
+)
 MAX_PICKER_TEAMS = 1000
 
 

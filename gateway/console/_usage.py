@@ -81,6 +81,15 @@ def _key_label(key_id: str, known: dict[str, ApiKey]) -> Markup:
     return fmt("$name <code>$prefix…</code>", name=key.name, prefix=key.prefix)
 
 
+def _with_requests(team_id: str, key_id: str, known: dict[str, ApiKey]) -> Markup:
+    """A key named in a signal, with a link to the requests behind it."""
+    return fmt(
+        '$label (<a href="$href">its requests</a>)',
+        label=_key_label(key_id, known),
+        href=team_url(team_id, "requests", key_id=key_id),
+    )
+
+
 def _cell(count: int) -> Markup:
     return fmt('<td class="num">$n</td>', n=f"{count:,}")
 
@@ -199,7 +208,7 @@ async def usage(request: web.Request) -> web.Response:
             '<p class="hint">Marked ▼ on the chart. Signals raised by this gateway process.</p>'
             '<ul class="anomalies">$items</ul>',
             items=join(
-                _anomaly_item(a.kind, a.at, _key_label(a.subject, known), a.detail)
+                _anomaly_item(a.kind, a.at, _with_requests(owner.id, a.subject, known), a.detail)
                 for a in reversed(signals)
             ),
         )

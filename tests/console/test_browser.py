@@ -408,6 +408,7 @@ async def test_tables_fit_desktop_widths(
         "keys": f"{console}/teams/{tid}/keys",
         "credits": f"{console}/teams/{tid}/credits",
         "usage": f"{console}/teams/{tid}/usage",
+        "requests": f"{console}/teams/{tid}/requests",
     }
     problems: list[str] = []
     for width in WIDTHS:

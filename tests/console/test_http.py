@@ -514,3 +514,33 @@ async def test_ledger_is_paged(console: Console) -> None:
     assert len(rest) == 5 and sorted(map(int, seen + rest)) == list(range(1, 31))
     assert "Newest entries" in second and "Older entries" not in second
     await browser.page(f"/console/teams/{team}/credits?before=garbage", expect=400)
+
+
+async def test_requests_page_lists_and_filters_the_request_log(console: Console) -> None:
+    team = await console.team("acme")
+    created = await console.api("POST", f"/admin/v1/teams/{team}/keys", {"name": "busy key"})
+    quiet = await console.api("POST", f"/admin/v1/teams/{team}/keys", {"name": "quiet key"})
+    await console.api("POST", f"/admin/v1/teams/{team}/credits", {"amount": 1, "reason": "x"})
+    public = console.harness.client
+    for _ in range(2):
+        await public.post("/api/v1/assess?secret=s3cr3t", headers=bearer(created["key"]))
+    assert console.harness.gateway.request_log is not None
+    await console.harness.gateway.request_log.flush()
+    browser = await signed_in(console)
+    html = await browser.page(f"/console/teams/{team}/requests")
+    assert html.count("<tr><td><time") == 2 and "insufficient credits" in html
+    assert "busy key" in html and created["prefix"] in html and "s3cr3t" not in html
+    html = await browser.page(f"/console/teams/{team}/requests?status=4xx")
+    assert html.count("<tr><td><time") == 1 and 'value="4xx"' in html
+    html = await browser.page(f"/console/teams/{team}/requests?key_id={quiet['id']}")
+    assert "No requests match." in html
+    bad = await browser.page(f"/console/teams/{team}/requests?client_ip=nonsense", expect=422)
+    assert "client ip must be an IP address or a CIDR network" in bad and 'value="nonsense"' in bad
+    # A signal names its key and links to the requests behind it.
+    detector = console.harness.gateway.anomalies
+    assert detector is not None
+    detector.recent.append(
+        Anomaly("rate_spike", time.time(), created["id"], team, 90, 60, "90 requests in 60 s")
+    )
+    usage = await browser.page(f"/console/teams/{team}/usage")
+    assert f"/console/teams/{team}/requests?key_id={created['id']}" in usage
