@@ -18,10 +18,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.upstream.answer import InvalidAnswer, UpstreamError
 
-__all__ = ["HIGH_WATER", "Connection", "Stale"]
+__all__ = ["HIGH_WATER", "MAX_HEAD_BYTES", "Connection", "Stale"]
 
 # Body bytes buffered for the reader before the socket stops being read.
 HIGH_WATER = 128 * 1024
+# An answer's status line, header names and values (interim answers and trailers
+# included) beyond this are refused as malformed: 502, nothing charged.
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class Stale(UpstreamError):
@@ -30,6 +33,10 @@ class Stale(UpstreamError):
 
 class _HeadOnly(Exception):
     """Stops the parser after the head of an answer to HEAD (llhttp would wait for a body)."""
+
+
+class _HeadTooLarge(Exception):
+    """The answer's status line and headers (or trailers) passed MAX_HEAD_BYTES."""
 
 
 class _Surplus(Exception):
@@ -65,6 +72,7 @@ class Connection(asyncio.Protocol):
         self.status = 0
         self._reason = b""
         self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._reading_paused = False
@@ -184,6 +192,8 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _Surplus):
                 self.keep_alive = False  # out of step: dropped once this answer is read
+            elif isinstance(exc.__context__, _HeadTooLarge):
+                self.fail(InvalidAnswer(f"an answer head over {MAX_HEAD_BYTES} bytes"))
             elif not isinstance(exc.__context__, _HeadOnly):
                 self.fail(InvalidAnswer(f"an answer the gateway cannot read: {exc}"))
         except httptools.HttpParserError as exc:
@@ -228,10 +238,20 @@ class Connection(asyncio.Protocol):
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
+        self._count_head(len(status))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.head_done:  # trailers of a chunked body are dropped
+        # Counted also for trailers (dropped, but an endless stream of them is no answer).
+        self._count_head(len(name) + len(value))
+        if not self.head_done:
             self._raw_headers.append((name, value))
+
+    def _count_head(self, size: int) -> None:
+        # llhttp sets no bound of its own: without one, an upstream sending headers
+        # forever would grow this process without limit (aiohttp stops at 8 KiB a line).
+        self._head_bytes += size
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise _HeadTooLarge
 
     def on_headers_complete(self) -> None:
         parser = self._parser

@@ -9,7 +9,7 @@ import pytest
 import trustme
 
 from gateway.upstream import InvalidAnswer, LeanClient, UpstreamClient, UpstreamError
-from gateway.upstream.connection import HIGH_WATER
+from gateway.upstream.connection import HIGH_WATER, MAX_HEAD_BYTES
 
 from .raw import Conn, RawServer, chunk, eventually, ok, response
 
@@ -292,6 +292,30 @@ async def test_a_malformed_answer_is_an_upstream_error(
     with pytest.raises(UpstreamError):
         await client.request("GET", "/", {}, None)
     assert client.pool.open == 0
+
+
+async def test_an_answer_head_over_the_cap_is_refused(raw: RawServer, client_for: Make) -> None:
+    line = b"X-Filler: " + b"f" * 990 + b"\r\n"
+    fits = (
+        b"HTTP/1.1 200 OK\r\n" + line * (MAX_HEAD_BYTES // 1024 - 4) + b"Content-Length: 0\r\n\r\n"
+    )
+    over = (
+        b"HTTP/1.1 200 OK\r\n" + line * (MAX_HEAD_BYTES // 1000 + 2) + b"Content-Length: 0\r\n\r\n"
+    )
+    # Interim answers do not reset the count: endless 100s are refused too.
+    interim = b"HTTP/1.1 100 Continue\r\n" + line * 10 + b"\r\n"
+    raw.scripts = [await serve_forever(fits)]
+    client = lean(client_for(raw.url))
+    answer = await client.request("GET", "/", {}, None)
+    assert answer.status == 200 and len(answer.headers.getall("X-Filler")) > 50
+    assert await answer.read_chunk() == b""
+    answer.release()
+    for wire in (over, interim * 8):
+        raw.scripts = [await serve_forever(wire)]
+        client = lean(client_for(raw.url))
+        with pytest.raises(InvalidAnswer, match="head over"):
+            await client.request("GET", "/", {}, None)
+        assert client.pool.open == 0
 
 
 async def test_bad_chunk_framing_after_the_head_breaks_the_body(
