@@ -22,6 +22,7 @@ from gateway.models import (
     TeamToken,
     UsageRow,
 )
+from gateway.storage.plans import PlanStore
 from gateway.storage.types import (
     IDEMPOTENCY_TTL_SECONDS,
     KEY_FIELDS,
@@ -72,6 +73,7 @@ __all__ = [
     "Ledger",
     "Mismatch",
     "NotFound",
+    "PlanStore",
     "PushesKeyChanges",
     "ReserveRequest",
     "ReserveResult",
@@ -400,7 +402,7 @@ class Ledger(Protocol):
         ...
 
 
-class Backend(Store, AdminStore, UsageStore, Ledger, Protocol):
+class Backend(Store, AdminStore, UsageStore, Ledger, PlanStore, Protocol):
     """One database holding both; owns its connections."""
 
     async def open(self) -> None: ...

@@ -11,12 +11,18 @@ from gateway.storage.postgresql.idempotency import PostgresIdempotency
 from gateway.storage.postgresql.keys import PostgresKeys
 from gateway.storage.postgresql.ledger import PostgresLedger
 from gateway.storage.postgresql.listen import NOTIFY_CHANNEL, PostgresListen
+from gateway.storage.postgresql.plans import PostgresPlans
 from gateway.storage.postgresql.usage import PostgresUsage
 
 __all__ = ["NOTIFY_CHANNEL", "PostgresBackend"]
 
 
 class PostgresBackend(
-    PostgresKeys, PostgresListen, PostgresUsage, PostgresLedger, PostgresIdempotency
+    PostgresKeys,
+    PostgresListen,
+    PostgresUsage,
+    PostgresLedger,
+    PostgresIdempotency,
+    PostgresPlans,
 ):
     """Store and ledger on PostgreSQL; any number of replicas may share the database."""

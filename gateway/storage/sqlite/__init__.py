@@ -9,10 +9,11 @@ from __future__ import annotations
 from gateway.storage.sqlite.idempotency import SqliteIdempotency
 from gateway.storage.sqlite.keys import SqliteKeys
 from gateway.storage.sqlite.ledger import SqliteLedger
+from gateway.storage.sqlite.plans import SqlitePlans
 from gateway.storage.sqlite.usage import SqliteUsage
 
 __all__ = ["SqliteBackend"]
 
 
-class SqliteBackend(SqliteKeys, SqliteUsage, SqliteLedger, SqliteIdempotency):
+class SqliteBackend(SqliteKeys, SqliteUsage, SqliteLedger, SqliteIdempotency, SqlitePlans):
     """Store and ledger on SQLite; safe to share the file with CLI processes (WAL)."""
