@@ -87,6 +87,18 @@ class PlanActions(Core):
         owner = await self.team(team, actor=actor)
         return [self._view(p) for p in await self._backend.plans(owner.id)]
 
+    async def plan(
+        self, team: str, environment: str = "live", *, actor: Actor = SYSTEM
+    ) -> PlanView:
+        """The team's plan for one environment (404 when it has none)."""
+        check = Check()
+        check.choice("environment", environment, ("live", "test"))
+        check.done()
+        for view in await self.plans(team, actor=actor):
+            if view.plan.environment == environment:
+                return view
+        raise Unknown("plan", "environment")
+
     async def clear_plan(
         self, team: str, environment: str = "live", *, actor: Actor = SYSTEM
     ) -> PlanView:
