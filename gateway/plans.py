@@ -7,7 +7,7 @@ Design (issue 19, part 1):
   ``anchor_day`` (ISO weekday 1-7 for a week, day 1-28 of the month for a
   month; a day starts at midnight), and a ``rollover``: ``expire`` takes back
   what is left of the allowance when the next period starts, ``carry`` keeps
-  it, optionally only up to ``max_balance``.
+  it. With ``max_balance`` a refill lifts the balance only up to that.
 - The balance row keeps its allowance part (``balances.allowance``) beside
   the total. Spending takes from the allowance first: a database trigger on
   the balance row lowers the allowance part with every decrease of the total

@@ -81,4 +81,10 @@ PLAN_BODY: dict[str, Any] = {
     },
     "required": ["allowance", "period"],
     "additionalProperties": False,
+    # The anchor a period may start on (the service says the same in words).
+    "anyOf": [
+        {"properties": {"period": {"const": "day"}, "anchor_day": {"enum": [1, None]}}},
+        {"properties": {"period": {"const": "week"}, "anchor_day": {"maximum": 7}}},
+        {"properties": {"period": {"const": "month"}}},
+    ],
 }

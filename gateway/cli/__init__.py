@@ -162,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--period", choices=("day", "week", "month"), required=True)
     p.add_argument("--anchor-day", type=_integer, help="weekday 1-7 or day of month 1-28")
     p.add_argument("--rollover", choices=("expire", "carry"), default="expire")
-    p.add_argument("--max-balance", type=_integer, help="carry: refill only up to this")
+    p.add_argument("--max-balance", type=_integer, help="refills stop at this balance")
     p.add_argument("--env", choices=("live", "test"), default="live")
     p = command(plans, "show", cli_plans.plans_show, "a team's plans and their next refills")
     p.add_argument("--team", required=True)

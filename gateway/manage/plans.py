@@ -68,8 +68,6 @@ class PlanActions(Core):
         low, high = _ANCHORS.get(period, (1, 28))
         check.integer("anchor_day", anchor_day, low, high)
         check.integer("max_balance", max_balance, 1, BALANCE_MAX)
-        if max_balance is not None and rollover != "carry":
-            check.fail("max_balance", "applies only to rollover carry")
         check.done()
         owner = await self.team(team, actor=actor)
         actor.require_admin("set plans")

@@ -67,13 +67,11 @@ def refill_amounts(plan: Plan, available: int, allowance_left: int) -> tuple[int
     """(expired, refilled) for a refill of ``plan`` on a balance as it stands.
 
     ``expire`` takes back the allowance part (never more than the balance);
-    ``carry`` keeps it and adds only up to ``max_balance``. No balance passes
-    :data:`MAX_BALANCE`.
+    ``carry`` keeps it. Either way a refill lifts the balance only up to
+    ``max_balance`` (if set), and never past :data:`MAX_BALANCE`.
     """
     expired = min(allowance_left, available) if plan.rollover == "expire" else 0
     after_expiry = available - expired
-    ceiling = MAX_BALANCE
-    if plan.rollover == "carry" and plan.max_balance is not None:
-        ceiling = min(ceiling, plan.max_balance)
+    ceiling = MAX_BALANCE if plan.max_balance is None else min(MAX_BALANCE, plan.max_balance)
     refilled = max(0, min(plan.allowance, ceiling - after_expiry))
     return expired, refilled

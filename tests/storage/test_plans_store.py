@@ -114,3 +114,13 @@ async def test_replicas_racing_over_one_period_refill_it_once(backends: Backends
     assert len(refills) == 1
     assert await replicas[1].balance(team, "live") == 50 - 5 - refills[0].expired + 50 - 10
     assert await replicas[1].reconcile() == []
+
+
+async def test_max_balance_bounds_an_expiring_refill_too(db: Backend) -> None:
+    team = (await db.create_team("t")).id
+    await db.grant(team, "live", 100, "top-up", "test")
+    assert await plan(db, team, "day:1", max_balance=120) == 20
+    refill = await db.refill(team, "live", "day:2")
+    # The 20 of allowance expire, then the balance is lifted back to the maximum.
+    assert refill is not None and (refill.expired, refill.refilled, refill.balance) == (20, 20, 120)
+    assert await db.reconcile() == []
