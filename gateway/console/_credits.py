@@ -39,6 +39,8 @@ KINDS = {
     "void": "Returned",
     "expire_void": "Returned (lease expired)",
     "expire_post": "Charged (lease expired)",
+    "refill": "Plan refill",
+    "expire": "Plan allowance expired",
 }
 
 

@@ -47,7 +47,7 @@ __all__ = [
 
 # Ledger cursors carry a time the backends can store (up to 9999-12-31T23:59:59Z).
 _LATEST = 253_402_300_799.0
-_ENTRY_ID = re.compile(r"[cr][\x20-\x7e]{1,200}\Z", re.ASCII)  # printable ASCII: no NUL
+_ENTRY_ID = re.compile(r"[cpr][\x20-\x7e]{1,200}\Z", re.ASCII)  # printable ASCII: no NUL
 
 
 def new_id(prefix: str) -> str:

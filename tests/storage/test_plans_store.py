@@ -124,3 +124,25 @@ async def test_max_balance_bounds_an_expiring_refill_too(db: Backend) -> None:
     # The 20 of allowance expire, then the balance is lifted back to the maximum.
     assert refill is not None and (refill.expired, refill.refilled, refill.balance) == (20, 20, 120)
     assert await db.reconcile() == []
+
+
+async def test_the_ledger_lists_refills_and_expiries_and_pages_through_them(db: Backend) -> None:
+    team = (await db.create_team("t")).id
+    await plan(db, team, "day:1")
+    await db.grant(team, "live", 7, "top-up", "test")
+    await db.refill(team, "live", "day:2")
+    entries = await db.ledger_entries(team, 10, None)
+    assert sorted((e.kind, e.amount, e.reason) for e in entries) == [
+        ("expire", -50, "day:2"),
+        ("grant", 7, "top-up"),
+        ("refill", 50, "day:1"),
+        ("refill", 50, "day:2"),
+    ]
+    paged, before = [], None
+    while True:
+        page = await db.ledger_entries(team, 1, before)
+        if not page:
+            break
+        paged += page
+        before = page[-1].cursor
+    assert [e.id for e in paged] == [e.id for e in entries]
