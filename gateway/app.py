@@ -21,6 +21,7 @@ from gateway.manage import Management
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.proxy import UpstreamPool
+from gateway.request_log import RequestLog
 from gateway.routing import Router
 from gateway.storage import Backend, PushesKeyChanges
 from gateway.storage.registry import open_backend
@@ -72,6 +73,17 @@ class Gateway:
         self.access_log = (
             AccessLog(logs.format) if logs.access_log and logs.level in ("DEBUG", "INFO") else None
         )
+        requests = settings.request_log
+        self.request_log = (
+            RequestLog(
+                self.backend,
+                settings.usage.flush_interval_seconds,
+                requests.retention_days,
+                requests.max_rows_per_team,
+            )
+            if requests.enabled
+            else None
+        )
         self.pipeline = Pipeline(
             settings,
             router=self.router,
@@ -86,6 +98,7 @@ class Gateway:
             anomalies=self.anomalies,
             tracing=self.tracing,
             access_log=self.access_log,
+            request_log=self.request_log,
         )
         self.ready = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -119,6 +132,8 @@ class Gateway:
             self._tasks.append(asyncio.create_task(self._anomaly_clock(), name="anomalies"))
         if self.access_log is not None:
             self._tasks.append(asyncio.create_task(self.access_log.run(), name="access-log"))
+        if self.request_log is not None:
+            self._tasks.append(asyncio.create_task(self.request_log.run(), name="request-log"))
         self.ready = True
 
     async def _anomaly_clock(self) -> None:
@@ -188,6 +203,9 @@ class Gateway:
         await self.credits.close()
         with contextlib.suppress(Exception):
             await self.usage.flush()
+        if self.request_log is not None:
+            with contextlib.suppress(Exception):
+                await self.request_log.flush()
         await self.upstreams.close()
         await self.limiter.close()
         await self.backend.close()

@@ -44,6 +44,7 @@ __all__ = [
     "MetricsSettings",
     "PostgresSettings",
     "RateLimitSettings",
+    "RequestLogSettings",
     "RouteSettings",
     "SecuritySettings",
     "Settings",
@@ -239,6 +240,15 @@ class UsageSettings(_Frozen):
     auth_failure_retention_days: int = Field(default=30, ge=1, le=MAX_RETENTION_DAYS)
 
 
+class RequestLogSettings(_Frozen):
+    """The searchable request log (one row per request with a known key)."""
+
+    enabled: bool = True
+    retention_days: int = Field(default=30, ge=1, le=MAX_RETENTION_DAYS)
+    # The oldest rows of a team beyond this are deleted first.
+    max_rows_per_team: int = Field(default=1_000_000, ge=1, le=10**10)
+
+
 class AnomalySettings(_Frozen):
     """Thresholds of the anomaly signals (see gateway/anomaly.py and the README)."""
 
@@ -401,6 +411,7 @@ class Settings(_Frozen):
     tracing: TracingSettings = TracingSettings()
     security: SecuritySettings = SecuritySettings()
     usage: UsageSettings = UsageSettings()
+    request_log: RequestLogSettings = RequestLogSettings()
     idempotency: IdempotencySettings = IdempotencySettings()
     anomalies: AnomalySettings = AnomalySettings()
     upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)

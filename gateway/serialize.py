@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from gateway.manage import iso
 from gateway.models import ApiKey, AuditEntry, LedgerEntry, Team, TeamToken
+from gateway.storage import LoggedRequest
 
-__all__ = ["audit_json", "key_json", "ledger_json", "team_json", "token_json"]
+__all__ = ["audit_json", "key_json", "ledger_json", "request_json", "team_json", "token_json"]
 
 
 def team_json(team: Team) -> dict[str, Any]:
@@ -82,4 +84,27 @@ def audit_json(entry: AuditEntry) -> dict[str, Any]:
         "team": entry.team_id,
         "client_ip": entry.client_ip,
         "details": entry.details,
+    }
+
+
+def request_json(row: LoggedRequest) -> dict[str, Any]:
+    """A request log row as the admin API and ``gateway requests --json`` show it."""
+    e = row.entry
+    moment = datetime.fromtimestamp(e.at, UTC).isoformat(timespec="milliseconds")
+    return {
+        "id": row.id,
+        "time": moment.replace("+00:00", "Z"),
+        "request_id": e.request_id,
+        "key_id": e.key_id,
+        "key_prefix": e.key_prefix,
+        "environment": e.environment,
+        "method": e.method,
+        "route": e.route,
+        "path": e.path,
+        "status": e.status,
+        "outcome": e.outcome,
+        "credits": e.credits,
+        "client_ip": e.client_ip,
+        "user_agent": e.user_agent,
+        "duration_ms": e.duration_ms,
     }

@@ -18,7 +18,7 @@ from gateway.models import KeyRecord, UsageRow
 from gateway.storage import InvalidData
 from gateway.text import safe_text
 
-__all__ = ["UsageRecorder", "UsageSink"]
+__all__ = ["UsageRecorder", "UsageSink", "write_batch"]
 
 log = logging.getLogger("gateway.usage")
 _Bucket = tuple[int, str, str, str, str]
@@ -112,25 +112,25 @@ class UsageRecorder:
                 UsageRow(minute, team, key, "live" if env == "live" else "test", outcome, n, c)
                 for (minute, team, key, env, outcome), (n, c) in counts.items()
             ]
-            unwritten = await _write("usage counters", self._sink.add_usage, rows, astuple)
+            unwritten = await write_batch("usage counters", self._sink.add_usage, rows, astuple)
             self._merge_back({_bucket(row): [row.requests, row.credits] for row in unwritten})
         ips, self._ips = self._ips, {}
         if ips:
             ip_rows = [(*row, n) for row, n in ips.items()]
-            for day, team, key, ip, n in await _write(
+            for day, team, key, ip, n in await write_batch(
                 "client addresses", self._sink.add_key_ips, ip_rows, tuple
             ):
                 self._ips[day, team, key, ip] = self._ips.get((day, team, key, ip), 0) + n
         failures, self._failures = self._failures, {}
         if failures:
             failure_rows = [(*row, n) for row, n in failures.items()]
-            for minute, prefix, ip, why, n in await _write(
+            for minute, prefix, ip, why, n in await write_batch(
                 "auth failure counts", self._sink.add_auth_failures, failure_rows, tuple
             ):
                 row = (minute, prefix, ip, why)
                 self._failures[row] = self._failures.get(row, 0) + n
         if last_used:
-            kept = await _write(
+            kept = await write_batch(
                 "last_used_at times", self._touch_keys, list(last_used.items()), tuple
             )
             for key_id, at in kept:
@@ -163,7 +163,7 @@ def _bucket(row: UsageRow) -> _Bucket:
     return (row.minute, row.team_id, row.key_id, row.environment, row.outcome)
 
 
-async def _write(
+async def write_batch(
     what: str,
     write: Callable[[list[R]], Awaitable[None]],
     rows: list[R],
@@ -187,10 +187,10 @@ async def _write(
             )
             return []
         half = len(rows) // 2
-        unwritten = await _write(what, write, rows[:half], fields)
+        unwritten = await write_batch(what, write, rows[:half], fields)
         if unwritten:  # the database went away meanwhile: the other half waits too
             return unwritten + rows[half:]
-        return await _write(what, write, rows[half:], fields)
+        return await write_batch(what, write, rows[half:], fields)
     except Exception as exc:
         log.warning(
             "writing %d %s failed, will retry: %s", len(rows), what, safe_text(str(exc), _MAX_ERROR)

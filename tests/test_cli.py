@@ -148,3 +148,23 @@ async def test_reconcile_detects_a_tampered_balance(
     result = json.loads(out)
     assert result["ok"] is False
     assert result["mismatches"][0]["stored"] == 6 and result["mismatches"][0]["derived"] == 5
+
+
+async def test_requests_lists_the_request_log(make_gateway: MakeGateway, tmp_path: Path) -> None:
+    gw = await make_gateway()
+    secret = await gw.key(credits=1)
+    statuses = [
+        (await gw.client.post("/api/v1/assess", headers=bearer(secret))).status for _ in range(2)
+    ]
+    assert statuses == [200, 402]
+    assert gw.gateway.request_log is not None
+    await gw.gateway.request_log.flush()
+    config = cli_config(tmp_path)
+    code, out, err = await cli(config, "requests", "--team", "acme", "--since", "1h", "--json")
+    assert code == 0, err
+    assert [(r["status"], r["credits"]) for r in json.loads(out)] == [(402, 0), (200, 1)]
+    code, out, err = await cli(config, "requests", "--team", "acme", "--status", "4xx")
+    assert code == 0, err
+    assert "insufficient_credits" in out and " ok " not in out and secret not in out
+    code, out, err = await cli(config, "requests", "--team", "acme", "--status", "5xx")
+    assert (code, out.strip()) == (0, "no requests match")

@@ -52,6 +52,13 @@ CASES = [
     ("audit", "--limit", "10000000000000000000"),
     ("usage", "--team", "acme", "--buckets", "1e9"),
     ("usage", "--team", "acme", "--buckets", "1000000000"),
+    ("requests", "--team", "acme", "--since", "1 hour"),
+    ("requests", "--team", "acme", "--since", "99999999999d"),
+    ("requests", "--team", "acme", "--status", "4x"),
+    ("requests", "--team", "acme", "--client-ip", "10.0.0.0/99"),
+    ("requests", "--team", "acme", "--path-prefix", "no-slash"),
+    ("requests", "--team", "acme", "--limit", "0"),
+    ("requests", "--team", "nobody"),
 ]
 
 

@@ -29,8 +29,16 @@ from gateway.manage.inputs import (
     parse_time,
 )
 from gateway.manage.reads import usage_range
+from gateway.manage.requests import RequestFilters
 from gateway.models import Environment
-from gateway.serialize import audit_json, key_json, ledger_json, team_json, token_json
+from gateway.serialize import (
+    audit_json,
+    key_json,
+    ledger_json,
+    request_json,
+    team_json,
+    token_json,
+)
 
 __all__ = [
     "create_key",
@@ -43,6 +51,7 @@ __all__ = [
     "list_audit",
     "list_auth_failures",
     "list_keys",
+    "list_requests",
     "list_teams",
     "list_tokens",
     "revoke_by_secret",
@@ -292,6 +301,25 @@ async def list_audit(request: web.Request) -> web.Response:
     before = parse_int(cursor, "cursor", 0, 10**18 - 1) if cursor is not None else None
     entries = await _m(request).audit(_query(request, "team"), limit, before, actor=_actor(request))
     return _page([audit_json(e) for e in entries], limit)
+
+
+async def list_requests(request: web.Request) -> web.Response:
+    """One team's request log, newest first, by filters."""
+    filters = RequestFilters(
+        key_id=_query(request, "key_id"),
+        status=_query(request, "status"),
+        outcome=_query(request, "outcome"),
+        client_ip=_query(request, "client_ip"),
+        path_prefix=_query(request, "path_prefix"),
+        since=_time(request, "from"),
+        until=_time(request, "to"),
+    )
+    found = await _m(request).requests(
+        _path(request, "team"), filters, _limit(request), _query(request, "cursor"),
+        actor=_actor(request),
+    )  # fmt: skip
+    items = [request_json(row) for row in found.rows]
+    return json_response(200, {"items": items, "next_cursor": found.next_cursor})
 
 
 async def list_anomalies(request: web.Request) -> web.Response:

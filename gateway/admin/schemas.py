@@ -214,6 +214,32 @@ ANOMALY_PAGE = page(
         ["kind", "at", "subject", "team", "observed", "threshold", "detail"],
     )
 )
+REQUEST_PAGE = page(
+    obj(
+        {
+            "id": {"type": "integer"},
+            "time": TIMESTAMP,
+            "request_id": {"type": "string"},
+            "key_id": {"type": "string"},
+            "key_prefix": {"type": "string"},
+            "environment": ENVIRONMENT,
+            "method": {"type": "string"},
+            "route": {"type": "string"},
+            "path": {"type": "string"},
+            "status": {"type": "integer"},
+            "outcome": {"type": "string"},
+            "credits": {"type": "integer"},
+            "client_ip": {"type": "string"},
+            "user_agent": {"type": "string"},
+            "duration_ms": {"type": "number"},
+        },
+        [
+            "id", "time", "request_id", "key_id", "key_prefix", "environment", "method",
+            "route", "path", "status", "outcome", "credits", "client_ip", "user_agent",
+            "duration_ms",
+        ],
+    )
+)  # fmt: skip
 AUTH_FAILURE_PAGE = page(
     obj(
         {

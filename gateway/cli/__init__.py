@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from gateway.cli import manage
+from gateway.cli import manage, requests
 from gateway.cli import plans as cli_plans
 from gateway.cli._common import CliError, fail
 from gateway.cli.serve import cmd_check_config, cmd_demo, cmd_migrate, cmd_run
@@ -173,6 +173,15 @@ def _parser() -> argparse.ArgumentParser:
     p = command(sub, "audit", manage.audit, "who changed what, when")
     p.add_argument("--team")
     p.add_argument("--limit", type=_integer, default=AUDIT_DEFAULT)
+    p = command(sub, "requests", requests.requests, "a team's request log, newest first")
+    p.add_argument("--team", required=True)
+    p.add_argument("--key", help="one key id only")
+    p.add_argument("--since", help="how far back: 30s, 15m, 1h, 7d")
+    p.add_argument("--status", help="a status (429) or a class (4xx)")
+    p.add_argument("--outcome", help="ok, rate_limited, insufficient_credits, ...")
+    p.add_argument("--client-ip", help="an address or a CIDR network")
+    p.add_argument("--path-prefix", help="paths starting with this")
+    p.add_argument("--limit", type=_integer, default=50)
     p = command(sub, "usage", manage.usage, "request counts by outcome and credits charged")
     p.add_argument("--team", required=True)
     p.add_argument("--granularity", choices=("minute", "hour", "day"), default="hour")

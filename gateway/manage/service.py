@@ -11,10 +11,11 @@ from gateway.manage.credits import CreditActions
 from gateway.manage.keys import KeyActions
 from gateway.manage.plans import PlanActions
 from gateway.manage.reads import Reads
+from gateway.manage.requests import RequestReads
 from gateway.manage.teams import TeamActions
 
 __all__ = ["Management"]
 
 
-class Management(TeamActions, KeyActions, CreditActions, PlanActions, Reads):
+class Management(TeamActions, KeyActions, CreditActions, PlanActions, Reads, RequestReads):
     """One object per process, built by the app factory (or the CLI) over its backend."""

@@ -32,6 +32,7 @@ from gateway.pipeline.forward import Forwarder, finish
 from gateway.pipeline.limits import RateLimits
 from gateway.pipeline.settlement import Settlements
 from gateway.proxy import ClientAddress, UpstreamPool
+from gateway.request_log import RequestLog
 from gateway.routing import Router
 from gateway.storage import Ledger, StorageError
 from gateway.text import safe_text
@@ -68,6 +69,7 @@ class Pipeline:
         anomalies: AnomalyDetector | None = None,
         tracing: Tracing | None = None,
         access_log: AccessLog | None = None,
+        request_log: RequestLog | None = None,
     ) -> None:
         self._tracing = tracing
         pepper = settings.keys.pepper
@@ -91,7 +93,8 @@ class Pipeline:
             settings, credits, ledger, metrics, may_reserve_ahead=self._limits.may_reserve_ahead
         )
         self._forwarder = Forwarder(settings, upstreams, self._addresses, self._deadlines, metrics)
-        self._recorder = Recorder(metrics, usage, anomalies, access_log)
+        self._recorder = Recorder(metrics, usage, anomalies, access_log, request_log)
+        self._log_requests = request_log is not None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         headers = request.headers
@@ -101,6 +104,9 @@ class Pipeline:
         ex.client_ip = safe_text(
             self._addresses.client_ip(request.remote, headers.get("X-Forwarded-For")), 100
         )
+        if self._log_requests:
+            ex.target = request.raw_path
+            ex.user_agent = headers.get("User-Agent", "")
         if self._tracing is not None:
             ex.trace = self._tracing.start(headers, request.method)
         trace = ex.trace

@@ -15,6 +15,7 @@ from gateway.access_log import AccessLog
 from gateway.anomaly import AnomalyDetector
 from gateway.metrics import Metrics
 from gateway.models import KeyRecord, Outcome
+from gateway.request_log import RequestLog
 from gateway.tracing import NO_TRACE, RequestTrace
 from gateway.usage import UsageRecorder
 
@@ -42,6 +43,10 @@ class Exchange:
     method: str
     started: float
     client_ip: str = ""
+    # The request target as sent (path and query) and the User-Agent, raw: the
+    # request log makes them safe text off the request path.
+    target: str = ""
+    user_agent: str = ""
     route: str = "-"
     status: int = 0
     outcome: Outcome = Outcome.BAD_REQUEST
@@ -72,11 +77,13 @@ class Recorder:
         usage: UsageRecorder,
         anomalies: AnomalyDetector | None,
         access_log: AccessLog | None,
+        request_log: RequestLog | None = None,
     ) -> None:
         self._metrics = metrics
         self._usage = usage
         self._anomalies = anomalies
         self._access_log = access_log
+        self._request_log = request_log
 
     def record(self, ex: Exchange) -> None:
         elapsed = time.monotonic() - ex.started
@@ -88,6 +95,11 @@ class Recorder:
                 self._usage.record_ip(key, ex.client_ip)
                 if self._anomalies is not None:
                     self._anomalies.request(key.id, key.team_id, ex.client_ip)
+            if self._request_log is not None:
+                self._request_log.record(
+                    key, ex.request_id, ex.method, ex.route, ex.target, ex.status,
+                    ex.outcome.value, ex.credits, ex.client_ip, ex.user_agent, elapsed * 1000,
+                )  # fmt: skip
         self._metrics.count_request(
             ex.route, ex.method, ex.status, ex.outcome.value, key.team_id if key else None
         )

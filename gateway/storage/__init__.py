@@ -41,8 +41,11 @@ from gateway.storage.types import (
     KeyIpDay,
     KeyReused,
     KeyUsage,
+    LoggedRequest,
     Mismatch,
     NotFound,
+    RequestEntry,
+    RequestQuery,
     ReserveRequest,
     ReserveResult,
     StorageError,
@@ -71,10 +74,14 @@ __all__ = [
     "KeyReused",
     "KeyUsage",
     "Ledger",
+    "LoggedRequest",
     "Mismatch",
     "NotFound",
     "PlanStore",
     "PushesKeyChanges",
+    "RequestEntry",
+    "RequestLogStore",
+    "RequestQuery",
     "ReserveRequest",
     "ReserveResult",
     "StorageError",
@@ -269,6 +276,23 @@ class UsageStore(Protocol):
         ...
 
 
+class RequestLogStore(Protocol):
+    """The request log: written in batches off the request path, searched per team."""
+
+    async def add_requests(self, entries: Sequence[RequestEntry]) -> None:
+        """Append a batch (all or nothing; InvalidData for a value the database refuses)."""
+        ...
+
+    async def find_requests(self, query: RequestQuery) -> list[LoggedRequest]:
+        """One team's rows matching the query, newest first (by time, then id)."""
+        ...
+
+    async def prune_requests(self, before: float, max_rows_per_team: int, batch: int) -> int:
+        """Delete rows older than ``before`` and each team's oldest beyond its
+        maximum, ``batch`` rows per statement; returns how many were deleted."""
+        ...
+
+
 class Ledger(Protocol):
     """The two-phase credit ledger: reserve, then post or void, exactly once."""
 
@@ -402,7 +426,7 @@ class Ledger(Protocol):
         ...
 
 
-class Backend(Store, AdminStore, UsageStore, Ledger, PlanStore, Protocol):
+class Backend(Store, AdminStore, UsageStore, RequestLogStore, Ledger, PlanStore, Protocol):
     """One database holding both; owns its connections."""
 
     async def open(self) -> None: ...

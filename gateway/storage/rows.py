@@ -20,7 +20,9 @@ from gateway.storage import (
     KeyChange,
     KeyIpDay,
     KeyUsage,
+    LoggedRequest,
     Mismatch,
+    RequestEntry,
     UsageBucket,
 )
 from gateway.storage.rules import encode_ledger_cursor
@@ -41,6 +43,7 @@ __all__ = [
     "key_record",
     "key_usage",
     "ledger_entry",
+    "logged_request",
     "mismatches",
     "plan",
     "team",
@@ -201,3 +204,14 @@ def key_ip_day(row: Row) -> KeyIpDay:
 
 def auth_failure_count(row: Row) -> AuthFailureCount:
     return AuthFailureCount(row[0], row[1], row[2], int(row[3]))
+
+
+def logged_request(row: Row) -> LoggedRequest:
+    """A request log row selected as sql.REQUEST_LOG_COLUMNS."""
+    return LoggedRequest(
+        int(row[0]),
+        RequestEntry(
+            float(row[1]), row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9],
+            int(row[10]), row[11], int(row[12]), row[13], row[14], float(row[15]),
+        ),
+    )  # fmt: skip

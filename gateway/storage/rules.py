@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import math
 import re
 import secrets
@@ -32,6 +33,7 @@ __all__ = [
     "decode_ledger_cursor",
     "encode_ledger_cursor",
     "grant_key_reused",
+    "ip_within",
     "key_already_revoked",
     "key_hash_exists",
     "key_revoked",
@@ -196,3 +198,17 @@ def decode_ledger_cursor(cursor: str) -> tuple[float, str]:
     if not 0.0 <= created_at <= _LATEST:
         raise ValueError("not a ledger cursor")
     return created_at, entry_id
+
+
+def ip_within(address: str | None, network: str | None) -> bool:
+    """Whether ``address`` lies in ``network`` (CIDR); False for text that is neither.
+
+    SQLite's filter for a request log search by network (PostgreSQL compares inet).
+    """
+    if not address or not network:
+        return False
+    try:
+        return ipaddress.ip_address(address) in ipaddress.ip_network(network, strict=False)
+    except ValueError:
+        return False
+

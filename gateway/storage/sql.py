@@ -9,7 +9,17 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["RECONCILE", "key_ips", "qmark", "usage_buckets"]
+from gateway.storage.types import RequestQuery
+
+__all__ = [
+    "RECONCILE",
+    "REQUEST_LOG_COLUMNS",
+    "REQUEST_LOG_INSERT_COLUMNS",
+    "key_ips",
+    "qmark",
+    "request_search",
+    "usage_buckets",
+]
 
 _NUMBERED = re.compile(r"\$(\d+)")
 
@@ -50,6 +60,58 @@ def key_ips(
         query += " AND key_id = $4"
         args.append(key_id)
     return query + " ORDER BY day, key_id, client_ip", args
+
+
+# What a request log row holds, in RequestEntry's order (after the id when read).
+REQUEST_LOG_INSERT_COLUMNS = (
+    "at, team_id, key_id, key_prefix, environment, request_id, method, route, path, "
+    "status, outcome, credits, client_ip, user_agent, duration_ms"
+)
+REQUEST_LOG_COLUMNS = "id, " + REQUEST_LOG_INSERT_COLUMNS
+
+
+def request_search(q: RequestQuery, within_network: str) -> tuple[str, list[object]]:
+    """The query of :meth:`RequestLogStore.find_requests` (``$n`` style) and its arguments.
+
+    ``within_network`` is the dialect's test that the row's address lies in the
+    network given as parameter ``{n}`` (a CIDR text). Newest first by (at, id),
+    which the indexes on (team_id, [key_id | status,] at, id) read in order.
+    """
+    args: list[object] = [q.team_id]
+    where = ["team_id = $1"]
+
+    def add(condition: str, value: object) -> None:
+        args.append(value)
+        where.append(condition.format(n=f"${len(args)}"))
+
+    if q.key_id is not None:
+        add("key_id = {n}", q.key_id)
+    if q.status is not None:
+        add("status = {n}", q.status)
+    elif q.status_range is not None:
+        add("status >= {n}", q.status_range[0])
+        add("status <= {n}", q.status_range[1])
+    if q.outcome is not None:
+        add("outcome = {n}", q.outcome)
+    if q.client_ip is not None:
+        add(within_network if "/" in q.client_ip else "client_ip = {n}", q.client_ip)
+    if q.path_prefix is not None:
+        # Not LIKE: SQLite's ignores letter case, and a prefix may hold % or _.
+        add("substr(path, 1, length({n})) = {n}", q.path_prefix)
+    if q.since is not None:
+        add("at >= {n}", q.since)
+    if q.until is not None:
+        add("at < {n}", q.until)
+    if q.before is not None:
+        args.extend(q.before)
+        where.append(f"(at < ${len(args) - 1} OR (at = ${len(args) - 1} AND id < ${len(args)}))")
+    args.append(q.limit)
+    query = (
+        f"SELECT {REQUEST_LOG_COLUMNS} FROM request_log WHERE "  # noqa: S608 - built from constants
+        + " AND ".join(where)
+        + f" ORDER BY at DESC, id DESC LIMIT ${len(args)}"
+    )
+    return query, args
 
 
 # The balance derived from immutable facts: grants, adjustments, plan refills and

@@ -28,8 +28,11 @@ __all__ = [
     "KeyIpDay",
     "KeyReused",
     "KeyUsage",
+    "LoggedRequest",
     "Mismatch",
     "NotFound",
+    "RequestEntry",
+    "RequestQuery",
     "ReserveRequest",
     "ReserveResult",
     "StorageError",
@@ -221,3 +224,51 @@ class AuthFailureCount(NamedTuple):
     client_ip: str
     reason: str
     failures: int
+
+
+# The request log (see RequestLogStore).
+
+
+class RequestEntry(NamedTuple):
+    """One request as the request log keeps it (client text already made safe and bounded)."""
+
+    at: float  # when it finished, epoch seconds
+    team_id: str
+    key_id: str
+    key_prefix: str
+    environment: str
+    request_id: str
+    method: str
+    route: str
+    path: str
+    status: int
+    outcome: str
+    credits: int
+    client_ip: str
+    user_agent: str
+    duration_ms: float
+
+
+class LoggedRequest(NamedTuple):
+    """A request log row: its id (a page cursor's half) and what was kept."""
+
+    id: int
+    entry: RequestEntry
+
+
+@dataclass(frozen=True, slots=True)
+class RequestQuery:
+    """What a search of one team's request log asks for; None is "any"."""
+
+    team_id: str
+    limit: int
+    key_id: str | None = None
+    status: int | None = None
+    # An inclusive range such as (400, 499) for "4xx"; ignored when status is set.
+    status_range: tuple[int, int] | None = None
+    outcome: str | None = None
+    client_ip: str | None = None  # one address, or a network in CIDR notation
+    path_prefix: str | None = None
+    since: float | None = None  # at >= since
+    until: float | None = None  # at < until
+    before: tuple[float, int] | None = None  # (at, id) of the last row of the page before

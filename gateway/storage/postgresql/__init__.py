@@ -1,7 +1,8 @@
 """The shared backend: store and ledger on PostgreSQL, through an asyncpg pool.
 
 Same semantics as :mod:`gateway.storage.sqlite`, made safe for many replicas.
-One class per area (keys, key change listening, usage, ledger, idempotency)
+One class per area (keys, key change listening, usage, request log, ledger,
+idempotency)
 over a shared core that owns the pool; :class:`PostgresBackend` is all of them.
 """
 
@@ -12,6 +13,7 @@ from gateway.storage.postgresql.keys import PostgresKeys
 from gateway.storage.postgresql.ledger import PostgresLedger
 from gateway.storage.postgresql.listen import NOTIFY_CHANNEL, PostgresListen
 from gateway.storage.postgresql.plans import PostgresPlans
+from gateway.storage.postgresql.requests import PostgresRequests
 from gateway.storage.postgresql.usage import PostgresUsage
 
 __all__ = ["NOTIFY_CHANNEL", "PostgresBackend"]
@@ -21,6 +23,7 @@ class PostgresBackend(
     PostgresKeys,
     PostgresListen,
     PostgresUsage,
+    PostgresRequests,
     PostgresLedger,
     PostgresIdempotency,
     PostgresPlans,

@@ -20,6 +20,7 @@ from gateway.storage import (
     Audit,
     StorageUnavailable,
     migrations,
+    rules,
 )
 from gateway.storage.shared import SharedMethods
 
@@ -62,6 +63,8 @@ class SqliteCore(SharedMethods):
         # too, not only a process crash. Grouped reserves keep the fsyncs few.
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
+        # The request log's search by network (PostgreSQL compares inet instead).
+        conn.create_function("ip_within", 2, rules.ip_within, deterministic=True)
         self._conn = conn
 
     async def close(self) -> None:
