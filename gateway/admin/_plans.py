@@ -40,14 +40,20 @@ async def set_plan(request: web.Request) -> web.Response:
     return _shown(view)
 
 
+def _environment_query(request: web.Request) -> str:
+    # Absent means live; anything given (an empty value too) is checked by the service.
+    given = _query(request, "environment")
+    return "live" if given is None else given
+
+
 async def get_plan(request: web.Request) -> web.Response:
-    environment = _query(request, "environment") or "live"
+    environment = _environment_query(request)
     team = _path(request, "team")
     return _shown(await _m(request).plan(team, environment, actor=_actor(request)))
 
 
 async def clear_plan(request: web.Request) -> web.Response:
-    environment = _query(request, "environment") or "live"
+    environment = _environment_query(request)
     team = _path(request, "team")
     return _shown(await _m(request).clear_plan(team, environment, actor=_actor(request)))
 

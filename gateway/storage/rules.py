@@ -211,4 +211,3 @@ def ip_within(address: str | None, network: str | None) -> bool:
         return ipaddress.ip_address(address) in ipaddress.ip_network(network, strict=False)
     except ValueError:
         return False
-

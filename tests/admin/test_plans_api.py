@@ -53,6 +53,7 @@ async def test_setting_a_plan_refills_once_and_reads_back(admin_on: Admin) -> No
     assert await admin.harness.gateway.management.refill_due() == []
     assert (await admin.call("GET", "/admin/v1/teams/t/plan", expect=200))["allowance"] == 700
     await admin.call("GET", "/admin/v1/teams/t/plan?environment=test", expect=404)
+    await admin.call("GET", "/admin/v1/teams/t/plan?environment=", expect=422)
     audit = await admin.call("GET", "/admin/v1/audit?team=t", expect=200)
     assert [e["action"] for e in audit["items"]].count("plan.set") == 2
     cleared = await admin.call("DELETE", "/admin/v1/teams/t/plan", expect=200)

@@ -146,3 +146,15 @@ async def test_the_ledger_lists_refills_and_expiries_and_pages_through_them(db: 
         paged += page
         before = page[-1].cursor
     assert [e.id for e in paged] == [e.id for e in entries]
+
+
+async def test_a_plan_set_back_to_a_refilled_period_is_marked_not_refilled(db: Backend) -> None:
+    team = (await db.create_team("t")).id
+    await plan(db, team, "month:2026-12-01", period="month")
+    await plan(db, team, "day:2026-12-05")  # a new kind of period: its own refill
+    assert await plan(db, team, "month:2026-12-01", period="month") is None
+    [stored] = await db.plans(team)
+    # Remembered, so the refill loop does not ask again every few seconds.
+    assert stored.current_period == "month:2026-12-01"
+    assert await db.balance(team, "live") == 50
+    assert await db.reconcile() == []

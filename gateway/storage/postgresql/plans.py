@@ -26,6 +26,7 @@ _CLEAR_SQL = (
     "DELETE FROM plans WHERE team_id = $1 AND environment = $2 "  # noqa: S608 - constant
     f"RETURNING {model.PLAN_COLUMNS}"
 )
+_MARK_SQL = "UPDATE plans SET current_period = $3 WHERE team_id = $1 AND environment = $2"
 _ENTRY_SQL = (
     "INSERT INTO plan_entries (team_id, environment, period_key, kind, amount) "
     "VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING id"
@@ -126,7 +127,10 @@ class PostgresPlans(PostgresCore):
         expired, refilled = refill_amounts(plan, available, allowance_left)
         args = (team_id, environment, period_key)
         if await conn.fetchval(_ENTRY_SQL, *args, "refill", refilled) is None:
-            return None  # this period was refilled already (another replica, or a retry)
+            # Refilled already (another replica, a retry, or a plan set back to a
+            # period it had): only remember it, so nobody asks again this period.
+            await conn.execute(_MARK_SQL, *args)
+            return None
         if expired:
             await conn.execute(_ENTRY_SQL, *args, "expire", -expired)
         # One statement sets both parts, so the spend-allowance-first trigger leaves it alone.
@@ -138,9 +142,6 @@ class PostgresPlans(PostgresCore):
             expired,
             refilled,
         )
-        await conn.execute(
-            "UPDATE plans SET current_period = $3 WHERE team_id = $1 AND environment = $2",
-            *args,
-        )
+        await conn.execute(_MARK_SQL, *args)
         balance = available - expired + refilled
         return Refill(team_id, environment, period_key, refilled, expired, balance)

@@ -117,8 +117,12 @@ class SqlitePlans(SqliteCore):
             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
         )
         account = (team_id, environment, period_key)
+        mark = "UPDATE plans SET current_period = ? WHERE team_id = ? AND environment = ?"
         if not db.execute(entry, (*account, "refill", refilled, now)).rowcount:
-            return None  # this period was refilled already (another process, or a retry)
+            # Refilled already (another process, a retry, or a plan set back to a
+            # period it had): only remember it, so nobody asks again this period.
+            db.execute(mark, (period_key, team_id, environment))
+            return None
         if expired:
             db.execute(entry, (*account, "expire", -expired, now))
         # One statement sets both parts, so the spend-allowance-first trigger leaves it alone.
@@ -127,9 +131,6 @@ class SqlitePlans(SqliteCore):
             "WHERE team_id = ? AND environment = ?",
             (expired, refilled, expired, refilled, team_id, environment),
         )
-        db.execute(
-            "UPDATE plans SET current_period = ? WHERE team_id = ? AND environment = ?",
-            (period_key, team_id, environment),
-        )
+        db.execute(mark, (period_key, team_id, environment))
         balance = available - expired + refilled
         return Refill(team_id, environment, period_key, refilled, expired, balance)
