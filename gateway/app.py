@@ -126,6 +126,7 @@ class Gateway:
             asyncio.create_task(self.credits.run(), name="credits"),
             asyncio.create_task(self.usage.run(), name="usage"),
             asyncio.create_task(self._retention(), name="retention"),
+            asyncio.create_task(self._refills(), name="plan-refills"),
         ]
         if self.anomalies is not None:
             self._tasks.append(asyncio.create_task(self._anomaly_clock(), name="anomalies"))
@@ -142,6 +143,24 @@ class Gateway:
         while True:
             await asyncio.sleep(interval)
             self.anomalies.tick()
+
+    async def _refills(self) -> None:
+        """Refill plans whose period turned: at start-up (catching up after downtime), then
+        every ``plans.refill_check_seconds``. Each refill is idempotent by period key,
+        so every replica and worker runs this."""
+        while True:
+            try:
+                for refill in await self.management.refill_due():
+                    log.info(
+                        "refilled %s/%s for %s: +%d, %d expired",
+                        refill.team_id, refill.environment, refill.period_key,
+                        refill.refilled, refill.expired,
+                    )  # fmt: skip
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("plan refills failed, will try again: %s", exc)
+            await asyncio.sleep(self.settings.plans.refill_check_seconds)
 
     async def _retention(self) -> None:
         """Roll old resolved reservations up into per-day rows, now and then."""

@@ -317,6 +317,15 @@ class ShutdownSettings(_Frozen):
     drain_seconds: float = Field(default=30.0, ge=0, le=3600)
 
 
+class PlanSettings(_Frozen):
+    # How often each process looks for plans whose period turned (a refill is
+    # idempotent by period key, so every replica and worker may look).
+    refill_check_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # Shifts the clock plans read (periods, refills, next_refill_at): for
+    # rehearsing a period boundary without waiting for it. 0 in production.
+    clock_offset_seconds: float = Field(default=0.0, ge=-(10**9), le=10**9)
+
+
 class UpstreamSettings(_Frozen):
     url: str
     timeout_seconds: float = Field(default=30.0, gt=0, le=MAX_DURATION_SECONDS)
@@ -408,6 +417,7 @@ class Settings(_Frozen):
     upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
     routes: tuple[RouteSettings, ...] = ()
     shutdown: ShutdownSettings = ShutdownSettings()
+    plans: PlanSettings = PlanSettings()
 
     _v = field_validator("listen")(_check_listen)
 

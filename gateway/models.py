@@ -87,8 +87,9 @@ class ApiKey:
 
 @dataclass(frozen=True, slots=True)
 class LedgerEntry:
-    """A credit entry ("c<n>": grant, adjust) or a reservation ("r<id>": reserve,
-    post, void, expire_void, expire_post), as the team's ledger history lists it."""
+    """A credit entry ("c<n>": grant, adjust), a reservation ("r<id>": reserve,
+    post, void, expire_void, expire_post) or a plan entry ("p<n>": refill, expire;
+    the period key as its reason), as the team's ledger history lists it."""
 
     id: str
     team_id: str

@@ -36,6 +36,7 @@ from gateway.admin._handlers import (
     update_key,
     update_team,
 )
+from gateway.admin._plans import PLAN, PLAN_BODY, clear_plan, get_plan, set_plan
 from gateway.admin.schemas import (
     AMOUNT,
     ANOMALY_PAGE,
@@ -152,6 +153,15 @@ OPERATIONS: tuple[Operation, ...] = (
                      "to": {"type": "string", "format": "date-time"},
                      "granularity": {"enum": ["minute", "hour", "day"]},
                      "key_id": {"type": "string"}}),
+    Operation("PUT", "/admin/v1/teams/{team}/plan", set_plan, "setPlan",
+              "Set the team's plan for one environment; refills the current period once",
+              200, PLAN, body=PLAN_BODY, errors=(403,)),
+    Operation("GET", "/admin/v1/teams/{team}/plan", get_plan, "getPlan",
+              "The team's plan for one environment, with the next refill", 200, PLAN,
+              query={"environment": {"enum": ["live", "test"]}}),
+    Operation("DELETE", "/admin/v1/teams/{team}/plan", clear_plan, "clearPlan",
+              "Remove the team's plan for one environment (the balance stays)", 200, PLAN,
+              query={"environment": {"enum": ["live", "test"]}}, errors=(403,)),
     Operation("POST", "/admin/v1/teams/{team}/tokens", create_token, "createToken",
               "Create a team-scoped management token (shown this once)", 201, CREATED_TOKEN,
               body=obj({"name": NAME}, required=["name"]), errors=(403,)),

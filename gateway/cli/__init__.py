@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from gateway.cli import manage, requests
+from gateway.cli import plans as cli_plans
 from gateway.cli._common import CliError, fail
 from gateway.cli.serve import cmd_check_config, cmd_demo, cmd_migrate, cmd_run
 from gateway.config import DEFAULT_CONFIG_PATH, ConfigError
@@ -153,6 +154,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--team", required=True)
     p.add_argument("--history", type=_integer, default=10, help="ledger entries to show")
     command(credits, "reconcile", manage.credits_reconcile, "prove balances equal their ledger")
+
+    plans = group("plans", "manage team plans (credits refilled every period)")
+    p = command(plans, "set", cli_plans.plans_set, "set a team's plan; refills this period once")
+    p.add_argument("--team", required=True)
+    p.add_argument("--allowance", type=_integer, required=True, help="credits per period")
+    p.add_argument("--period", choices=("day", "week", "month"), required=True)
+    p.add_argument("--anchor-day", type=_integer, help="weekday 1-7 or day of month 1-28")
+    p.add_argument("--rollover", choices=("expire", "carry"), default="expire")
+    p.add_argument("--max-balance", type=_integer, help="refills stop at this balance")
+    p.add_argument("--env", choices=("live", "test"), default="live")
+    p = command(plans, "show", cli_plans.plans_show, "a team's plans and their next refills")
+    p.add_argument("--team", required=True)
+    p = command(plans, "clear", cli_plans.plans_clear, "remove a team's plan (balance stays)")
+    p.add_argument("--team", required=True)
+    p.add_argument("--env", choices=("live", "test"), default="live")
 
     p = command(sub, "audit", manage.audit, "who changed what, when")
     p.add_argument("--team")

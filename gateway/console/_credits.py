@@ -24,6 +24,7 @@ from gateway.console._layout import (
 from gateway.console._state import TEMPLATES, session_of
 from gateway.manage.bounds import AMOUNT_MAX, REASON_MAX
 from gateway.manage.inputs import Fields, InputError, parse_int
+from gateway.manage.plans import PlanView
 from gateway.models import LedgerEntry, Team
 from gateway.storage import Conflict
 
@@ -38,6 +39,8 @@ KINDS = {
     "void": "Returned",
     "expire_void": "Returned (lease expired)",
     "expire_post": "Charged (lease expired)",
+    "refill": "Plan refill",
+    "expire": "Plan allowance expired",
 }
 
 
@@ -58,6 +61,20 @@ def _entry(entry: LedgerEntry) -> Markup:
     )
 
 
+def _plan(view: PlanView | None) -> Markup:
+    """A balance card's plan line: the allowance, what happens to the rest, the next refill."""
+    if view is None:
+        return Markup("")
+    plan = view.plan
+    return fmt(
+        '<p class="hint plan">Plan: $allowance per $period ($rollover); next refill $next</p>',
+        allowance=f"{plan.allowance:,}",
+        period=plan.period,
+        rollover="unused allowance expires" if plan.rollover == "expire" else "unused carries",
+        next=when(view.next_refill_at),
+    )
+
+
 async def _credits_page(
     request: web.Request,
     owner: Team,
@@ -75,6 +92,8 @@ async def _credits_page(
     except InputError:
         return await error_page(request, 400, "Bad page link", "That ledger page is unknown.")
     _, balances = await management.balances(owner.id, actor=actor(request))
+    views = await management.plans(owner.id, actor=actor(request))
+    plans: dict[str, PlanView] = {v.plan.environment: v for v in views}
     unlimited_test = gateway.settings.credits.test_environment == "unlimited"
     cards = []
     for environment, label in (("live", "Live"), ("test", "Test")):
@@ -85,11 +104,12 @@ async def _credits_page(
         cards.append(
             fmt(
                 '<div class="balance" data-environment="$env"><p class="label">$label</p>'
-                '<p class="value">$amount</p><p class="hint">$hint</p></div>',
+                '<p class="value">$amount</p><p class="hint">$hint</p>$plan</div>',
                 env=environment,
                 label=label,
                 amount=amount,
                 hint=hint,
+                plan=_plan(plans.get(environment)),
             )
         )
     if entries:

@@ -39,6 +39,7 @@ class Core:
         self._pepper = pepper.get_secret_value().encode() if pepper else None
         token = settings.admin.token
         self._admin_token = token.get_secret_value().encode() if token is not None else None
+        self._plan_clock_offset = settings.plans.clock_offset_seconds
 
     @contextlib.contextmanager
     def _changing(self, key_hash: str | None = None, team_id: str | None = None) -> Iterator[None]:

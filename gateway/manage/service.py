@@ -1,4 +1,4 @@
-"""The management service: every action on teams, keys, tokens and credits, and the reads.
+"""The management service: every action on teams, keys, tokens, credits and plans, and the reads.
 
 Each action owns its input bounds, the actor's permission, the change and its
 audit entry; the admin API, the console and the CLI only translate their
@@ -10,6 +10,7 @@ from __future__ import annotations
 from gateway.manage.credits import CreditActions
 from gateway.manage.export import ExportActions
 from gateway.manage.keys import KeyActions
+from gateway.manage.plans import PlanActions
 from gateway.manage.reads import Reads
 from gateway.manage.requests import RequestReads
 from gateway.manage.teams import TeamActions
@@ -17,5 +18,7 @@ from gateway.manage.teams import TeamActions
 __all__ = ["Management"]
 
 
-class Management(TeamActions, KeyActions, CreditActions, Reads, RequestReads, ExportActions):
+class Management(
+    TeamActions, KeyActions, CreditActions, PlanActions, Reads, RequestReads, ExportActions
+):
     """One object per process, built by the app factory (or the CLI) over its backend."""

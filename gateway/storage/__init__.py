@@ -22,6 +22,7 @@ from gateway.models import (
     TeamToken,
     UsageRow,
 )
+from gateway.storage.plans import PlanStore
 from gateway.storage.types import (
     IDEMPOTENCY_TTL_SECONDS,
     KEY_FIELDS,
@@ -76,6 +77,7 @@ __all__ = [
     "LoggedRequest",
     "Mismatch",
     "NotFound",
+    "PlanStore",
     "PushesKeyChanges",
     "RequestEntry",
     "RequestLogStore",
@@ -424,7 +426,7 @@ class Ledger(Protocol):
         ...
 
 
-class Backend(Store, AdminStore, UsageStore, RequestLogStore, Ledger, Protocol):
+class Backend(Store, AdminStore, UsageStore, RequestLogStore, Ledger, PlanStore, Protocol):
     """One database holding both; owns its connections."""
 
     async def open(self) -> None: ...

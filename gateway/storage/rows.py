@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import orjson
 
 from gateway.models import ApiKey, AuditEntry, KeyRecord, LedgerEntry, Team, TeamToken
+from gateway.plans import Plan
 from gateway.storage import (
     AuthFailureCount,
     IdempotencyRecord,
@@ -29,6 +30,7 @@ from gateway.storage.rules import encode_ledger_cursor
 __all__ = [
     "CACHED_KEY_FIELDS",
     "KEY_COLUMNS",
+    "PLAN_COLUMNS",
     "TEAM_COLUMNS",
     "TOKEN_COLUMNS",
     "Row",
@@ -43,6 +45,7 @@ __all__ = [
     "ledger_entry",
     "logged_request",
     "mismatches",
+    "plan",
     "team",
     "token",
     "usage_bucket",
@@ -54,6 +57,9 @@ KEY_COLUMNS = (
 )
 TOKEN_COLUMNS = "id, team_id, name, prefix, created_at, last_used_at, revoked_at"  # noqa: S105
 TEAM_COLUMNS = "id, name, rate_limit_per_minute, created_at"
+PLAN_COLUMNS = (
+    "team_id, environment, allowance, period, anchor_day, rollover, max_balance, current_period"
+)
 # What a key cache holds of a key besides its hash: a change of one of these
 # must reach the caches (the PostgreSQL trigger compares the same columns).
 CACHED_KEY_FIELDS = ("rate_limit_per_minute", "disabled", "expires_at")
@@ -136,6 +142,20 @@ def idempotency_record(row: Row, prefix: str = "") -> IdempotencyRecord:
         content_type=row[prefix + "content_type"],
         body=row[prefix + "body"],
         body_stored=bool(row[prefix + "body_stored"]),
+    )
+
+
+def plan(row: Row) -> Plan:
+    max_balance = row["max_balance"]
+    return Plan(
+        row["team_id"],
+        row["environment"],
+        int(row["allowance"]),
+        row["period"],
+        int(row["anchor_day"]),
+        row["rollover"],
+        None if max_balance is None else int(max_balance),
+        row["current_period"],
     )
 
 

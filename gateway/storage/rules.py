@@ -49,7 +49,7 @@ __all__ = [
 
 # Ledger cursors carry a time the backends can store (up to 9999-12-31T23:59:59Z).
 _LATEST = 253_402_300_799.0
-_ENTRY_ID = re.compile(r"[cr][\x20-\x7e]{1,200}\Z", re.ASCII)  # printable ASCII: no NUL
+_ENTRY_ID = re.compile(r"[cpr][\x20-\x7e]{1,200}\Z", re.ASCII)  # printable ASCII: no NUL
 
 
 def new_id(prefix: str) -> str:
@@ -211,4 +211,3 @@ def ip_within(address: str | None, network: str | None) -> bool:
         return ipaddress.ip_address(address) in ipaddress.ip_network(network, strict=False)
     except ValueError:
         return False
-

@@ -119,8 +119,9 @@ def request_search(
     return query, args
 
 
-# The balance derived from immutable facts: grants and adjustments, minus what
-# pending reservations hold, minus what resolved ones charged (rolled up or not).
+# The balance derived from immutable facts: grants, adjustments, plan refills and
+# expiries, minus what pending reservations hold, minus what resolved ones charged
+# (rolled up or not).
 # One statement, so one snapshot: consistent while the ledger is being written.
 RECONCILE = """
 WITH accounts AS (
@@ -128,9 +129,13 @@ WITH accounts AS (
     UNION SELECT team_id, environment FROM credit_entries
     UNION SELECT team_id, environment FROM reservations
     UNION SELECT team_id, environment FROM reservation_rollups
+    UNION SELECT team_id, environment FROM plan_entries
 ),
 granted AS (
-    SELECT team_id, environment, sum(amount) AS total FROM credit_entries
+    SELECT team_id, environment, sum(amount) AS total FROM (
+        SELECT team_id, environment, amount FROM credit_entries
+        UNION ALL SELECT team_id, environment, amount FROM plan_entries
+    ) AS entries
     GROUP BY team_id, environment
 ),
 spent AS (

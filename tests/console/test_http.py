@@ -544,3 +544,16 @@ async def test_requests_page_lists_and_filters_the_request_log(console: Console)
     )
     usage = await browser.page(f"/console/teams/{team}/usage")
     assert f"/console/teams/{team}/requests?key_id={created['id']}" in usage
+
+
+async def test_the_credits_page_shows_the_plan_and_its_next_refill(console: Console) -> None:
+    team = await console.team("acme")
+    browser = await signed_in(console)
+    credits = f"/console/teams/{team}/credits"
+    assert "Plan:" not in await browser.page(credits)
+    shown = await console.api(
+        "PUT", f"/admin/v1/teams/{team}/plan", {"allowance": 1500, "period": "week"}
+    )
+    html = await browser.page(credits)
+    assert "Plan: 1,500 per week (unused allowance expires)" in html
+    assert f'datetime="{shown["next_refill_at"]}"' in html

@@ -12,6 +12,7 @@ from gateway.storage.postgresql.idempotency import PostgresIdempotency
 from gateway.storage.postgresql.keys import PostgresKeys
 from gateway.storage.postgresql.ledger import PostgresLedger
 from gateway.storage.postgresql.listen import NOTIFY_CHANNEL, PostgresListen
+from gateway.storage.postgresql.plans import PostgresPlans
 from gateway.storage.postgresql.requests import PostgresRequests
 from gateway.storage.postgresql.usage import PostgresUsage
 
@@ -25,5 +26,6 @@ class PostgresBackend(
     PostgresRequests,
     PostgresLedger,
     PostgresIdempotency,
+    PostgresPlans,
 ):
     """Store and ledger on PostgreSQL; any number of replicas may share the database."""

@@ -199,13 +199,14 @@ class PostgresLedger(PostgresCore):
         self, team_id: str, limit: int, before: str | None
     ) -> list[LedgerEntry]:
         if before is None:
-            query = _LEDGER_SQL.format(credit_cursor="", reservation_cursor="")
+            query = _LEDGER_SQL.format(credit_cursor="", reservation_cursor="", plan_cursor="")
             rows = await self._fetch(query, team_id, limit)
         else:
             at, entry_id = rules.decode_ledger_cursor(before)
             query = _LEDGER_SQL.format(
                 credit_cursor=_LEDGER_CURSOR.format(table="c", kind="c"),
                 reservation_cursor=_LEDGER_CURSOR.format(table="r", kind="r"),
+                plan_cursor=_LEDGER_CURSOR.format(table="p", kind="p"),
             )
             rows = await self._fetch(query, team_id, limit, at, entry_id)
         return [model.ledger_entry(r, team_id) for r in rows]
@@ -260,6 +261,11 @@ SELECT e.* FROM (
             NULL::text, r.id, r.created_at
      FROM reservations r WHERE r.team_id = $1{reservation_cursor}
      ORDER BY r.created_at DESC, entry_id DESC LIMIT $2)
+    UNION ALL
+    (SELECT ('p' || p.id::text) COLLATE "C" AS entry_id, p.environment, p.kind, p.amount,
+            p.period_key, NULL::text, p.created_at
+     FROM plan_entries p WHERE p.team_id = $1{plan_cursor}
+     ORDER BY p.created_at DESC, entry_id DESC LIMIT $2)
 ) e
 ORDER BY e.created_at DESC, e.entry_id DESC
 LIMIT $2

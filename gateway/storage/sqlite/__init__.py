@@ -1,6 +1,6 @@
 """The embedded backend: store and ledger in one SQLite file.
 
-One class per area (keys, usage, request log, ledger, idempotency) over a shared core that
+One class per area (keys, usage, request log, ledger, idempotency, plans) over a shared core that
 owns the connection; :class:`SqliteBackend` is all of them.
 """
 
@@ -9,11 +9,14 @@ from __future__ import annotations
 from gateway.storage.sqlite.idempotency import SqliteIdempotency
 from gateway.storage.sqlite.keys import SqliteKeys
 from gateway.storage.sqlite.ledger import SqliteLedger
+from gateway.storage.sqlite.plans import SqlitePlans
 from gateway.storage.sqlite.requests import SqliteRequests
 from gateway.storage.sqlite.usage import SqliteUsage
 
 __all__ = ["SqliteBackend"]
 
 
-class SqliteBackend(SqliteKeys, SqliteUsage, SqliteRequests, SqliteLedger, SqliteIdempotency):
+class SqliteBackend(
+    SqliteKeys, SqliteUsage, SqliteRequests, SqliteLedger, SqliteIdempotency, SqlitePlans
+):
     """Store and ledger on SQLite; safe to share the file with CLI processes (WAL)."""

@@ -211,15 +211,17 @@ class SqliteLedger(SqliteCore):
         self, team_id: str, limit: int, before: str | None
     ) -> list[LedgerEntry]:
         if before is None:
-            query = _LEDGER_SQL.format(credit_cursor="", reservation_cursor="")
-            args: tuple[object, ...] = (team_id, limit, team_id, limit, limit)
+            query = _LEDGER_SQL.format(credit_cursor="", reservation_cursor="", plan_cursor="")
+            args: tuple[object, ...] = (team_id, limit, team_id, limit, team_id, limit, limit)
         else:
             at, entry_id = rules.decode_ledger_cursor(before)
             query = _LEDGER_SQL.format(
                 credit_cursor=" AND (created_at, 'c' || id) < (?, ?)",
                 reservation_cursor=" AND (created_at, 'r' || id) < (?, ?)",
+                plan_cursor=" AND (created_at, 'p' || id) < (?, ?)",
             )
-            args = (team_id, at, entry_id, limit, team_id, at, entry_id, limit, limit)
+            args = (team_id, at, entry_id, limit, team_id, at, entry_id, limit,
+                    team_id, at, entry_id, limit, limit)  # fmt: skip
         rows = await self._run(lambda: self._db.execute(query, args).fetchall())
         return [model.ledger_entry(r, team_id) for r in rows]
 
@@ -259,7 +261,8 @@ class SqliteLedger(SqliteCore):
                 return total
 
 
-# Credit entries ("c<id>") and reservations ("r<id>", at the time they were made)
+# Credit entries ("c<id>"), reservations ("r<id>", at the time they were made) and
+# plan refills and expiries ("p<id>", their period key as the reason)
 # of one team, newest first by (created_at, entry_id); each side is cut to the
 # page size before the merge, so a page reads at most twice its length.
 _LEDGER_SQL = """
@@ -276,6 +279,13 @@ SELECT * FROM (
                -(CASE WHEN resolution IS NULL THEN amount ELSE charged END) AS amount,
                NULL AS reason, id AS reservation_id, created_at
         FROM reservations WHERE team_id = ?{reservation_cursor}
+        ORDER BY created_at DESC, entry_id DESC LIMIT ?
+    )
+    UNION ALL
+    SELECT * FROM (
+        SELECT 'p' || id AS entry_id, environment, kind, amount, period_key AS reason,
+               NULL AS reservation_id, created_at
+        FROM plan_entries WHERE team_id = ?{plan_cursor}
         ORDER BY created_at DESC, entry_id DESC LIMIT ?
     )
 )
