@@ -24,17 +24,23 @@ log = logging.getLogger("gateway.request_log")
 
 # Rows kept while the database is away, and written per statement.
 MAX_BUFFERED = 100_000
-BATCH_ROWS = 5_000
+BATCH_ROWS = 2_000
 _MAX_PATH = 512
 _MAX_USER_AGENT = 200
 # Pruning runs this often; each statement deletes at most this many rows.
 PRUNE_INTERVAL_SECONDS = 300.0
 PRUNE_BATCH = 5_000
 
-# What a request leaves: (at, key, request id, method, route, target, status,
-# outcome, credits, client ip, user agent, duration ms); the target and user agent
-# still raw, the client address already made safe by the pipeline.
-_Raw = tuple[float, KeyRecord, str, str, str, str, int, str, int, str, str, float]
+# Rows are turned into entries this many at a time, the loop let go between:
+# a flush never holds the event loop for more than a few milliseconds.
+CHUNK_ROWS = 1_000
+
+# What a request leaves: (at, team id, key id, key prefix, environment, request id,
+# method, route, target, status, outcome, credits, client ip, user agent, duration
+# ms); the target and user agent still raw, the client address already made safe by
+# the pipeline. Only strings and numbers: the collector stops tracking such a tuple
+# at its first pass, so a full buffer adds nothing to later collections.
+_Raw = tuple[float, str, str, str, str, str, str, str, str, int, str, int, str, str, float]
 
 
 class RequestSink(Protocol):
@@ -81,8 +87,8 @@ class RequestLog:
             self.dropped += 1
             return
         self._rows.append(
-            (time.time(), key, request_id, method, route, path, status, outcome, credits,
-             client_ip, user_agent, duration_ms)
+            (time.time(), key.team_id, key.id, key.prefix, key.environment, request_id, method,
+             route, path, status, outcome, credits, client_ip, user_agent, duration_ms)
         )  # fmt: skip
 
     @property
@@ -93,7 +99,9 @@ class RequestLog:
         """Write what was buffered; keep what the database could not take for the next flush."""
         rows, self._rows = self._rows, []
         entries, self._retry = self._retry, []
-        entries += [_entry(raw) for raw in rows]
+        for start in range(0, len(rows), CHUNK_ROWS):
+            entries += [_entry(raw) for raw in rows[start : start + CHUNK_ROWS]]
+            await asyncio.sleep(0)
         for start in range(0, len(entries), BATCH_ROWS):
             self._retry += await write_batch(
                 "request log rows", self._write, entries[start : start + BATCH_ROWS], tuple
@@ -125,9 +133,10 @@ class RequestLog:
 
 def _entry(raw: _Raw) -> RequestEntry:
     # The query string is left out: clients put tokens and personal data there.
-    at, key, request_id, method, route, path, status, outcome, credits, ip, agent, ms = raw
+    at, team, key, prefix, env, request_id, method, route, path, status, outcome, credits = raw[:12]
+    ip, agent, ms = raw[12:]
     return RequestEntry(
-        at, key.team_id, key.id, key.prefix, key.environment, request_id, method, route,
+        at, team, key, prefix, env, request_id, method, route,
         safe_text(path.partition("?")[0], _MAX_PATH), status, outcome, credits,
         ip, safe_text(agent, _MAX_USER_AGENT), round(ms, 3),
     )  # fmt: skip
