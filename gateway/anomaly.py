@@ -127,6 +127,8 @@ class AnomalyDetector:
         self._failures_by_prefix: dict[str, int] = {}
         self._failures_by_ip: dict[str, int] = {}
         self.recent: deque[Anomaly] = deque(maxlen=_MAX_RECENT)
+        # Told of every signal raised (the webhook worker, which makes it an event).
+        self.on_raise: Callable[[Anomaly], None] | None = None
         self._alpha = 2.0 / (settings.baseline_windows + 1)
 
     def _window_of(self, now: float) -> int:
@@ -226,6 +228,8 @@ class AnomalyDetector:
 
     def _raise(self, anomaly: Anomaly) -> None:
         self.recent.append(anomaly)
+        if self.on_raise is not None:
+            self.on_raise(anomaly)
         if self._metrics is not None:
             self._metrics.anomalies.labels(anomaly.kind).inc()
         log.warning(

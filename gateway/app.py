@@ -14,6 +14,7 @@ from gateway.access_log import AccessLog
 from gateway.anomaly import AnomalyDetector
 from gateway.config import MAX_BURST, MAX_RATE_PER_MINUTE, Settings
 from gateway.credits import Credits
+from gateway.events.worker import DeliveryWorker
 from gateway.keycache import KeyCache
 from gateway.limiter import Limit, Limiter, LimiterUnavailable
 from gateway.limiter.memory import MemoryLimiter
@@ -84,6 +85,13 @@ class Gateway:
             if requests.enabled
             else None
         )
+        self.webhooks = (
+            DeliveryWorker(self.backend, settings.webhooks, self.metrics)
+            if settings.webhooks.enabled
+            else None
+        )
+        if self.webhooks is not None and self.anomalies is not None:
+            self.anomalies.on_raise = self.webhooks.anomaly
         self.pipeline = Pipeline(
             settings,
             router=self.router,
@@ -134,6 +142,8 @@ class Gateway:
             self._tasks.append(asyncio.create_task(self.access_log.run(), name="access-log"))
         if self.request_log is not None:
             self._tasks.append(asyncio.create_task(self.request_log.run(), name="request-log"))
+        if self.webhooks is not None:
+            self._tasks.append(asyncio.create_task(self.webhooks.run(), name="webhooks"))
         self.ready = True
 
     async def _anomaly_clock(self) -> None:

@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -53,6 +53,7 @@ __all__ = [
     "TracingSettings",
     "UpstreamSettings",
     "UsageSettings",
+    "WebhookSettings",
     "load_settings",
     "parse_listen",
     "settings_from_mapping",
@@ -326,6 +327,24 @@ class PlanSettings(_Frozen):
     clock_offset_seconds: float = Field(default=0.0, ge=-(10**9), le=10**9)
 
 
+class WebhookSettings(_Frozen):
+    # The delivery worker, on every process (each delivery is sent by one of them).
+    enabled: bool = True
+    # Endpoints on loopback, private, link-local (cloud metadata) or other
+    # non-public addresses are refused unless this is true (tests, private nets).
+    allow_private_addresses: bool = False
+    poll_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+    timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    # Waits between attempts (each ±20 %): the default tries for about 27 hours.
+    retry_schedule_seconds: tuple[Annotated[float, Field(gt=0, le=7 * 86400)], ...] = Field(
+        default=(5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0), min_length=1
+    )
+    # An endpoint failing without a success for this long is disabled.
+    disable_after_seconds: float = Field(default=86400.0, gt=0)
+    concurrency: int = Field(default=16, ge=1, le=256)
+    retention_days: int = Field(default=30, ge=1, le=3650)
+
+
 class UpstreamSettings(_Frozen):
     url: str
     timeout_seconds: float = Field(default=30.0, gt=0, le=MAX_DURATION_SECONDS)
@@ -418,6 +437,7 @@ class Settings(_Frozen):
     routes: tuple[RouteSettings, ...] = ()
     shutdown: ShutdownSettings = ShutdownSettings()
     plans: PlanSettings = PlanSettings()
+    webhooks: WebhookSettings = WebhookSettings()
 
     _v = field_validator("listen")(_check_listen)
 

@@ -157,6 +157,25 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.webhook_deliveries = Counter(
+            "gateway_webhook_deliveries",
+            "Webhook delivery attempts by outcome: delivered, retry (failed, tried again "
+            "later) or failed (given up).",
+            ["outcome"],
+            registry=r,
+        )
+        self.webhook_queue = Gauge(
+            "gateway_webhook_queue_pending",
+            "Webhook deliveries not yet made, of enabled endpoints (sampled by the worker).",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.webhook_queue_age = Gauge(
+            "gateway_webhook_queue_oldest_seconds",
+            "How long the longest-waiting due webhook delivery has waited.",
+            registry=r,
+            multiprocess_mode="max",
+        )
         self._team_labels = team_labels
         self._team_limit = team_label_limit
         self._teams: set[str] = set()

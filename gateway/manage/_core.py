@@ -40,6 +40,7 @@ class Core:
         token = settings.admin.token
         self._admin_token = token.get_secret_value().encode() if token is not None else None
         self._plan_clock_offset = settings.plans.clock_offset_seconds
+        self._webhook_settings = settings.webhooks
 
     @contextlib.contextmanager
     def _changing(self, key_hash: str | None = None, team_id: str | None = None) -> Iterator[None]:

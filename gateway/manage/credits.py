@@ -12,6 +12,7 @@ from gateway.manage._core import Core
 from gateway.manage.actors import SYSTEM, Actor
 from gateway.manage.audit import audit
 from gateway.manage.bounds import AMOUNT_MAX, REASON_MAX
+from gateway.manage.events import credits_granted
 from gateway.manage.inputs import Check, InputError
 from gateway.models import Environment, LedgerEntry, Team
 from gateway.storage import KeyReused, Mismatch
@@ -66,7 +67,11 @@ class CreditActions(Core):
             result = await self._backend.apply_grant(
                 owner.id, environment, amount, reason, actor.label, idempotency_key,
                 _request_hash(environment, amount, reason),
-                audit=audit(actor, action, lambda _: said),  # not called for a replay
+                # Not called for a replay: a replay changes nothing and tells nothing.
+                audit=audit(actor, action, lambda _: said, tells=lambda made: (
+                    credits_granted(owner.id, environment, amount, reason, made.balance)
+                    if amount > 0 else None
+                )),
             )  # fmt: skip
         except KeyReused:
             raise InputError.field(

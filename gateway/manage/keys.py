@@ -16,6 +16,7 @@ from gateway.manage._core import Core, iso
 from gateway.manage.actors import SYSTEM, Actor
 from gateway.manage.audit import Said, audit
 from gateway.manage.bounds import GRACE_MAX_SECONDS, KEY_SECRET_MAX, NAME_MAX, RATE_LIMIT_MAX
+from gateway.manage.events import key_event, key_rotated
 from gateway.manage.inputs import Check, Unknown
 from gateway.models import ApiKey, Environment
 
@@ -72,7 +73,8 @@ class KeyActions(Core):
             key = await self._backend.create_key(
                 owner.id, name, environment, key_hash, display_prefix(secret),
                 rate_limit_per_minute, expires_at,
-                audit=audit(actor, "key.create", lambda made: (made.id, owner.id, said)),
+                audit=audit(actor, "key.create", lambda made: (made.id, owner.id, said),
+                            tells=lambda made: key_event("key.created", made)),
             )  # fmt: skip
         return CreatedKey(key, secret)
 
@@ -127,7 +129,8 @@ class KeyActions(Core):
         with self._changing(old_hash), self._changing(new_hash):
             new = await self._backend.rotate_key(
                 old.id, new_hash, display_prefix(secret), time.time() + grace_seconds,
-                audit=audit(actor, "key.rotate", said),
+                audit=audit(actor, "key.rotate", said,
+                            tells=lambda new: key_rotated(old, new, grace_seconds)),
             )  # fmt: skip
         return CreatedKey(new, secret)
 
@@ -135,8 +138,10 @@ class KeyActions(Core):
         key = await self.key(key_id, actor=actor)
         with self._changing(await self._hash_of(key)):
             return await self._backend.revoke_key(
-                key.id, audit=audit(actor, "key.revoke", lambda _: (key.id, key.team_id, {}))
-            )
+                key.id,
+                audit=audit(actor, "key.revoke", lambda _: (key.id, key.team_id, {}),
+                            tells=lambda made: key_event("key.revoked", made)),
+            )  # fmt: skip
 
     async def key_by_secret(self, secret: str, *, actor: Actor = SYSTEM) -> ApiKey:
         """The key a leaked secret belongs to (what a secret scanner reports)."""
@@ -154,5 +159,7 @@ class KeyActions(Core):
         said = (key.id, key.team_id, {"prefix": key.prefix})
         with self._changing(await self._hash_of(key)):
             return await self._backend.revoke_key(
-                key.id, audit=audit(actor, "key.revoke_leaked", lambda _: said)
-            )
+                key.id,
+                audit=audit(actor, "key.revoke_leaked", lambda _: said,
+                            tells=lambda made: key_event("key.leaked", made)),
+            )  # fmt: skip

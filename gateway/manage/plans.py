@@ -15,6 +15,7 @@ from gateway.manage._core import Core, iso
 from gateway.manage.actors import SYSTEM, Actor
 from gateway.manage.audit import audit
 from gateway.manage.bounds import AMOUNT_MAX, BALANCE_MAX
+from gateway.manage.events import credits_refilled
 from gateway.manage.inputs import Check, Unknown
 from gateway.models import Environment
 from gateway.plans import PERIODS, ROLLOVERS, Period, Plan, Refill, Rollover, next_start
@@ -129,7 +130,7 @@ class PlanActions(Core):
                 continue
             refill = await self._backend.refill(
                 plan.team_id, plan.environment, key,
-                audit=audit(SYSTEM, "credits.refill", _said_of_refill),
+                audit=audit(SYSTEM, "credits.refill", _said_of_refill, tells=credits_refilled),
             )  # fmt: skip
             if refill is not None:
                 made.append(refill)

@@ -9,6 +9,7 @@ from gateway.manage._core import Core
 from gateway.manage.actors import SYSTEM, Actor
 from gateway.manage.audit import audit
 from gateway.manage.bounds import NAME_MAX, RATE_LIMIT_MAX
+from gateway.manage.events import token_event
 from gateway.manage.inputs import Check
 from gateway.models import Team, TeamToken
 
@@ -57,15 +58,18 @@ class TeamActions(Core):
         secret = generate_token()
         token = await self._backend.create_token(
             owner.id, name, self.hash(secret), display_prefix(secret),
-            audit=audit(actor, "token.create", lambda made: (made.id, owner.id, {"name": name})),
+            audit=audit(actor, "token.create", lambda made: (made.id, owner.id, {"name": name}),
+                        tells=lambda made: token_event("token.created", made)),
         )  # fmt: skip
         return CreatedToken(token, secret)
 
     async def revoke_token(self, token_id: str, *, actor: Actor = SYSTEM) -> TeamToken:
         token = await self.token(token_id, actor=actor)
         return await self._backend.revoke_token(
-            token.id, audit=audit(actor, "token.revoke", lambda _: (token.id, token.team_id, {}))
-        )
+            token.id,
+            audit=audit(actor, "token.revoke", lambda _: (token.id, token.team_id, {}),
+                        tells=lambda made: token_event("token.revoked", made)),
+        )  # fmt: skip
 
     async def find_token(self, secret: str) -> TeamToken | None:
         return await self._backend.find_token(self.hash(secret))

@@ -22,6 +22,7 @@ from gateway.models import (
     TeamToken,
     UsageRow,
 )
+from gateway.storage.events import EventStore
 from gateway.storage.plans import PlanStore
 from gateway.storage.types import (
     IDEMPOTENCY_TTL_SECONDS,
@@ -31,6 +32,7 @@ from gateway.storage.types import (
     AuditRecord,
     AuthFailureCount,
     Conflict,
+    EventRecord,
     ExpiryPolicy,
     GrantResult,
     IdempotencyClaim,
@@ -63,6 +65,8 @@ __all__ = [
     "AuthFailureCount",
     "Backend",
     "Conflict",
+    "EventRecord",
+    "EventStore",
     "ExpiryPolicy",
     "GrantResult",
     "IdempotencyClaim",
@@ -426,7 +430,9 @@ class Ledger(Protocol):
         ...
 
 
-class Backend(Store, AdminStore, UsageStore, RequestLogStore, Ledger, PlanStore, Protocol):
+class Backend(
+    Store, AdminStore, UsageStore, RequestLogStore, Ledger, PlanStore, EventStore, Protocol
+):
     """One database holding both; owns its connections."""
 
     async def open(self) -> None: ...

@@ -18,6 +18,7 @@ __all__ = [
     "AuditRecord",
     "AuthFailureCount",
     "Conflict",
+    "EventRecord",
     "ExpiryPolicy",
     "GrantResult",
     "IdempotencyClaim",
@@ -44,6 +45,24 @@ _R = TypeVar("_R")
 
 
 @dataclass(frozen=True, slots=True)
+class EventRecord:
+    """An event to write: its type, the team it is for, what it says.
+
+    ``dedupe_key`` makes a write idempotent (an anomaly two replicas both saw,
+    a key's expiry found by every worker): a second event with the same key is
+    not written.
+    """
+
+    type: str
+    team_id: str
+    data: Mapping[str, object]
+    dedupe_key: str | None = None
+
+    def data_json(self) -> str:
+        return orjson.dumps(dict(self.data)).decode()
+
+
+@dataclass(frozen=True, slots=True)
 class AuditRecord:
     """One audit entry, written by the store in the same transaction as its change.
 
@@ -58,6 +77,8 @@ class AuditRecord:
     team_id: str | None
     client_ip: str | None
     details: Mapping[str, object]
+    # What the change tells webhook endpoints, written in the same transaction.
+    events: tuple[EventRecord, ...] = ()
 
     def values(self) -> tuple[str | None, ...]:
         """(actor, action, target, team_id, client_ip, details as JSON text), as inserted."""

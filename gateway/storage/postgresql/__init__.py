@@ -2,12 +2,13 @@
 
 Same semantics as :mod:`gateway.storage.sqlite`, made safe for many replicas.
 One class per area (keys, key change listening, usage, request log, ledger,
-idempotency)
-over a shared core that owns the pool; :class:`PostgresBackend` is all of them.
+idempotency,
+plans, events) over a shared core that owns the pool; :class:`PostgresBackend` is all of them.
 """
 
 from __future__ import annotations
 
+from gateway.storage.postgresql.events import PostgresEvents
 from gateway.storage.postgresql.idempotency import PostgresIdempotency
 from gateway.storage.postgresql.keys import PostgresKeys
 from gateway.storage.postgresql.ledger import PostgresLedger
@@ -27,5 +28,6 @@ class PostgresBackend(
     PostgresLedger,
     PostgresIdempotency,
     PostgresPlans,
+    PostgresEvents,
 ):
     """Store and ledger on PostgreSQL; any number of replicas may share the database."""

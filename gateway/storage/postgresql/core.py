@@ -17,12 +17,22 @@ import asyncpg
 from gateway.config import PostgresSettings
 from gateway.storage import (
     Audit,
+    EventRecord,
     StorageUnavailable,
     migrations,
+    rules,
 )
 from gateway.storage.shared import SharedMethods
 
-__all__ = ["CANNOT_CONNECT", "REFUSED_VALUES", "UNAVAILABLE", "Connection", "PostgresCore", "log"]
+__all__ = [
+    "CANNOT_CONNECT",
+    "REFUSED_VALUES",
+    "UNAVAILABLE",
+    "Connection",
+    "PostgresCore",
+    "insert_event",
+    "log",
+]
 
 log = logging.getLogger("gateway.storage.postgres")
 
@@ -224,13 +234,17 @@ class PostgresCore(SharedMethods):
 
     @staticmethod
     async def _write_audit(conn: Connection, audit: Audit[T] | None, made: T) -> T:
-        """Write the audit entry of the change that made ``made``, in its transaction."""
+        """Write the audit entry of the change that made ``made``, and its events, in its
+        transaction."""
         if audit is not None:
+            entry = audit(made)
             await conn.execute(
                 "INSERT INTO audit_log (actor, action, target, team_id, client_ip, details) "
                 "VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
-                *audit(made).values(),
+                *entry.values(),
             )
+            for event in entry.events:
+                await insert_event(conn, event)
         return made
 
     async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
@@ -277,3 +291,14 @@ class PostgresCore(SharedMethods):
                     )
                     applied.append(version)
         return applied
+
+
+async def insert_event(conn: Connection, event: EventRecord, *, dispatched: bool = False) -> str:
+    """Write one event in the caller's transaction; its id ('' when its dedupe key was seen)."""
+    event_id = rules.new_id("evt")
+    written = await conn.fetchval(
+        "INSERT INTO events (id, type, team_id, data, dedupe_key, dispatched) "
+        "VALUES ($1, $2, $3, $4::jsonb, $5, $6) ON CONFLICT (dedupe_key) DO NOTHING RETURNING 1",
+        event_id, event.type, event.team_id, event.data_json(), event.dedupe_key, dispatched,
+    )  # fmt: skip
+    return event_id if written else ""

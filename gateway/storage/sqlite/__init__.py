@@ -1,11 +1,13 @@
 """The embedded backend: store and ledger in one SQLite file.
 
-One class per area (keys, usage, request log, ledger, idempotency, plans) over a shared core that
+One class per area (keys, usage, request log, ledger, idempotency, plans,
+events) over a shared core that
 owns the connection; :class:`SqliteBackend` is all of them.
 """
 
 from __future__ import annotations
 
+from gateway.storage.sqlite.events import SqliteEvents
 from gateway.storage.sqlite.idempotency import SqliteIdempotency
 from gateway.storage.sqlite.keys import SqliteKeys
 from gateway.storage.sqlite.ledger import SqliteLedger
@@ -17,6 +19,12 @@ __all__ = ["SqliteBackend"]
 
 
 class SqliteBackend(
-    SqliteKeys, SqliteUsage, SqliteRequests, SqliteLedger, SqliteIdempotency, SqlitePlans
+    SqliteKeys,
+    SqliteUsage,
+    SqliteRequests,
+    SqliteLedger,
+    SqliteIdempotency,
+    SqlitePlans,
+    SqliteEvents,
 ):
     """Store and ledger on SQLite; safe to share the file with CLI processes (WAL)."""

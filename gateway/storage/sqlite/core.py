@@ -18,13 +18,14 @@ from typing import Any, TypeVar
 
 from gateway.storage import (
     Audit,
+    EventRecord,
     StorageUnavailable,
     migrations,
     rules,
 )
 from gateway.storage.shared import SharedMethods
 
-__all__ = ["REFUSED_VALUES", "SqliteCore"]
+__all__ = ["REFUSED_VALUES", "SqliteCore", "insert_event"]
 
 T = TypeVar("T")
 # What sqlite3 raises for a value it cannot take (text that is not UTF-8, an
@@ -104,13 +105,17 @@ class SqliteCore(SharedMethods):
 
     @staticmethod
     def _write_audit(db: sqlite3.Connection, audit: Audit[T] | None, made: T) -> T:
-        """Write the audit entry of the change that made ``made``, in its transaction."""
+        """Write the audit entry of the change that made ``made``, and its events, in its
+        transaction."""
         if audit is not None:
+            entry = audit(made)
             db.execute(
                 "INSERT INTO audit_log (at, actor, action, target, team_id, client_ip, details) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (time.time(), *audit(made).values()),
+                (time.time(), *entry.values()),
             )
+            for event in entry.events:
+                insert_event(db, event)
         return made
 
     async def ping(self) -> None:
@@ -146,3 +151,15 @@ class SqliteCore(SharedMethods):
             if self._tx(step):
                 applied.append(version)
         return applied
+
+
+def insert_event(db: sqlite3.Connection, event: EventRecord, *, dispatched: bool = False) -> str:
+    """Write one event in the caller's transaction; its id ('' when its dedupe key was seen)."""
+    event_id = rules.new_id("evt")
+    cursor = db.execute(
+        "INSERT INTO events (id, type, team_id, data, created_at, dedupe_key, dispatched) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (dedupe_key) DO NOTHING",
+        (event_id, event.type, event.team_id, event.data_json(), time.time(), event.dedupe_key,
+         int(dispatched)),
+    )  # fmt: skip
+    return event_id if cursor.rowcount else ""
