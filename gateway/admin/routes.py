@@ -37,6 +37,25 @@ from gateway.admin._handlers import (
     update_team,
 )
 from gateway.admin._plans import PLAN, PLAN_BODY, clear_plan, get_plan, set_plan
+from gateway.admin._webhooks import (
+    ALERT_BODY,
+    ALERTS,
+    ATTEMPT_PAGE,
+    CREATED_WEBHOOK,
+    WEBHOOK,
+    WEBHOOK_BODY,
+    WEBHOOK_CHANGE,
+    WEBHOOK_PAGE,
+    create_webhook,
+    delete_webhook,
+    list_attempts,
+    list_webhooks,
+    retry_delivery,
+    rotate_webhook_secret,
+    set_alerts,
+    test_webhook,
+    update_webhook,
+)
 from gateway.admin.schemas import (
     AMOUNT,
     ANOMALY_PAGE,
@@ -162,6 +181,35 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("DELETE", "/admin/v1/teams/{team}/plan", clear_plan, "clearPlan",
               "Remove the team's plan for one environment (the balance stays)", 200, PLAN,
               query={"environment": {"enum": ["live", "test"]}}, errors=(403,)),
+    Operation("POST", "/admin/v1/teams/{team}/webhooks", create_webhook, "createWebhook",
+              "Add a webhook endpoint (its signing secret is returned this once)", 201,
+              CREATED_WEBHOOK, body=WEBHOOK_BODY),
+    Operation("GET", "/admin/v1/teams/{team}/webhooks", list_webhooks, "listWebhooks",
+              "A team's webhook endpoints (never their secrets)", 200, WEBHOOK_PAGE),
+    Operation("PATCH", "/admin/v1/webhooks/{webhook_id}", update_webhook, "updateWebhook",
+              "Change an endpoint (enabling it again forgets its failures)", 200, WEBHOOK,
+              body=WEBHOOK_CHANGE),
+    Operation("DELETE", "/admin/v1/webhooks/{webhook_id}", delete_webhook, "deleteWebhook",
+              "Remove an endpoint and its deliveries", 200, WEBHOOK),
+    Operation("POST", "/admin/v1/webhooks/{webhook_id}/rotate-secret", rotate_webhook_secret,
+              "rotateWebhookSecret", "A new signing secret (returned this once); the old one "
+              "signs beside it for grace_seconds (default a day)", 201, CREATED_WEBHOOK,
+              body=obj({"grace_seconds": GRACE})),
+    Operation("GET", "/admin/v1/webhooks/{webhook_id}/deliveries", list_attempts,
+              "listWebhookDeliveries", "Delivery attempts, newest first", 200, ATTEMPT_PAGE,
+              query={"limit": LIMIT,
+                     "cursor": {"type": "string", "pattern": "^[1-9][0-9]{0,17}$"}}),
+    Operation("POST", "/admin/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry",
+              retry_delivery, "retryWebhookDelivery", "Send a delivery again now", 202,
+              obj({"delivery_id": {"type": "string"}, "state": {"const": "pending"}},
+                  ["delivery_id", "state"])),
+    Operation("POST", "/admin/v1/webhooks/{webhook_id}/test", test_webhook, "testWebhook",
+              "Send a webhook.test event to this endpoint", 202,
+              obj({"event_id": {"type": "string"}, "type": {"const": "webhook.test"}},
+                  ["event_id", "type"])),
+    Operation("PUT", "/admin/v1/teams/{team}/alerts", set_alerts, "setAlerts",
+              "Where credits.low fires for one environment (null: never)", 200, ALERTS,
+              body=ALERT_BODY),
     Operation("POST", "/admin/v1/teams/{team}/tokens", create_token, "createToken",
               "Create a team-scoped management token (shown this once)", 201, CREATED_TOKEN,
               body=obj({"name": NAME}, required=["name"]), errors=(403,)),
@@ -204,7 +252,13 @@ OPERATIONS: tuple[Operation, ...] = (
 
 
 # Ids have a shape, so "/keys/revoke-by-secret" can never be taken for a key id.
-ID_PATTERNS = {"key_id": "key_[0-9a-f]+", "token_id": "tok_[0-9a-f]+", "team": "[^/]+"}
+ID_PATTERNS = {
+    "key_id": "key_[0-9a-f]+",
+    "token_id": "tok_[0-9a-f]+",
+    "webhook_id": "whep_[0-9a-f]+",
+    "delivery_id": "whd_[0-9a-f]+",
+    "team": "[^/]+",
+}
 
 
 def route_path(path: str) -> str:

@@ -134,7 +134,8 @@ class DeliveryWorker:
         await self._write_local_events()
         while await self._store.dispatch_events(_DISPATCH_BATCH) == _DISPATCH_BATCH:
             pass
-        lease = self._settings.timeout_seconds + 30.0
+        # Long enough for the send to end (or time out) and its result to be written.
+        lease = 2 * self._settings.timeout_seconds + 1.0
         due = await self._store.claim_deliveries(lease, self._settings.concurrency)
         if due:
             session = self._open()

@@ -176,6 +176,21 @@ class Fields:
             return None
         return value
 
+    def strings(
+        self, name: str, *, required: bool = False, max_items: int = 50
+    ) -> list[str] | None:
+        """A list of short strings (each checked like a name)."""
+        value = self._given(name, required)
+        if value is None:
+            return None
+        if not isinstance(value, list) or len(value) > max_items:
+            self.problem(name, f"must be a list of at most {max_items} strings")
+            return None
+        if not all(isinstance(v, str) and text_problem(v, 100) is None for v in value):
+            self.problem(name, "must hold only short strings")
+            return None
+        return value
+
     def integer(
         self, name: str, *, required: bool = False, minimum: int, maximum: int
     ) -> int | None:
