@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from gateway.cli import manage, requests
 from gateway.cli import plans as cli_plans
+from gateway.cli import webhooks as cli_webhooks
 from gateway.cli._common import CliError, fail
 from gateway.cli.serve import cmd_check_config, cmd_demo, cmd_migrate, cmd_run
 from gateway.config import DEFAULT_CONFIG_PATH, ConfigError
@@ -41,6 +42,13 @@ FLAGS = {
     "key_id": "KEY_ID",
     "token_id": "TOKEN_ID",
     "key": "the key on standard input",
+    "url": "--url",
+    "events": "--events",
+    "description": "--description",
+    "webhook_id": "WEBHOOK_ID",
+    "delivery_id": "DELIVERY_ID",
+    "low_balance_threshold": "--low-balance",
+    "cursor": "--cursor",
 }
 _INTEGER = re.compile(r"[+-]?[0-9]{1,20}\Z", re.ASCII)
 
@@ -169,6 +177,8 @@ def _parser() -> argparse.ArgumentParser:
     p = command(plans, "clear", cli_plans.plans_clear, "remove a team's plan (balance stays)")
     p.add_argument("--team", required=True)
     p.add_argument("--env", choices=("live", "test"), default="live")
+
+    cli_webhooks.register(group, command, _integer)
 
     p = command(sub, "audit", manage.audit, "who changed what, when")
     p.add_argument("--team")

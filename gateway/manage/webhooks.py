@@ -32,6 +32,7 @@ __all__ = ["CreatedWebhook", "WebhookActions", "attempt_view", "endpoint_view"]
 DESCRIPTION_MAX = 500
 _ID_MAX = 100
 _RESOLVE_SECONDS = 5.0
+_EVENTS_MAX = 50  # names listed (repeats are kept once)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +80,7 @@ class WebhookActions(Core):
     def _checked_events(check: Check, events: Sequence[str] | None) -> None:
         if events is None:
             return
-        if not events or len(events) > len(EVENT_TYPES) + 1:
+        if not events or len(events) > _EVENTS_MAX:
             check.fail("events", "must list 1 or more event types (or \"*\" for all)")
             return
         for name in events:
@@ -143,6 +144,8 @@ class WebhookActions(Core):
             check.fail("enabled", "must be true or false")
         check.done()
         found = await self._endpoint(endpoint_id, actor)
+        if "events" in changes:
+            changes = {**changes, "events": list(dict.fromkeys(cast(list[str], changes["events"])))}
         said = {k: (list(cast(Sequence[str], v)) if k == "events" else v)
                 for k, v in changes.items()}  # fmt: skip
         return await self._backend.update_webhook(
