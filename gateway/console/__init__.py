@@ -1,4 +1,5 @@
-"""The web console on the admin listener: API keys, credits and usage, at ``/console``.
+"""The web console on the admin listener, at ``/console``: API keys, credits, usage,
+requests and webhooks.
 
 Signed in with the admin token (an operator: every team) or a team-scoped
 management token (its own team only), checked as the admin API checks a bearer
@@ -14,7 +15,7 @@ from importlib.resources import files
 from aiohttp import web
 
 from gateway.app import GATEWAY
-from gateway.console import _credits, _keys, _requests, _signin, _usage
+from gateway.console import _credits, _keys, _requests, _signin, _usage, _webhooks
 from gateway.console._checks import PROXIES
 from gateway.console._html import Templates
 from gateway.console._middleware import console_middleware
@@ -74,3 +75,5 @@ def setup_console(app: web.Application) -> None:
     router.add_post(_TEAM + "/credits", _credits.grant)
     router.add_get(_TEAM + "/usage", _usage.usage)
     router.add_get(_TEAM + "/requests", _requests.requests_page)
+    router.add_get(_TEAM + "/webhooks", _webhooks.webhooks_page)
+    router.add_post(_TEAM + "/webhooks/{webhook_id:whep_[0-9a-f]+}/test", _webhooks.send_test)

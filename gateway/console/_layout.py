@@ -30,6 +30,7 @@ TEAM_PAGES = (
     ("credits", "Credits"),
     ("usage", "Usage"),
     ("requests", "Requests"),
+    ("webhooks", "Webhooks"),
 )
 MAX_PICKER_TEAMS = 1000
 
