@@ -56,7 +56,7 @@ def test_alerts_read_only_metrics_the_gateway_exposes() -> None:
         assert names <= known, f"{rule['alert']}: unknown {sorted(names - known)}"
         used |= names
     # What the rules are for: errors, latency, limiter, backends, ledger, auth,
-    # anomalies and the instances themselves.
+    # anomalies, webhook deliveries and the instances themselves.
     assert {
         "up",
         "gateway_requests_total",
@@ -68,6 +68,8 @@ def test_alerts_read_only_metrics_the_gateway_exposes() -> None:
         "gateway_ledger_late_resolutions_total",
         "gateway_auth_failures_total",
         "gateway_anomalies_total",
+        "gateway_webhook_queue_oldest_seconds",
+        "gateway_webhook_deliveries_total",
     } <= used
 
 
