@@ -124,8 +124,12 @@ async def set_alerts(request: web.Request) -> web.Response:
 
 
 _EVENT_NAME: dict[str, Any] = {"enum": [*EVENT_TYPES, "*"]}
-_URL: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": 2048,
-                        "pattern": "^https?://[\\x21-\\x7e]+$"}  # fmt: skip
+# A name or an IPv4 address, a port from 1 to 65535, then anything visible.
+_PORT = "([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+_URL: dict[str, Any] = {
+    "type": "string", "minLength": 1, "maxLength": 2048,
+    "pattern": f"^https?://[A-Za-z0-9._-]+(:{_PORT})?([/?#][\\x21-\\x7e]*)?$",
+}  # fmt: skip
 _EVENTS: dict[str, Any] = {"type": "array", "items": _EVENT_NAME, "minItems": 1, "maxItems": 50}
 _DESCRIPTION: dict[str, Any] = {"type": ["string", "null"], "minLength": 1,
                                 "maxLength": DESCRIPTION_MAX,

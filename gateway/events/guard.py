@@ -54,6 +54,8 @@ def check_url(url: str) -> str | None:
         return "must be an http:// or https:// URL with a host"
     if parts.username is not None or parts.password is not None:
         return "must not hold a user name or password"
+    if parts.netloc.startswith("["):
+        return "must name an IPv6 receiver by its host name, not a literal address"
     if port == 0 or not url.isascii() or any(c.isspace() for c in url):
         return "is not a valid URL"
     return None

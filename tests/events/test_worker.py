@@ -13,6 +13,7 @@ import hmac
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -248,3 +249,23 @@ def test_backoff_grows_with_jitter_honours_retry_after_and_ends() -> None:
     assert (next_attempt(schedule, 1, 0.0, 120.0) or 0) >= 120
     assert (next_attempt(schedule, 1, 0.0, 10**9) or 0) <= 1800  # capped
     assert next_attempt(schedule, 4, 0.0, None) is None
+
+
+async def test_the_readme_receiver_verifies_a_real_delivery(
+    backends: Backends, receiver: Receiver
+) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    [snippet] = [block for block in readme.split("```python\n")[1:] if "def verified" in block]
+    namespace: dict[str, Any] = {}
+    exec(snippet.split("```")[0], namespace)  # the README's own example, run as written
+    db = await backends.open()
+    team, _, secret = await team_with_endpoint(db, receiver.url)
+    await db.add_events([EventRecord("credits.low", team, {"team_id": team})])
+    worker = DeliveryWorker(db, FAST)
+    try:
+        await drive(worker, lambda: receiver.got)
+    finally:
+        await worker.close()
+    [(headers, body)] = receiver.got
+    assert namespace["verified"](secret, headers, body)
+    assert not namespace["verified"](secret, headers, body.replace(b"low", b"lox"))
