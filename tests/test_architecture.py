@@ -406,6 +406,21 @@ def audit_entries_only_from_the_service() -> Iterator[Violation]:
                 yield (name, "INSERT INTO audit_log"), f"{where} writes the audit log by hand"
 
 
+def events_only_through_one_writer() -> Iterator[Violation]:
+    """Rule 9: an event row is inserted by one function per backend (``insert_event`` in
+    its core), always inside the caller's transaction; the balance triggers are SQL."""
+    for name, module in modules().items():
+        for node in ast.walk(module.tree):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and "INSERT INTO events" in node.value
+                and name not in AUDIT_WRITERS
+            ):
+                where = f"{module.where}:{getattr(node, 'lineno', 0)}: {name}"
+                yield (name, "INSERT INTO events"), f"{where} writes events by hand"
+
+
 RULES: dict[str, Callable[[], Iterator[Violation]]] = {
     "1-leaves": leaves_import_nothing_of_ours,
     "2-pipeline-protocols-only": pipeline_imports_no_concrete_backend,
@@ -415,6 +430,7 @@ RULES: dict[str, Callable[[], Iterator[Violation]]] = {
     "5-adapters-apart": adapters_never_import_each_other,
     "6-one-error-renderer": error_bodies_only_in_errors,
     "8-one-audit-author": audit_entries_only_from_the_service,
+    "9-one-event-writer": events_only_through_one_writer,
 }
 
 # Violations known today: rule -> {(importer, target): why it is still there}. None are left;

@@ -78,7 +78,8 @@ class PlanActions(Core):
         plan, _ = await self._backend.set_plan(
             owner.id, env, allowance, cast(Period, period), anchor,
             cast(Rollover, rollover), max_balance, key,
-            audit=audit(actor, "plan.set", lambda made: (owner.id, owner.id, asdict(made))),
+            audit=audit(actor, "plan.set", lambda made: (owner.id, owner.id, asdict(made[0])),
+                        tells=lambda made: None if made[1] is None else credits_refilled(made[1])),
         )  # fmt: skip
         return self._view(plan)
 

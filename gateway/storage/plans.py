@@ -33,9 +33,10 @@ class PlanStore(Protocol):
         max_balance: int | None,
         period_key: str,
         *,
-        audit: Audit[Plan] | None = None,
+        audit: Audit[tuple[Plan, Refill | None]] | None = None,
     ) -> tuple[Plan, Refill | None]:
-        """Create or replace the plan, and refill ``period_key`` now unless it was already.
+        """Create or replace the plan, and refill ``period_key`` now unless it was already
+        (the audit entry is said of both: the plan, and the refill if one was made).
 
         NotFound when the team does not exist.
         """

@@ -93,7 +93,9 @@ async def test_private_and_malformed_receivers_are_refused_with_the_field_named(
     for url, problem in [
         ("http://127.0.0.1:8080/hook", "not a public address"),
         ("http://169.254.169.254/latest/meta-data", "not a public address"),
-        ("http://[::ffff:10.0.0.1]/x", "not a public address"),
+        ("http://[::ffff:10.0.0.1]/x", "IPv6 receiver by its host name"),
+        ("http://0/x", "not public"),
+        ("http://100.64.0.1/x", "not a public address"),
         ("http://localhost/x", "not public"),
         ("ftp://example.org/x", "http:// or https://"),
         ("https://user:pw@example.org/x", "user name or password"),
@@ -164,3 +166,18 @@ async def test_deliveries_are_listed_tested_and_retried_by_hand(
     audit = await hooked.call("GET", "/admin/v1/audit", expect=200)
     actions = [e["action"] for e in audit["items"]]
     assert {"webhook.create", "webhook.retry", "webhook.update", "webhook.delete"} <= set(actions)
+
+
+async def test_plans_tell_their_refills(hooked: Admin, receiver: Receiver) -> None:
+    await hooked.call("POST", "/admin/v1/teams", {"name": "acme"}, expect=201)
+    await hooked.call("POST", "/admin/v1/teams/acme/webhooks",
+                      {"url": receiver.url, "events": ["credits.refilled"]}, expect=201)
+    await hooked.call("PUT", "/admin/v1/teams/acme/plan",
+                      {"allowance": 100, "period": "day"}, expect=200)  # fmt: skip
+    assert await types_received(receiver, 1) == ["credits.refilled"]
+    data = orjson.loads(receiver.got[0][1])["data"]
+    assert (data["refilled"], data["expired"], data["environment"]) == (100, 0, "live")
+    # Set again in the same period: nothing refilled, nothing told.
+    await hooked.call("PUT", "/admin/v1/teams/acme/plan",
+                      {"allowance": 200, "period": "day"}, expect=200)  # fmt: skip
+    assert await types_received(receiver, 1) == ["credits.refilled"]

@@ -20,6 +20,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from gateway.anomaly import Anomaly
 from gateway.config import WebhookSettings
 from gateway.events.worker import DeliveryWorker, next_attempt
 from gateway.storage import Backend, EventRecord
@@ -269,3 +270,42 @@ async def test_the_readme_receiver_verifies_a_real_delivery(
     [(headers, body)] = receiver.got
     assert namespace["verified"](secret, headers, body)
     assert not namespace["verified"](secret, headers, body.replace(b"low", b"lox"))
+
+
+async def test_an_anomaly_is_told_once_per_signal_subject_and_minute(
+    backends: Backends, receiver: Receiver
+) -> None:
+    first, second = await backends.open(), await backends.open()
+    team, _, _ = await team_with_endpoint(first, receiver.url, ["anomaly.detected"])
+    at = time.time()
+    seen = Anomaly("rate_spike", at, "key_1", team, 90.0, 60.0, "90 requests in 60 s")
+    workers = [DeliveryWorker(db, FAST) for db in (first, second)]
+    try:
+        for worker in workers:  # both replicas saw it
+            worker.anomaly(seen)
+            worker.anomaly(Anomaly("auth_failures", at, "10.0.0.1", None, 9, 5, "no team"))
+        await drive(workers[0], lambda: receiver.got)
+        for worker in workers:
+            await worker.step()
+    finally:
+        for worker in workers:
+            await worker.close()
+    [(_, body)] = receiver.got
+    data = orjson.loads(body)["data"]
+    assert (data["kind"], data["key_id"], data["team_id"]) == ("rate_spike", "key_1", team)
+
+
+async def test_a_redirect_is_not_followed(backends: Backends, receiver: Receiver) -> None:
+    db = await backends.open()
+    team, hook, _ = await team_with_endpoint(db, receiver.url)
+    receiver.answers = [(307, {"Location": receiver.url + "?elsewhere"})]
+    await db.add_events([EventRecord("key.created", team, {})])
+    worker = DeliveryWorker(db, FAST)
+    try:
+        await drive(worker, lambda: receiver.got)
+        await asyncio.sleep(0.1)
+    finally:
+        await worker.close()
+    assert len(receiver.got) == 1
+    [attempt] = await db.delivery_attempts(hook, 10)
+    assert (attempt.status, attempt.state) == (307, "pending")

@@ -47,7 +47,7 @@ class PostgresPlans(PostgresCore):
         max_balance: int | None,
         period_key: str,
         *,
-        audit: Audit[Plan] | None = None,
+        audit: Audit[tuple[Plan, Refill | None]] | None = None,
     ) -> tuple[Plan, Refill | None]:
         async with self._transaction() as conn:
             if await conn.fetchval("SELECT 1 FROM teams WHERE id = $1", team_id) is None:
@@ -64,7 +64,7 @@ class PostgresPlans(PostgresCore):
             refill = await self._refill(conn, team_id, environment, period_key)
             plan = await self._plan(conn, team_id, environment)
             assert plan is not None  # written above, same transaction
-            return await self._write_audit(conn, audit, plan), refill
+            return await self._write_audit(conn, audit, (plan, refill))
 
     async def plans(self, team_id: str | None = None) -> list[Plan]:
         if team_id is None:

@@ -31,7 +31,7 @@ class SqlitePlans(SqliteCore):
         max_balance: int | None,
         period_key: str,
         *,
-        audit: Audit[Plan] | None = None,
+        audit: Audit[tuple[Plan, Refill | None]] | None = None,
     ) -> tuple[Plan, Refill | None]:
         def set_plan(db: sqlite3.Connection) -> tuple[Plan, Refill | None]:
             if db.execute("SELECT 1 FROM teams WHERE id = ?", (team_id,)).fetchone() is None:
@@ -49,7 +49,7 @@ class SqlitePlans(SqliteCore):
             refill = self._refill(db, team_id, environment, period_key)
             plan = self._plan(db, team_id, environment)
             assert plan is not None  # written above, same transaction
-            return self._write_audit(db, audit, plan), refill
+            return self._write_audit(db, audit, (plan, refill))
 
         return await self._run(self._tx, set_plan)
 
