@@ -1,12 +1,13 @@
-"""Webhook delivery with real gateway processes on PostgreSQL: two replicas (two workers
-each) deliver each event once; a gateway killed mid-delivery delivers it after restart,
-with the same ``webhook-id``."""
+"""Webhook delivery with real gateway processes: two replicas (two workers each) on
+PostgreSQL deliver each event once; a gateway killed mid-delivery (on either backend)
+delivers it after restart, with the same ``webhook-id``."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,13 @@ import pytest
 from tests.events.test_worker import Receiver, receiver
 from tests.procs import GatewayProcess
 from tests.services import redis_url
-from tests.storage.conftest import databases, postgres_admin_dsn, postgres_dsn, postgres_template
+from tests.storage.conftest import (
+    Databases,
+    databases,
+    postgres_admin_dsn,
+    postgres_dsn,
+    postgres_template,
+)
 from tests.test_plan_refills import admin, admin_ready
 
 __all__ = ["databases", "postgres_admin_dsn", "postgres_dsn", "postgres_template", "receiver"]
@@ -69,11 +76,26 @@ async def test_two_replicas_with_two_workers_deliver_each_event_once(
         assert "Traceback" not in node.log()
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'gateway.db'}"
+        return
+    dbs = Databases(
+        request.getfixturevalue("postgres_admin_dsn"),
+        request.getfixturevalue("postgres_template"),
+    )
+    try:
+        yield await dbs.migrated()
+    finally:
+        await dbs.drop_all()
+
+
 async def test_a_gateway_killed_mid_delivery_delivers_after_restart_with_the_same_id(
-    tmp_path: Path, postgres_dsn: str, receiver: Receiver
+    tmp_path: Path, storage: str, receiver: Receiver
 ) -> None:
     receiver.hold = asyncio.Event()  # the first request is never answered
-    first = GatewayProcess(tmp_path, config(postgres_dsn), name="first")
+    first = GatewayProcess(tmp_path, config(storage), name="first")
     await first.start()
     try:
         await admin_ready(first)
@@ -88,7 +110,7 @@ async def test_a_gateway_killed_mid_delivery_delivers_after_restart_with_the_sam
     held = receiver.hold
     receiver.hold = None  # later requests are answered at once
     held.set()
-    second = GatewayProcess(tmp_path, config(postgres_dsn), name="second")
+    second = GatewayProcess(tmp_path, config(storage), name="second")
     await second.start()
     try:
         await until(lambda: len(receiver.got) >= 2, 20, "not delivered after the restart")
