@@ -79,7 +79,9 @@ class DeliveryWorker:
         self._metrics = metrics
         self._anomalies: list[EventRecord] = []
         self._session: aiohttp.ClientSession | None = None
-        self._last_expiry_check = time.time() - _EXPIRY_CHECK_SECONDS
+        # The first look reaches a day back: keys that expired while no gateway ran are
+        # told too (each expiry once: the event's dedupe key).
+        self._last_expiry_check = 0.0
         self._last_prune = 0.0
         self.dropped_anomalies = 0
 
