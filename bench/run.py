@@ -16,6 +16,8 @@ to be the bottleneck) and measures, one after another under the same load:
   redis_pg_w2   the same with ``--workers 2``
   embedded_nolog / redis_pg_nolog   embedded / redis_pg with the request log off (it is on by
                 default): the log's cost, measured in the same rounds
+  embedded_nohooks / redis_pg_nohooks   the same with the webhook delivery worker off (on by
+                default; no endpoint exists in the benchmark): the cost of its polling
   redis_pg_trace1 / redis_pg_trace100   redis_pg with OpenTelemetry tracing on, 1% / 100% of
                 requests sampled, spans sent to a sink on loopback (bench/otlp_sink.py)
   teams100      redis_pg with the load spread over 100 teams instead of one
@@ -473,6 +475,7 @@ def main() -> None:
 
             quiet = {"logging": {"access_log": False, "level": "WARNING"}}
             no_request_log = {"request_log": {"enabled": False}}
+            no_webhooks = {"webhooks": {"enabled": False}}
             for client in args.clients:
                 tag = f"{client}-{round_no}"
                 if "plain" in wanted:
@@ -487,11 +490,15 @@ def main() -> None:
                 if "embedded_nolog" in wanted:
                     run_gateway("embedded_nolog", {"storage": f"sqlite:///{workdir}/embnolog-{tag}.db",
                                                    "routes": [route], **no_request_log}, 1, client=client)
+                if "embedded_nohooks" in wanted:
+                    run_gateway("embedded_nohooks", {"storage": f"sqlite:///{workdir}/embnohooks-{tag}.db",
+                                                     "routes": [route], **no_webhooks}, 1, client=client)
             tracing = {"enabled": True, "endpoint": f"http://127.0.0.1:{sink_port}/v1/traces"}
             enforced: tuple[tuple[str, int, int, dict[str, Any]], ...] = (
                 ("redis_pg", 1, 1, {}),
                 ("redis_pg_quiet", 1, 1, quiet),
                 ("redis_pg_nolog", 1, 1, no_request_log),
+                ("redis_pg_nohooks", 1, 1, no_webhooks),
                 ("redis_pg_w2", 1, 2, {}),
                 ("teams100", 100, 1, {}),
                 ("redis_pg_trace1", 1, 1, {"tracing": {**tracing, "sample_ratio": 0.01}}),

@@ -69,22 +69,8 @@ class Gateway:
         # The process that changes a key must not serve it on the feed's schedule.
         self.management = Management(self.backend, settings, listener=self.keys)
         self.tracing = Tracing(settings.tracing) if settings.tracing.enabled else None
-        logs = settings.logging
-        # Access lines are INFO: off with the access log, or at a level above INFO.
-        self.access_log = (
-            AccessLog(logs.format) if logs.access_log and logs.level in ("DEBUG", "INFO") else None
-        )
-        requests = settings.request_log
-        self.request_log = (
-            RequestLog(
-                self.backend,
-                settings.usage.flush_interval_seconds,
-                requests.retention_days,
-                requests.max_rows_per_team,
-            )
-            if requests.enabled
-            else None
-        )
+        self.access_log = _access_log(settings)
+        self.request_log = _request_log(settings, self.backend)
         self.webhooks = (
             DeliveryWorker(self.backend, settings.webhooks, self.metrics)
             if settings.webhooks.enabled
@@ -222,6 +208,24 @@ class Gateway:
         if self.tracing is not None:
             # Sends what is queued (bounded by the exporter's timeout) off the loop.
             await asyncio.to_thread(self.tracing.close)
+
+
+def _access_log(settings: Settings) -> AccessLog | None:
+    logs = settings.logging
+    # Access lines are INFO: off with the access log, or at a level above INFO.
+    return AccessLog(logs.format) if logs.access_log and logs.level in ("DEBUG", "INFO") else None
+
+
+def _request_log(settings: Settings, backend: Backend) -> RequestLog | None:
+    requests = settings.request_log
+    if not requests.enabled:
+        return None
+    return RequestLog(
+        backend,
+        settings.usage.flush_interval_seconds,
+        requests.retention_days,
+        requests.max_rows_per_team,
+    )
 
 
 def _limiter(settings: Settings) -> Limiter:

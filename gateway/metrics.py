@@ -73,6 +73,31 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        self._declare_path_metrics(r, counter, histogram)
+        self.in_flight: GaugeChild
+        if self.multiprocess:
+            self.in_flight = Gauge(
+                "gateway_requests_in_flight",
+                "Requests being handled right now.",
+                registry=r,
+                multiprocess_mode="livesum",
+            )
+        else:
+            self.in_flight = LocalGauge(
+                "gateway_requests_in_flight", "Requests being handled right now.", registry=r
+            )
+        self._declare_background_metrics(r)
+        self._team_labels = team_labels
+        self._team_limit = team_label_limit
+        self._teams: set[str] = set()
+        self._request_children: dict[tuple[str, str, int, str], Counter] = {}
+        # Children of the per-request metrics by label values; every label here
+        # comes from the configuration (routes, upstreams) or a fixed set.
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def _declare_path_metrics(self, r: CollectorRegistry, counter: Any, histogram: Any) -> None:
+        """What the request path's parts report: ledger, key cache, refused credentials,
+        the limiter and the backends."""
         self.late_resolutions = Counter(
             "gateway_ledger_late_resolutions",
             "Posts or voids that arrived after their reservation was already resolved.",
@@ -115,18 +140,10 @@ class Metrics:
             ["backend", "operation"],
             registry=r,
         )
-        self.in_flight: GaugeChild
-        if self.multiprocess:
-            self.in_flight = Gauge(
-                "gateway_requests_in_flight",
-                "Requests being handled right now.",
-                registry=r,
-                multiprocess_mode="livesum",
-            )
-        else:
-            self.in_flight = LocalGauge(
-                "gateway_requests_in_flight", "Requests being handled right now.", registry=r
-            )
+
+    def _declare_background_metrics(self, r: CollectorRegistry) -> None:
+        """What the background loops report: the ledger's flushes and sweeps, per-team
+        counts, anomaly signals and webhook deliveries."""
         self.pending_reservations = Gauge(
             "gateway_reservations_pending",
             "Reservations neither posted nor voided yet (sampled by the sweeper).",
@@ -176,13 +193,6 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
-        self._team_labels = team_labels
-        self._team_limit = team_label_limit
-        self._teams: set[str] = set()
-        self._request_children: dict[tuple[str, str, int, str], Counter] = {}
-        # Children of the per-request metrics by label values; every label here
-        # comes from the configuration (routes, upstreams) or a fixed set.
-        self._children: dict[tuple[object, ...], Any] = {}
 
     def collector_registry(self) -> CollectorRegistry:
         """What ``/metrics`` renders: this process, or every worker in multiprocess mode."""

@@ -77,6 +77,26 @@ def _sentence(exc: InputError) -> str:
     return "; ".join(parts) or exc.message
 
 
+class _Commands:
+    """What each part of the command line is added with: its commands and groups."""
+
+    def __init__(self, sub: Any, common: argparse.ArgumentParser) -> None:
+        self.sub = sub
+        self._common = common
+
+    def command(
+        self, parent: Any, name: str, fn: Command, help_text: str
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, parents=[self._common], help=help_text)
+        p.set_defaults(fn=fn)
+        return p
+
+    def group(self, name: str, help_text: str) -> Any:
+        return self.sub.add_parser(name, help=help_text).add_subparsers(
+            dest="action", required=True, metavar="ACTION"
+        )
+
+
 def _parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument(
@@ -85,56 +105,57 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
     parser = _Parser(prog="gateway", description="API gateway for metered APIs")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    c = _Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), common)
+    _serving(c)
+    _teams_and_keys(c)
+    _tokens_and_credits(c)
+    _plans(c)
+    cli_webhooks.register(c.group, c.command, _integer)
+    _reads(c)
+    return parser
 
-    def command(parent: Any, name: str, fn: Command, help_text: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = parent.add_parser(name, parents=[common], help=help_text)
-        p.set_defaults(fn=fn)
-        return p
 
-    def group(name: str, help_text: str) -> Any:
-        return sub.add_parser(name, help=help_text).add_subparsers(
-            dest="action", required=True, metavar="ACTION"
-        )
-
-    run = command(sub, "run", cmd_run, "serve the gateway")
+def _serving(c: _Commands) -> None:
+    run = c.command(c.sub, "run", cmd_run, "serve the gateway")
     run.add_argument("--workers", type=_integer, default=1, help="worker processes (default 1)")
-    demo = command(sub, "demo", cmd_demo, "run the gateway with a demo upstream, team and key")
+    demo = c.command(c.sub, "demo", cmd_demo, "run the gateway with a demo upstream, team and key")
     demo.add_argument("--port", type=_integer, default=8080, help="public port (default 8080)")
     demo.add_argument("--upstream-port", type=_integer, default=8000, help="demo upstream port")
     demo.add_argument("--status-port", type=_integer, default=9091)
     demo.add_argument("--admin-port", type=_integer, default=9090)
-    command(sub, "migrate", cmd_migrate, "create or upgrade the database schema")
-    check = command(sub, "check-config", cmd_check_config, "validate a config file")
+    c.command(c.sub, "migrate", cmd_migrate, "create or upgrade the database schema")
+    check = c.command(c.sub, "check-config", cmd_check_config, "validate a config file")
     check.add_argument("path")
 
-    teams = group("teams", "manage teams")
-    p = command(teams, "create", manage.teams_create, "create a team")
+
+def _teams_and_keys(c: _Commands) -> None:
+    teams = c.group("teams", "manage teams")
+    p = c.command(teams, "create", manage.teams_create, "create a team")
     p.add_argument("name")
     p.add_argument("--rate-limit", type=_integer, help="team-wide requests per minute")
-    command(teams, "list", manage.teams_list, "list teams")
-    p = command(teams, "update", manage.teams_update, "change a team's settings")
+    c.command(teams, "list", manage.teams_list, "list teams")
+    p = c.command(teams, "update", manage.teams_update, "change a team's settings")
     p.add_argument("team")
     p.add_argument(
         "--rate-limit", type=_integer, help="team-wide requests per minute (omit to clear)"
     )
 
-    keys = group("keys", "manage API keys")
-    p = command(keys, "create", manage.keys_create, "create a key (shown once)")
+    keys = c.group("keys", "manage API keys")
+    p = c.command(keys, "create", manage.keys_create, "create a key (shown once)")
     p.add_argument("--team", required=True)
     p.add_argument("--name", required=True)
     p.add_argument("--env", choices=("live", "test"), default="live")
     p.add_argument("--rate-limit", type=_integer, help="requests per minute for this key")
     p.add_argument("--expires-at", help="RFC 3339 time after which the key stops working")
-    p = command(keys, "list", manage.keys_list, "list a team's keys")
+    p = c.command(keys, "list", manage.keys_list, "list a team's keys")
     p.add_argument("--team", required=True)
-    p = command(keys, "revoke", manage.keys_revoke, "revoke a key now")
+    p = c.command(keys, "revoke", manage.keys_revoke, "revoke a key now")
     p.add_argument("key_id")
-    command(keys, "revoke-leaked", manage.keys_revoke_leaked, "revoke a key read from stdin")
-    p = command(keys, "rotate", manage.keys_rotate, "replace a key, the old one expiring later")
+    c.command(keys, "revoke-leaked", manage.keys_revoke_leaked, "revoke a key read from stdin")
+    p = c.command(keys, "rotate", manage.keys_rotate, "replace a key, the old one expiring later")
     p.add_argument("key_id")
     p.add_argument("--grace", type=_integer, default=0, help="seconds the old key keeps working")
-    p = command(keys, "update", manage.keys_update, "change a key")
+    p = c.command(keys, "update", manage.keys_update, "change a key")
     p.add_argument("key_id")
     p.add_argument("--name")
     p.add_argument("--rate-limit", type=_integer)
@@ -143,28 +164,32 @@ def _parser() -> argparse.ArgumentParser:
     toggle.add_argument("--disable", action="store_true")
     toggle.add_argument("--enable", action="store_true")
 
-    tokens = group("tokens", "manage team-scoped management tokens")
-    p = command(tokens, "create", manage.tokens_create, "create a token (shown once)")
+
+def _tokens_and_credits(c: _Commands) -> None:
+    tokens = c.group("tokens", "manage team-scoped management tokens")
+    p = c.command(tokens, "create", manage.tokens_create, "create a token (shown once)")
     p.add_argument("--team", required=True)
     p.add_argument("--name", required=True)
-    p = command(tokens, "list", manage.tokens_list, "list a team's tokens")
+    p = c.command(tokens, "list", manage.tokens_list, "list a team's tokens")
     p.add_argument("--team", required=True)
-    p = command(tokens, "revoke", manage.tokens_revoke, "revoke a token")
+    p = c.command(tokens, "revoke", manage.tokens_revoke, "revoke a token")
     p.add_argument("token_id")
 
-    credits = group("credits", "manage credits")
-    p = command(credits, "grant", manage.credits_grant, "grant (or, negative, adjust) credits")
+    credits = c.group("credits", "manage credits")
+    p = c.command(credits, "grant", manage.credits_grant, "grant (or, negative, adjust) credits")
     p.add_argument("--team", required=True)
     p.add_argument("--amount", type=_integer, required=True)
     p.add_argument("--reason", required=True)
     p.add_argument("--env", choices=("live", "test"), default="live")
-    p = command(credits, "balance", manage.credits_balance, "a team's balances and latest ledger")
+    p = c.command(credits, "balance", manage.credits_balance, "a team's balances and latest ledger")
     p.add_argument("--team", required=True)
     p.add_argument("--history", type=_integer, default=10, help="ledger entries to show")
-    command(credits, "reconcile", manage.credits_reconcile, "prove balances equal their ledger")
+    c.command(credits, "reconcile", manage.credits_reconcile, "prove balances equal their ledger")
 
-    plans = group("plans", "manage team plans (credits refilled every period)")
-    p = command(plans, "set", cli_plans.plans_set, "set a team's plan; refills this period once")
+
+def _plans(c: _Commands) -> None:
+    plans = c.group("plans", "manage team plans (credits refilled every period)")
+    p = c.command(plans, "set", cli_plans.plans_set, "set a team's plan; refills this period once")
     p.add_argument("--team", required=True)
     p.add_argument("--allowance", type=_integer, required=True, help="credits per period")
     p.add_argument("--period", choices=("day", "week", "month"), required=True)
@@ -172,18 +197,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rollover", choices=("expire", "carry"), default="expire")
     p.add_argument("--max-balance", type=_integer, help="refills stop at this balance")
     p.add_argument("--env", choices=("live", "test"), default="live")
-    p = command(plans, "show", cli_plans.plans_show, "a team's plans and their next refills")
+    p = c.command(plans, "show", cli_plans.plans_show, "a team's plans and their next refills")
     p.add_argument("--team", required=True)
-    p = command(plans, "clear", cli_plans.plans_clear, "remove a team's plan (balance stays)")
+    p = c.command(plans, "clear", cli_plans.plans_clear, "remove a team's plan (balance stays)")
     p.add_argument("--team", required=True)
     p.add_argument("--env", choices=("live", "test"), default="live")
 
-    cli_webhooks.register(group, command, _integer)
 
-    p = command(sub, "audit", manage.audit, "who changed what, when")
+def _reads(c: _Commands) -> None:
+    p = c.command(c.sub, "audit", manage.audit, "who changed what, when")
     p.add_argument("--team")
     p.add_argument("--limit", type=_integer, default=AUDIT_DEFAULT)
-    p = command(sub, "requests", requests.requests, "a team's request log, newest first")
+    p = c.command(c.sub, "requests", requests.requests, "a team's request log, newest first")
     p.add_argument("--team", required=True)
     p.add_argument("--key", help="one key id only")
     p.add_argument("--since", help="how far back: 30s, 15m, 1h, 7d")
@@ -192,7 +217,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--client-ip", help="an address or a CIDR network")
     p.add_argument("--path-prefix", help="paths starting with this")
     p.add_argument("--limit", type=_integer, default=50)
-    p = command(sub, "usage", manage.usage, "request counts by outcome and credits charged")
+    p = c.command(c.sub, "usage", manage.usage, "request counts by outcome and credits charged")
     p.add_argument("what", nargs="?", choices=("export",), help="export: stream usage out")
     p.add_argument("--team", required=True)
     p.add_argument("--from", dest="since", help="export: RFC 3339 start (default 24 h ago)")
@@ -202,7 +227,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", choices=("minute", "hour", "day"), default="hour")
     p.add_argument("--buckets", type=_integer, default=24, help="how many buckets back from now")
     p.add_argument("--key", help="one key id only")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
