@@ -47,7 +47,9 @@ GATEWAY = ROOT / "gateway"
 LEAVES: dict[str, frozenset[str]] = {
     # leaf -> the modules of its own box it may import (each itself a leaf)
     "gateway.keys": frozenset(),
-    "gateway.config": frozenset(),
+    # config_sections holds config's bounds and self-contained sections (re-exported).
+    "gateway.config": frozenset({"gateway.config_sections"}),
+    "gateway.config_sections": frozenset(),
     # local_metrics is the metrics box's own in-process metric types (its only
     # user, with no imports of ours); Layout puts both under observability/.
     "gateway.metrics": frozenset({"gateway.local_metrics"}),

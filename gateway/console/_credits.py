@@ -75,6 +75,71 @@ def _plan(view: PlanView | None) -> Markup:
     )
 
 
+def _balance_cards(
+    balances: dict[str, int], plans: dict[str, PlanView], unlimited_test: bool
+) -> list[Markup]:
+    cards = []
+    for environment, label in (("live", "Live"), ("test", "Test")):
+        if environment == "test" and unlimited_test:
+            amount, hint = Markup("Unlimited"), "test credits are not metered on this gateway"
+        else:
+            amount, hint = fmt("$n", n=f"{balances.get(environment, 0):,}"), "credits available"
+        cards.append(
+            fmt(
+                '<div class="balance" data-environment="$env"><p class="label">$label</p>'
+                '<p class="value">$amount</p><p class="hint">$hint</p>$plan</div>',
+                env=environment,
+                label=label,
+                amount=amount,
+                hint=hint,
+                plan=_plan(plans.get(environment)),
+            )
+        )
+    return cards
+
+
+def _ledger_table(entries: list[LedgerEntry]) -> Markup:
+    if not entries:
+        return Markup('<p class="empty">No ledger entries yet.</p>')
+    return fmt(
+        '<div class="table-wrap" role="region" aria-labelledby="ledger-title" tabindex="0">'
+        '<table><thead><tr><th scope="col">When</th><th scope="col">What</th>'
+        '<th scope="col">Environment</th><th scope="col" class="num">Amount</th>'
+        '<th scope="col">Reason</th></tr></thead><tbody>$rows</tbody></table></div>',
+        rows=join(_entry(e) for e in entries),
+    )
+
+
+def _grant_form(
+    request: web.Request, owner: Team, errors: dict[str, str], values: dict[str, str]
+) -> Markup:
+    """The grant form, for the operator only."""
+    if not session_of(request).actor.is_admin:
+        return Markup("")
+    return request.app[TEMPLATES].render(
+        "grant",
+        summary=error_summary(errors),
+        action=team_url(owner.id, "credits"),
+        csrf=hidden_csrf(request),
+        nonce=session_of(request).issue_nonce(),
+        amount=values.get("amount", ""),
+        amount_invalid=invalid(errors, "amount"),
+        amount_error=field_error(errors, "amount"),
+        environments=join(
+            fmt(
+                '<option value="$v"$s>$label</option>',
+                v=v,
+                label=label,
+                s=Markup(" selected") if v == values.get("environment", "live") else Markup(""),
+            )
+            for v, label in ENVIRONMENTS
+        ),
+        reason=values.get("reason", ""),
+        reason_invalid=invalid(errors, "reason"),
+        reason_error=field_error(errors, "reason"),
+    )
+
+
 async def _credits_page(
     request: web.Request,
     owner: Team,
@@ -95,33 +160,8 @@ async def _credits_page(
     views = await management.plans(owner.id, actor=actor(request))
     plans: dict[str, PlanView] = {v.plan.environment: v for v in views}
     unlimited_test = gateway.settings.credits.test_environment == "unlimited"
-    cards = []
-    for environment, label in (("live", "Live"), ("test", "Test")):
-        if environment == "test" and unlimited_test:
-            amount, hint = Markup("Unlimited"), "test credits are not metered on this gateway"
-        else:
-            amount, hint = fmt("$n", n=f"{balances.get(environment, 0):,}"), "credits available"
-        cards.append(
-            fmt(
-                '<div class="balance" data-environment="$env"><p class="label">$label</p>'
-                '<p class="value">$amount</p><p class="hint">$hint</p>$plan</div>',
-                env=environment,
-                label=label,
-                amount=amount,
-                hint=hint,
-                plan=_plan(plans.get(environment)),
-            )
-        )
-    if entries:
-        table = fmt(
-            '<div class="table-wrap" role="region" aria-labelledby="ledger-title" tabindex="0">'
-            '<table><thead><tr><th scope="col">When</th><th scope="col">What</th>'
-            '<th scope="col">Environment</th><th scope="col" class="num">Amount</th>'
-            '<th scope="col">Reason</th></tr></thead><tbody>$rows</tbody></table></div>',
-            rows=join(_entry(e) for e in entries),
-        )
-    else:
-        table = Markup('<p class="empty">No ledger entries yet.</p>')
+    cards = _balance_cards(balances, plans, unlimited_test)
+    table = _ledger_table(entries)
     links = []
     if before:
         links.append(fmt('<a href="$h">Newest entries</a>', h=team_url(owner.id, "credits")))
@@ -129,30 +169,7 @@ async def _credits_page(
         older = team_url(owner.id, "credits", before=entries[-1].cursor)
         links.append(fmt('<a href="$h">Older entries →</a>', h=older))
     pager = fmt('<p class="pager">$l</p>', l=join(links, " ")) if links else Markup("")
-    form = Markup("")
-    if session_of(request).actor.is_admin:
-        form = request.app[TEMPLATES].render(
-            "grant",
-            summary=error_summary(errors),
-            action=team_url(owner.id, "credits"),
-            csrf=hidden_csrf(request),
-            nonce=session_of(request).issue_nonce(),
-            amount=values.get("amount", ""),
-            amount_invalid=invalid(errors, "amount"),
-            amount_error=field_error(errors, "amount"),
-            environments=join(
-                fmt(
-                    '<option value="$v"$s>$label</option>',
-                    v=v,
-                    label=label,
-                    s=Markup(" selected") if v == values.get("environment", "live") else Markup(""),
-                )
-                for v, label in ENVIRONMENTS
-            ),
-            reason=values.get("reason", ""),
-            reason_invalid=invalid(errors, "reason"),
-            reason_error=field_error(errors, "reason"),
-        )
+    form = _grant_form(request, owner, errors, values)
     body = request.app[TEMPLATES].render(
         "credits", balances=join(cards), grant=form, table=table, pager=pager
     )

@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.anomaly import Anomaly, AnomalyDetector
 from gateway.app import GATEWAY
 from gateway.console._chart import (
     LABELS,
@@ -172,6 +173,87 @@ async def _failures(request: web.Request, start: float, end: float) -> Markup:
     )
 
 
+def _anomalies(
+    detector: AnomalyDetector | None, team_id: str, start: float, end: float,
+    known: dict[str, ApiKey],
+) -> tuple[list[Anomaly], Markup]:  # fmt: skip
+    """The team's signals in the period, and their list (each linked to its requests)."""
+    signals = [
+        a
+        for a in (detector.recent if detector is not None else ())
+        if a.team_id == team_id and start <= a.at <= end
+    ]
+    if detector is None:
+        return signals, Markup('<p class="empty">Anomaly detection is switched off.</p>')
+    if not signals:
+        return signals, Markup('<p class="empty">No anomalies in this period.</p>')
+    return signals, fmt(
+        '<p class="hint">Marked ▼ on the chart. Signals raised by this gateway process.</p>'
+        '<ul class="anomalies">$items</ul>',
+        items=join(
+            _anomaly_item(a.kind, a.at, _with_requests(team_id, a.subject, known), a.detail)
+            for a in reversed(signals)
+        ),
+    )
+
+
+def _top_keys(top: list[dict[str, Any]], known: dict[str, ApiKey]) -> Markup:
+    if not top:
+        return Markup('<p class="empty">No requests in this period.</p>')
+    return fmt(
+        '<div class="table-wrap" role="region" aria-labelledby="top-title" tabindex="0">'
+        '<table><thead><tr><th scope="col">Key</th><th scope="col" class="num">Requests</th>'
+        '<th scope="col" class="num">Credits</th></tr></thead><tbody>$rows</tbody></table>'
+        "</div>",
+        rows=join(
+            fmt(
+                '<tr><th scope="row">$k</th><td class="num">$r</td><td class="num">$c</td>'
+                "</tr>",
+                k=_key_label(t["key"], known),
+                r=f"{t['requests']:,}",
+                c=f"{t['credits']:,}",
+            )
+            for t in top
+        ),
+    )
+
+
+def _stats(report: dict[str, Any], totals: dict[str, int], label: str) -> Markup:
+    total = int(report["totals"]["total"])
+    ok = totals.get("ok", 0)
+    refused = sum(totals.get(o, 0) for o in REFUSED)
+    return join(
+        [
+            _stat("requests", "Requests", f"{total:,}", label.lower()),
+            _stat("ok", "Successful", f"{ok:,}", f"{ok / total:.0%} of requests" if total else "—"),
+            _stat(
+                "credits",
+                "Credits charged",
+                f"{int(report['totals']['credits']):,}",
+                "successful answers",
+            ),
+            _stat(
+                "refused",
+                "Refused by the gateway",
+                f"{refused:,}",
+                "401, 402, 429 and other refusals",
+            ),
+        ]
+    )
+
+
+def _ranges(chosen: str) -> Markup:
+    return join(
+        fmt(
+            '<option value="$v"$s>$l</option>',
+            v=v,
+            l=r.label,
+            s=Markup(" selected") if v == chosen else Markup(""),
+        )
+        for v, r in RANGES.items()
+    )
+
+
 async def usage(request: web.Request) -> web.Response:
     owner: Team = await team(request)
     gateway = request.app[GATEWAY]
@@ -194,78 +276,11 @@ async def usage(request: web.Request) -> web.Response:
     listed = await gateway.management.keys(owner.id, 1000, actor=actor(request))
     known = {k.id: k for k in listed}
 
-    detector = gateway.anomalies
-    signals = [
-        a
-        for a in (detector.recent if detector is not None else ())
-        if a.team_id == owner.id and start <= a.at <= end
-    ]
+    signals, anomalies = _anomalies(gateway.anomalies, owner.id, start, end, known)
     markers = [Marker(a.at, f"{KIND_LABELS.get(a.kind, a.kind)}: {a.detail}") for a in signals]
-    if detector is None:
-        anomalies = Markup('<p class="empty">Anomaly detection is switched off.</p>')
-    elif signals:
-        anomalies = fmt(
-            '<p class="hint">Marked ▼ on the chart. Signals raised by this gateway process.</p>'
-            '<ul class="anomalies">$items</ul>',
-            items=join(
-                _anomaly_item(a.kind, a.at, _with_requests(owner.id, a.subject, known), a.detail)
-                for a in reversed(signals)
-            ),
-        )
-    else:
-        anomalies = Markup('<p class="empty">No anomalies in this period.</p>')
-
-    top = report["top_keys"]
-    if top:
-        top_html = fmt(
-            '<div class="table-wrap" role="region" aria-labelledby="top-title" tabindex="0">'
-            '<table><thead><tr><th scope="col">Key</th><th scope="col" class="num">Requests</th>'
-            '<th scope="col" class="num">Credits</th></tr></thead><tbody>$rows</tbody></table>'
-            "</div>",
-            rows=join(
-                fmt(
-                    '<tr><th scope="row">$k</th><td class="num">$r</td><td class="num">$c</td>'
-                    "</tr>",
-                    k=_key_label(t["key"], known),
-                    r=f"{t['requests']:,}",
-                    c=f"{t['credits']:,}",
-                )
-                for t in top
-            ),
-        )
-    else:
-        top_html = Markup('<p class="empty">No requests in this period.</p>')
-
-    total = int(report["totals"]["total"])
-    ok = totals.get("ok", 0)
-    refused = sum(totals.get(o, 0) for o in REFUSED)
-    stats = join(
-        [
-            _stat("requests", "Requests", f"{total:,}", span.label.lower()),
-            _stat("ok", "Successful", f"{ok:,}", f"{ok / total:.0%} of requests" if total else "—"),
-            _stat(
-                "credits",
-                "Credits charged",
-                f"{int(report['totals']['credits']):,}",
-                "successful answers",
-            ),
-            _stat(
-                "refused",
-                "Refused by the gateway",
-                f"{refused:,}",
-                "401, 402, 429 and other refusals",
-            ),
-        ]
-    )
-    ranges = join(
-        fmt(
-            '<option value="$v"$s>$l</option>',
-            v=v,
-            l=r.label,
-            s=Markup(" selected") if v == chosen else Markup(""),
-        )
-        for v, r in RANGES.items()
-    )
+    top_html = _top_keys(report["top_keys"], known)
+    stats = _stats(report, totals, span.label)
+    ranges = _ranges(chosen)
     failures = (
         await _failures(request, start, end) if session_of(request).actor.is_admin else Markup("")
     )
