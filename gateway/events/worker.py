@@ -22,7 +22,7 @@ import orjson
 
 from gateway.anomaly import Anomaly
 from gateway.config import WebhookSettings
-from gateway.events.guard import GuardedResolver, refused_address
+from gateway.events.guard import GuardedResolver, RefusedAddress, refused_address
 from gateway.events.signing import signature_header
 from gateway.manage import iso
 from gateway.metrics import Metrics
@@ -197,6 +197,10 @@ class DeliveryWorker:
                     error = f"the receiver answered {status}"
         except TimeoutError:
             error = f"no answer within {self._settings.timeout_seconds:g} s"
+        except aiohttp.ClientConnectorError as exc:
+            # The guard's refusal reaches here wrapped: say it, not "cannot connect".
+            cause = exc.os_error if isinstance(exc.os_error, RefusedAddress) else exc
+            error = (str(cause) or type(cause).__name__)[:_MAX_ERROR]
         except aiohttp.ClientError as exc:
             error = (str(exc) or type(exc).__name__)[:_MAX_ERROR]
         return self._result(delivery, started, status, error, retry_after)

@@ -241,6 +241,19 @@ async def test_private_receivers_are_refused_unless_allowed(
     assert receiver.got == []
     [attempt] = await db.delivery_attempts(hook, 10)
     assert attempt.status is None and "not a public address" in (attempt.error or "")
+    # A name is checked by the resolver at connection time (what DNS rebinding would need).
+    by_name = receiver.url.replace("127.0.0.1", "localhost")
+    await db.update_webhook(hook, {"url": by_name})
+    await db.add_events([EventRecord("key.revoked", team, {})])
+    guarded = DeliveryWorker(db, FAST.model_copy(update={"allow_private_addresses": False}))
+    try:
+        for _ in range(3):
+            await guarded.step()
+    finally:
+        await guarded.close()
+    assert receiver.got == []
+    errors = [a.error or "" for a in await db.delivery_attempts(hook, 10)]
+    assert any("deliveries may not go to" in e for e in errors), errors
 
 
 def test_backoff_grows_with_jitter_honours_retry_after_and_ends() -> None:
