@@ -40,6 +40,9 @@ _MAX_BUFFERED_ANOMALIES = 1000
 _EXPIRY_CHECK_SECONDS = 60.0
 _EXPIRY_LOOKBACK_SECONDS = 86400.0
 _PRUNE_SECONDS = 3600.0
+# The queue's size is sampled for the metrics this often (a count over the pending
+# deliveries: cheap when the queue is short, not to be run every poll when it is long).
+_SAMPLE_SECONDS = 10.0
 _DISPATCH_BATCH = 500
 
 
@@ -83,6 +86,7 @@ class DeliveryWorker:
         # told too (each expiry once: the event's dedupe key).
         self._last_expiry_check = 0.0
         self._last_prune = 0.0
+        self._last_sample = 0.0
         self.dropped_anomalies = 0
 
     def anomaly(self, anomaly: Anomaly) -> None:
@@ -161,8 +165,10 @@ class DeliveryWorker:
             await self._store.prune_events(now - self._settings.retention_days * 86400, 5000)
 
     async def _sample_queue(self) -> None:
-        if self._metrics is None:
+        now = time.monotonic()
+        if self._metrics is None or now - self._last_sample < _SAMPLE_SECONDS:
             return
+        self._last_sample = now
         queue = await self._store.webhook_queue()
         self._metrics.webhook_queue.set(queue.pending)
         self._metrics.webhook_queue_age.set(queue.oldest_due_seconds)

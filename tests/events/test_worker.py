@@ -19,10 +19,12 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from prometheus_client import generate_latest
 
 from gateway.anomaly import Anomaly
 from gateway.config import WebhookSettings
 from gateway.events.worker import DeliveryWorker, next_attempt
+from gateway.metrics import Metrics
 from gateway.storage import Backend, EventRecord
 from tests.storage.conftest import (
     Backends,
@@ -322,3 +324,21 @@ async def test_a_redirect_is_not_followed(backends: Backends, receiver: Receiver
     assert len(receiver.got) == 1
     [attempt] = await db.delivery_attempts(hook, 10)
     assert (attempt.status, attempt.state) == (307, "pending")
+
+
+async def test_the_worker_counts_attempts_and_samples_its_queue(
+    backends: Backends, receiver: Receiver
+) -> None:
+    db = await backends.open()
+    team, _, _ = await team_with_endpoint(db, receiver.url)
+    receiver.answers = [(500, {})]
+    await db.add_events([EventRecord("key.created", team, {})])
+    metrics = Metrics()
+    worker = DeliveryWorker(db, FAST, metrics)
+    try:
+        await worker.step()
+    finally:
+        await worker.close()
+    text = generate_latest(metrics.collector_registry()).decode()
+    assert 'gateway_webhook_deliveries_total{outcome="retry"} 1.0' in text
+    assert "gateway_webhook_queue_pending 1.0" in text
