@@ -9,6 +9,7 @@ from aiohttp import web
 from gateway.admin._handlers import _actor, _body, _limit, _m, _path, _query
 from gateway.admin.schemas import ENVIRONMENT, TIMESTAMP, TIMESTAMP_OR_NULL, obj, page
 from gateway.errors import json_response
+from gateway.events.guard import MAX_URL, RECEIVER_URL_PATTERN
 from gateway.manage.bounds import BALANCE_MAX, GRACE_MAX_SECONDS
 from gateway.manage.inputs import parse_int
 from gateway.manage.webhooks import DESCRIPTION_MAX, attempt_view, endpoint_view
@@ -124,11 +125,8 @@ async def set_alerts(request: web.Request) -> web.Response:
 
 
 _EVENT_NAME: dict[str, Any] = {"enum": [*EVENT_TYPES, "*"]}
-# A name or an IPv4 address, a port from 1 to 65535, then anything visible.
-_PORT = "([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
 _URL: dict[str, Any] = {
-    "type": "string", "minLength": 1, "maxLength": 2048,
-    "pattern": f"^https?://[A-Za-z0-9._-]+(:{_PORT})?([/?#][\\x21-\\x7e]*)?$",
+    "type": "string", "minLength": 1, "maxLength": MAX_URL, "pattern": RECEIVER_URL_PATTERN,
 }  # fmt: skip
 _EVENTS: dict[str, Any] = {"type": "array", "items": _EVENT_NAME, "minItems": 1, "maxItems": 50}
 _DESCRIPTION: dict[str, Any] = {"type": ["string", "null"], "minLength": 1,

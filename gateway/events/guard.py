@@ -12,15 +12,28 @@ any connection. Redirects are never followed (see the worker).
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from urllib.parse import urlsplit
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
-__all__ = ["GuardedResolver", "RefusedAddress", "check_url", "refused_address"]
+__all__ = [
+    "MAX_URL",
+    "RECEIVER_URL_PATTERN",
+    "GuardedResolver",
+    "RefusedAddress",
+    "check_url",
+    "refused_address",
+]
 
 MAX_URL = 2048
+# What a receiver's URL may be, said once: the admin API's schema publishes this very
+# pattern, and check_url holds every URL to it (a name or IPv4 address, a port 1-65535).
+_PORT = "([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+RECEIVER_URL_PATTERN = f"^https?://[A-Za-z0-9._-]+(:{_PORT})?([/?#][\\x21-\\x7e]*)?$"
+RECEIVER_URL = re.compile(RECEIVER_URL_PATTERN)
 
 
 class RefusedAddress(OSError):
@@ -56,8 +69,11 @@ def check_url(url: str) -> str | None:
         return "must not hold a user name or password"
     if parts.netloc.startswith("["):
         return "must name an IPv6 receiver by its host name, not a literal address"
-    if port == 0 or not url.isascii() or any(c.isspace() for c in url):
-        return "is not a valid URL"
+    if port == 0 or RECEIVER_URL.fullmatch(url) is None:
+        return (
+            "must be http(s)://, a host name or IPv4 address, an optional port from 1 to "
+            "65535, then a path of visible ASCII characters"
+        )
     return None
 
 
