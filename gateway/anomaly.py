@@ -197,34 +197,23 @@ class AnomalyDetector:
                 idle.append(key_id)
         for key_id in idle:
             table.drop(key_id)
-        for subject, count in self._failures_by_prefix.items():
-            if count >= s.auth_failure_threshold:
-                self._raise(
-                    Anomaly(
-                        "auth_failures",
-                        now,
-                        subject,
-                        None,
-                        count,
-                        s.auth_failure_threshold,
-                        f"{count} refused credentials, prefix {subject}, in {s.window_seconds:g} s",
-                    )
-                )
-        for subject, count in self._failures_by_ip.items():
-            if count >= s.auth_failure_threshold:
-                self._raise(
-                    Anomaly(
-                        "auth_failures",
-                        now,
-                        subject,
-                        None,
-                        count,
-                        s.auth_failure_threshold,
-                        f"{count} refused credentials from {subject} in {s.window_seconds:g} s",
-                    )
-                )
+        self._judge_failures(now)
         self._failures_by_prefix.clear()
         self._failures_by_ip.clear()
+
+    def _judge_failures(self, now: float) -> None:
+        """Refused credentials over the window, by key prefix and by client address."""
+        s = self._settings
+        for subjects, said in (
+            (self._failures_by_prefix, "refused credentials, prefix {subject}, in"),
+            (self._failures_by_ip, "refused credentials from {subject} in"),
+        ):
+            for subject, count in subjects.items():
+                if count >= s.auth_failure_threshold:
+                    detail = f"{count} {said.format(subject=subject)} {s.window_seconds:g} s"
+                    threshold = s.auth_failure_threshold
+                    self._raise(Anomaly("auth_failures", now, subject, None, count, threshold,
+                                        detail))  # fmt: skip
 
     def _raise(self, anomaly: Anomaly) -> None:
         self.recent.append(anomaly)

@@ -34,6 +34,27 @@ async def _site(runner: web.AppRunner, listen: str, reuse_port: bool) -> web.TCP
     return site
 
 
+def _runners(settings: Settings, gateway: Gateway) -> tuple[list[web.AppRunner], list[str]]:
+    """The listeners' runners and addresses: public first (it drains and flushes first)."""
+    public = create_app(settings, gateway)
+    drain = settings.shutdown.drain_seconds
+    runners = [
+        web.AppRunner(public, handler_cancellation=True, access_log=None, shutdown_timeout=drain)
+    ]
+    listens = [settings.listen]
+    runners.append(web.AppRunner(create_status_app(gateway), access_log=None, shutdown_timeout=1.0))
+    listens.append(settings.status.listen)
+    # Under a supervisor, only the worker told to serves the admin listener.
+    if settings.admin.enabled and os.environ.get("GATEWAY_SERVE_ADMIN", "1") == "1":
+        from gateway.listeners import create_admin_app
+
+        runners.append(
+            web.AppRunner(create_admin_app(gateway), access_log=None, shutdown_timeout=5.0)
+        )
+        listens.append(settings.admin.listen)
+    return runners, listens
+
+
 async def serve(
     settings: Settings,
     *,
@@ -53,22 +74,7 @@ async def serve(
             "C parser's request-smuggling hardening. Install aiohttp's wheel for this platform."
         )
     gateway = Gateway(settings)
-    public = create_app(settings, gateway)
-    drain = settings.shutdown.drain_seconds
-    runners = [
-        web.AppRunner(public, handler_cancellation=True, access_log=None, shutdown_timeout=drain)
-    ]
-    listens = [settings.listen]
-    runners.append(web.AppRunner(create_status_app(gateway), access_log=None, shutdown_timeout=1.0))
-    listens.append(settings.status.listen)
-    # Under a supervisor, only the worker told to serves the admin listener.
-    if settings.admin.enabled and os.environ.get("GATEWAY_SERVE_ADMIN", "1") == "1":
-        from gateway.listeners import create_admin_app
-
-        runners.append(
-            web.AppRunner(create_admin_app(gateway), access_log=None, shutdown_timeout=5.0)
-        )
-        listens.append(settings.admin.listen)
+    runners, listens = _runners(settings, gateway)
 
     stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
