@@ -30,6 +30,7 @@ from gateway.config_sections import (
     MAX_LEASE_SECONDS,
     MAX_RATE_PER_MINUTE,
     MAX_RETENTION_DAYS,
+    AdminSettings,
     AnomalySettings,
     CreditSettings,
     Frozen,
@@ -37,6 +38,7 @@ from gateway.config_sections import (
     IdentityHeaderSettings,
     KeySettings,
     LimiterSettings,
+    ListenAddress,
     LoggingSettings,
     MetricsSettings,
     PlanSettings,
@@ -45,9 +47,12 @@ from gateway.config_sections import (
     RequestLogSettings,
     SecuritySettings,
     ShutdownSettings,
+    StatusSettings,
     TracingSettings,
     UsageSettings,
     WebhookSettings,
+    check_listen,
+    parse_listen,
 )
 
 __all__ = [
@@ -103,48 +108,6 @@ class ConfigError(Exception):
 
 
 _Frozen = Frozen
-
-ListenAddress = tuple[str, int]
-
-
-def parse_listen(value: str) -> ListenAddress:
-    """Split ``host:port`` (``[v6]:port`` for IPv6) into its parts."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
-    number = int(port)
-    if not 0 <= number <= 65535:
-        raise ValueError(f"port {number} is out of range 0-65535")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, number
-
-
-def _check_listen(value: str) -> str:
-    parse_listen(value)
-    return value
-
-
-class StatusSettings(_Frozen):
-    listen: str = "0.0.0.0:9091"
-    _v = field_validator("listen")(_check_listen)
-
-
-class AdminSettings(_Frozen):
-    enabled: bool = True
-    listen: str = "127.0.0.1:9090"
-    token: SecretStr | None = None
-    _v = field_validator("listen")(_check_listen)
-
-    @field_validator("token")
-    @classmethod
-    def _token_strength(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is None or value.get_secret_value().strip() == "":
-            return None
-        if len(value.get_secret_value()) < 16:
-            raise ValueError("the admin token must be at least 16 characters long")
-        return value
-
 
 class UpstreamSettings(_Frozen):
     url: str
@@ -240,7 +203,7 @@ class Settings(_Frozen):
     plans: PlanSettings = PlanSettings()
     webhooks: WebhookSettings = WebhookSettings()
 
-    _v = field_validator("listen")(_check_listen)
+    _v = field_validator("listen")(check_listen)
 
     @field_validator("storage")
     @classmethod

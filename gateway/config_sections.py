@@ -15,6 +15,7 @@ __all__ = [
     "MAX_LEASE_SECONDS",
     "MAX_RATE_PER_MINUTE",
     "MAX_RETENTION_DAYS",
+    "AdminSettings",
     "AnomalySettings",
     "CreditSettings",
     "Frozen",
@@ -22,6 +23,7 @@ __all__ = [
     "IdentityHeaderSettings",
     "KeySettings",
     "LimiterSettings",
+    "ListenAddress",
     "LoggingSettings",
     "MetricsSettings",
     "PlanSettings",
@@ -30,9 +32,12 @@ __all__ = [
     "RequestLogSettings",
     "SecuritySettings",
     "ShutdownSettings",
+    "StatusSettings",
     "TracingSettings",
     "UsageSettings",
     "WebhookSettings",
+    "check_listen",
+    "parse_listen",
 ]
 
 # Bounds of what the config (and the admin API, which imports them) accepts:
@@ -267,3 +272,45 @@ class IdentityHeaderSettings(_Frozen):
     team: str = "X-Gateway-Team-Id"
     key: str = "X-Gateway-Key-Id"
     environment: str = "X-Gateway-Environment"
+
+
+ListenAddress = tuple[str, int]
+
+
+def parse_listen(value: str) -> ListenAddress:
+    """Split ``host:port`` (``[v6]:port`` for IPv6) into its parts."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port {number} is out of range 0-65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, number
+
+
+def check_listen(value: str) -> str:
+    parse_listen(value)
+    return value
+
+
+class StatusSettings(_Frozen):
+    listen: str = "0.0.0.0:9091"
+    _v = field_validator("listen")(check_listen)
+
+
+class AdminSettings(_Frozen):
+    enabled: bool = True
+    listen: str = "127.0.0.1:9090"
+    token: SecretStr | None = None
+    _v = field_validator("listen")(check_listen)
+
+    @field_validator("token")
+    @classmethod
+    def _token_strength(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or value.get_secret_value().strip() == "":
+            return None
+        if len(value.get_secret_value()) < 16:
+            raise ValueError("the admin token must be at least 16 characters long")
+        return value

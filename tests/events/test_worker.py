@@ -113,6 +113,15 @@ async def drive(worker: DeliveryWorker, check: Any, seconds: float = 10.0) -> No
         await asyncio.sleep(0.02)
 
 
+async def deliver(db: Backend, check: Any, settings: WebhookSettings = FAST) -> None:
+    """Run a worker over ``db`` until ``check()`` holds, then close it."""
+    worker = DeliveryWorker(db, settings)
+    try:
+        await drive(worker, check)
+    finally:
+        await worker.close()
+
+
 async def team_with_endpoint(db: Backend, url: str, events: list[str] | None = None,
                              ) -> tuple[str, str, str]:  # fmt: skip
     team = (await db.create_team("t")).id
@@ -128,11 +137,7 @@ async def test_an_event_arrives_signed_verifiable_and_shaped_as_the_contract_say
     team, _, secret = await team_with_endpoint(db, receiver.url)
     await db.add_events([EventRecord("key.created", team, {"team_id": team, "key_id": "key_1",
                                                             "prefix": "ckiq_live_ab"})])  # fmt: skip
-    worker = DeliveryWorker(db, FAST)
-    try:
-        await drive(worker, lambda: receiver.got)
-    finally:
-        await worker.close()
+    await deliver(db, lambda: receiver.got)
     [(headers, body)] = receiver.got
     assert verify(secret, headers, body)
     assert not verify(secret, headers, body + b" ")  # a check that can fail
@@ -197,11 +202,7 @@ async def test_a_rotated_secret_signs_beside_the_old_one_during_its_grace(
     new = "whsec_" + base64.b64encode(b"n" * 24).decode()
     await db.rotate_webhook_secret(hook, new, time.time() + 60)
     await db.add_events([EventRecord("key.revoked", team, {})])
-    worker = DeliveryWorker(db, FAST)
-    try:
-        await drive(worker, lambda: receiver.got)
-    finally:
-        await worker.close()
+    await deliver(db, lambda: receiver.got)
     [(headers, body)] = receiver.got
     assert len(headers["webhook-signature"].split(" ")) == 2
     assert verify(old, headers, body) and verify(new, headers, body)
@@ -277,11 +278,7 @@ async def test_the_readme_receiver_verifies_a_real_delivery(
     db = await backends.open()
     team, _, secret = await team_with_endpoint(db, receiver.url)
     await db.add_events([EventRecord("credits.low", team, {"team_id": team})])
-    worker = DeliveryWorker(db, FAST)
-    try:
-        await drive(worker, lambda: receiver.got)
-    finally:
-        await worker.close()
+    await deliver(db, lambda: receiver.got)
     [(headers, body)] = receiver.got
     assert namespace["verified"](secret, headers, body)
     assert not namespace["verified"](secret, headers, body.replace(b"low", b"lox"))
