@@ -18,6 +18,7 @@ from gateway.events.worker import DeliveryWorker
 from gateway.keycache import KeyCache
 from gateway.limiter import Limit, Limiter, LimiterUnavailable
 from gateway.limiter.memory import MemoryLimiter
+from gateway.limiter.quotas import QuotaCounter, RedisQuotaCounter, StoreQuotaCounter
 from gateway.manage import Management
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
@@ -46,7 +47,7 @@ class Gateway:
         self.backend: Backend = open_backend(
             settings.storage, lease_seconds=settings.lease_seconds, postgres=settings.postgres
         )
-        self.limiter: Limiter = _limiter(settings)
+        self.limiter, quotas = _limiter(settings, self.backend)
         storage = settings.storage_kind
         self.keys = KeyCache(
             self.backend, settings.keys, metrics=self.metrics, backend_name=storage
@@ -93,6 +94,7 @@ class Gateway:
             tracing=self.tracing,
             access_log=self.access_log,
             request_log=self.request_log,
+            quotas=quotas,
         )
         self.ready = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -170,6 +172,8 @@ class Gateway:
                 now = time.time()
                 # Idempotency keys count for 24 h; a margin for clocks and in-flight retries.
                 await self.backend.prune_idempotency(now - 25 * 3600)
+                # Quota counts of ended periods (on the calendar's clock, see gateway/caps.py).
+                await self.backend.prune_quotas(now + self.settings.plans.clock_offset_seconds)
                 await self.backend.prune_patterns(
                     int(now - usage.ip_retention_days * 86400),
                     int(now - usage.auth_failure_retention_days * 86400),
@@ -228,13 +232,16 @@ def _request_log(settings: Settings, backend: Backend) -> RequestLog | None:
     )
 
 
-def _limiter(settings: Settings) -> Limiter:
+def _limiter(settings: Settings, backend: Backend) -> tuple[Limiter, QuotaCounter]:
+    """The rate limiter, and who counts calendar quotas (Redis if configured, else the store)."""
     if settings.limiter.kind == "memory":
-        return MemoryLimiter()
+        return MemoryLimiter(), StoreQuotaCounter(backend)
     from gateway.limiter.fallback import FallbackLimiter
     from gateway.limiter.redis import RedisLimiter
 
-    return FallbackLimiter(RedisLimiter(settings.limiter), settings.limiter)
+    redis = RedisLimiter(settings.limiter)
+    limiter = FallbackLimiter(redis, settings.limiter)
+    return limiter, RedisQuotaCounter(redis, backend)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -109,6 +109,7 @@ class ConfigError(Exception):
 
 _Frozen = Frozen
 
+
 class UpstreamSettings(_Frozen):
     url: str
     timeout_seconds: float = Field(default=30.0, gt=0, le=MAX_DURATION_SECONDS)

@@ -22,7 +22,7 @@ from gateway.batching import Grouper
 from gateway.config import CreditSettings
 from gateway.metrics import Metrics
 from gateway.models import Environment
-from gateway.storage import IdempotencyClaim, Ledger, ReserveRequest, ReserveResult
+from gateway.storage import IdempotencyClaim, Ledger, ReserveRequest, ReserveResult, SpendCaps
 
 __all__ = ["Credits", "PendingReserve"]
 
@@ -91,13 +91,15 @@ class Credits:
         key_id: str,
         amount: int,
         claim: IdempotencyClaim | None = None,
+        *,
+        caps: SpendCaps | None = None,
     ) -> tuple[str, ReserveResult]:
         """Reserve ``amount``; raises the backend's error when the outcome is unknown.
 
         In that case the reservation id is queued for voiding, so a client that
         is answered 503 can never be charged.
         """
-        pending = self.start_reserve(team_id, environment, key_id, amount, claim)
+        pending = self.start_reserve(team_id, environment, key_id, amount, claim, caps=caps)
         return await self.finish_reserve(pending)
 
     def start_reserve(
@@ -107,13 +109,15 @@ class Credits:
         key_id: str,
         amount: int,
         claim: IdempotencyClaim | None = None,
+        *,
+        caps: SpendCaps | None = None,
     ) -> PendingReserve:
         """Send a reservation on its way without waiting for it.
 
         The caller must then either :meth:`finish_reserve` or :meth:`abandon` it.
         """
         reservation_id = "rsv_" + secrets.token_hex(12)
-        request = ReserveRequest(reservation_id, team_id, environment, key_id, amount, claim)
+        request = ReserveRequest(reservation_id, team_id, environment, key_id, amount, claim, caps)
         return PendingReserve(reservation_id, self._reserves.submit(request))
 
     async def finish_reserve(self, pending: PendingReserve) -> tuple[str, ReserveResult]:

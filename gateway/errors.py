@@ -126,10 +126,13 @@ def refuse_rate_limited(retry_after_seconds: float, limit: int) -> Refusal:
 
 
 def refuse_insufficient_credits(required: int, available: int) -> Refusal:
+    # X-Credits-Remaining says what the body says: for a key with a spend cap that
+    # is what the key may still spend, which may be less than the team's balance.
     return Refusal(
         402,
         "Insufficient credits",
         Outcome.INSUFFICIENT_CREDITS,
+        {"X-Credits-Remaining": str(available)},
         payload={
             "error": "Insufficient credits",
             "credits_required": required,

@@ -10,6 +10,7 @@ __all__ = [
     "ApiKey",
     "AuditEntry",
     "Environment",
+    "KeyLimits",
     "KeyRecord",
     "LedgerEntry",
     "Outcome",
@@ -43,6 +44,38 @@ class Team:
     name: str
     created_at: float
     rate_limit_per_minute: int | None = None
+    quota_per_day: int | None = None
+    quota_per_month: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLimits:
+    """A key's calendar limits (UTC days and calendar months), with its team's quotas.
+
+    Spend caps are credits one key may spend per period, enforced in the
+    reserve; quotas are requests admitted per period, beside the rate limit.
+    A key with none of them carries no ``KeyLimits`` at all (``None``).
+    """
+
+    credit_cap_per_day: int | None = None
+    credit_cap_per_month: int | None = None
+    quota_per_day: int | None = None
+    quota_per_month: int | None = None
+    team_quota_per_day: int | None = None
+    team_quota_per_month: int | None = None
+
+    @property
+    def capped(self) -> bool:
+        return self.credit_cap_per_day is not None or self.credit_cap_per_month is not None
+
+    @property
+    def has_quota(self) -> bool:
+        return (
+            self.quota_per_day is not None
+            or self.quota_per_month is not None
+            or self.team_quota_per_day is not None
+            or self.team_quota_per_month is not None
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +91,8 @@ class KeyRecord:
     disabled: bool
     expires_at: float | None
     revoked_at: float | None
+    # Caps and quotas; None for the (usual) key without any, so it costs 8 bytes.
+    limits: KeyLimits | None = None
     # When this process's key cache read it (its clock); not part of the key.
     # Kept here rather than beside it: a (record, time) pair per key costs 56 bytes.
     loaded_at: float = field(default=0.0, compare=False)
@@ -83,6 +118,10 @@ class ApiKey:
     last_used_at: float | None
     expires_at: float | None
     revoked_at: float | None
+    credit_cap_per_day: int | None = None
+    credit_cap_per_month: int | None = None
+    quota_per_day: int | None = None
+    quota_per_month: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

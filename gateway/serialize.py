@@ -18,6 +18,8 @@ def team_json(team: Team) -> dict[str, Any]:
         "name": team.name,
         "created_at": iso(team.created_at),
         "rate_limit_per_minute": team.rate_limit_per_minute,
+        "quota_per_day": team.quota_per_day,
+        "quota_per_month": team.quota_per_month,
     }
 
 
@@ -47,6 +49,10 @@ def key_json(key: ApiKey, now: float | None = None) -> dict[str, Any]:
         "last_used_at": iso(key.last_used_at),
         "expires_at": iso(key.expires_at),
         "revoked_at": iso(key.revoked_at),
+        "credit_cap_per_day": key.credit_cap_per_day,
+        "credit_cap_per_month": key.credit_cap_per_month,
+        "quota_per_day": key.quota_per_day,
+        "quota_per_month": key.quota_per_month,
     }
 
 

@@ -100,9 +100,7 @@ class Tracing:
             sampler=ParentBased(ALWAYS_ON),
         )
         self.provider.add_span_processor(
-            BatchSpanProcessor(
-                exporter, schedule_delay_millis=settings.batch_delay_seconds * 1000
-            )
+            BatchSpanProcessor(exporter, schedule_delay_millis=settings.batch_delay_seconds * 1000)
         )
         self.tracer: Tracer = self.provider.get_tracer("gateway")
         self.propagator = TraceContextTextMapPropagator()

@@ -189,3 +189,31 @@ async def test_usage_export_streams_csv(make_gateway: MakeGateway, tmp_path: Pat
     assert [json.loads(line)["data"]["credits"] for line in out.splitlines()] == [1, 1]
     code, _, err = await cli(config, "usage", "export", "--team", "acme", "--from", "yesterday")
     assert code == 1 and err.startswith("gateway: ") and "from" in err
+
+
+async def test_a_spend_cap_set_from_another_process_holds_at_once(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    gw = await make_gateway()
+    secret = await gw.key(credits=50)
+    [key] = await gw.gateway.management.keys("acme")
+    config = cli_config(tmp_path)
+    code, out, err = await cli(config, "keys", "update", key.id, "--credit-cap-per-day", "2")
+    assert code == 0, err
+    assert "credit cap per day 2" in out
+    statuses = []
+    deadline = time.monotonic() + 2.0
+    # The change reaches this process through the key-change feed (within a poll).
+    while len(statuses) < 20 and time.monotonic() < deadline:
+        statuses.append((await gw.client.post("/api/v1/assess", headers=bearer(secret))).status)
+        if statuses[-1] == 402:
+            break
+        await asyncio.sleep(0.05)
+    assert statuses[-1] == 402
+    code, out, err = await cli(config, "keys", "update", key.id, "--credit-cap-per-day", "0")
+    assert code == 1 and "--credit-cap-per-day must be an integer from 1" in err, err
+    code, out, err = await cli(config, "keys", "update", key.id, "--credit-cap-per-day", "none")
+    assert code == 0, err
+    code, out, err = await cli(config, "keys", "list", "--team", "acme", "--json")
+    assert json.loads(out)[0]["credit_cap_per_day"] is None
+    await gw.assert_reconciled()

@@ -29,6 +29,7 @@ from gateway.manage.inputs import (
     parse_json_object,
     parse_time,
 )
+from gateway.manage.keys import LIMIT_BOUNDS
 from gateway.manage.reads import usage_range
 from gateway.manage.requests import RequestFilters
 from gateway.models import Environment
@@ -169,7 +170,9 @@ async def list_keys(request: web.Request) -> web.Response:
 
 async def update_key(request: web.Request) -> web.Response:
     key_id = _path(request, "key_id")
-    fields = await _body(request, {"name", "rate_limit_per_minute", "expires_at", "disabled"})
+    fields = await _body(
+        request, {"name", "rate_limit_per_minute", "expires_at", "disabled", *LIMIT_BOUNDS}
+    )
     changes: dict[str, Any] = {}
     if fields.present("name"):
         changes["name"] = fields.string("name", required=True, max_len=NAME_MAX)
@@ -181,6 +184,9 @@ async def update_key(request: web.Request) -> web.Response:
         changes["expires_at"] = fields.time("expires_at")
     if fields.present("disabled"):
         changes["disabled"] = fields.boolean("disabled", required=True)
+    for field, most in LIMIT_BOUNDS.items():  # null clears a cap or a quota
+        if fields.present(field):
+            changes[field] = fields.integer(field, minimum=1, maximum=most)
     fields.check()
     updated = await _m(request).update_key(key_id, changes, actor=_actor(request))
     return json_response(200, key_json(updated))

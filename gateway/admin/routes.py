@@ -83,6 +83,7 @@ from gateway.admin.schemas import (
     obj,
 )
 from gateway.manage.bounds import KEY_SECRET_MAX
+from gateway.manage.keys import LIMIT_BOUNDS
 
 __all__ = ["OPERATIONS", "Operation", "add_routes"]
 
@@ -121,6 +122,12 @@ _LEDGER_PAGING: dict[str, dict[str, Any]] = {
     "cursor": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,200}$"},
 }
 _OPTIONAL_LIMIT: dict[str, Any] = {**RATE_LIMIT, "type": ["integer", "null"]}
+# A key's caps and quotas, and a team's quotas: null clears one.
+_KEY_LIMITS: dict[str, Any] = {
+    field: {"type": ["integer", "null"], "minimum": 1, "maximum": most}
+    for field, most in LIMIT_BOUNDS.items()
+}
+_TEAM_QUOTAS = {f: _KEY_LIMITS[f] for f in ("quota_per_day", "quota_per_month")}
 _NUMERIC_CURSOR: dict[str, Any] = {"type": "string", "pattern": "^[0-9]{1,18}$"}
 # null in a create body means "the default", as if the field were absent.
 _OPTIONAL_ENVIRONMENT: dict[str, Any] = {"enum": ["live", "test", None]}
@@ -144,7 +151,8 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("PATCH", "/admin/v1/keys/{key_id}", update_key, "updateKey", "Change a key", 200,
               KEY, errors=(409,),
               body=obj({"name": NAME, "rate_limit_per_minute": _OPTIONAL_LIMIT,
-                        "expires_at": TIMESTAMP_OR_NULL, "disabled": {"type": "boolean"}})),
+                        "expires_at": TIMESTAMP_OR_NULL, "disabled": {"type": "boolean"},
+                        **_KEY_LIMITS})),
     Operation("POST", "/admin/v1/keys/revoke-by-secret", revoke_by_secret, "revokeKeyBySecret",
               "Revoke a leaked key given its full text", 200, KEY,
               body=obj({"key": {"type": "string", "minLength": 1, "maxLength": KEY_SECRET_MAX,

@@ -75,6 +75,8 @@ TEAM = obj(
         "name": {"type": "string"},
         "created_at": TIMESTAMP,
         "rate_limit_per_minute": {"type": ["integer", "null"]},
+        "quota_per_day": {"type": ["integer", "null"]},
+        "quota_per_month": {"type": ["integer", "null"]},
     },
     ["id", "name", "created_at"],
 )
@@ -91,6 +93,10 @@ _KEY_PROPERTIES: dict[str, Any] = {
     "last_used_at": TIMESTAMP_OR_NULL,
     "expires_at": TIMESTAMP_OR_NULL,
     "revoked_at": TIMESTAMP_OR_NULL,
+    "credit_cap_per_day": {"type": ["integer", "null"]},
+    "credit_cap_per_month": {"type": ["integer", "null"]},
+    "quota_per_day": {"type": ["integer", "null"]},
+    "quota_per_month": {"type": ["integer", "null"]},
 }
 KEY = obj(_KEY_PROPERTIES, list(_KEY_PROPERTIES))
 CREATED_KEY = obj(

@@ -20,6 +20,7 @@ from gateway.cli.serve import cmd_check_config, cmd_demo, cmd_migrate, cmd_run
 from gateway.config import DEFAULT_CONFIG_PATH, ConfigError
 from gateway.manage import InputError
 from gateway.manage.bounds import AUDIT_DEFAULT
+from gateway.manage.keys import LIMIT_BOUNDS
 from gateway.storage import StorageError
 
 __all__ = ["main"]
@@ -30,6 +31,10 @@ Command = Callable[[argparse.Namespace], None]
 FLAGS = {
     "name": "--name",
     "rate_limit_per_minute": "--rate-limit",
+    "credit_cap_per_day": "--credit-cap-per-day",
+    "credit_cap_per_month": "--credit-cap-per-month",
+    "quota_per_day": "--quota-per-day",
+    "quota_per_month": "--quota-per-month",
     "expires_at": "--expires-at",
     "grace_seconds": "--grace",
     "amount": "--amount",
@@ -58,6 +63,23 @@ def _integer(text: str) -> int:
     if not _INTEGER.match(text):
         raise argparse.ArgumentTypeError("must be a whole number in ASCII digits")
     return int(text)
+
+
+def _integer_or_none(text: str) -> int | str:
+    """A cap or quota: a whole number, or 'none' (kept as the word) to clear it."""
+    return text if text == "none" else _integer(text)
+
+
+def _limit_flags(p: argparse.ArgumentParser, *fields: str) -> None:
+    for field in fields:
+        what = "credits" if field.startswith("credit") else "requests"
+        per = field.rsplit("_", 1)[1]
+        p.add_argument(
+            FLAGS[field],
+            dest=field,
+            type=_integer_or_none,
+            help=f"{what} per UTC {per} at most ('none' clears it)",
+        )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -159,6 +181,7 @@ def _teams_and_keys(c: _Commands) -> None:
     p.add_argument("key_id")
     p.add_argument("--name")
     p.add_argument("--rate-limit", type=_integer)
+    _limit_flags(p, *LIMIT_BOUNDS)
     p.add_argument("--expires-at", help="RFC 3339 time, or 'never'")
     toggle = p.add_mutually_exclusive_group()
     toggle.add_argument("--disable", action="store_true")

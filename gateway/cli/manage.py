@@ -16,6 +16,7 @@ from gateway.cli._common import CliError, emit, table, with_management
 from gateway.manage import Management, operator
 from gateway.manage.bounds import LIST_MAX
 from gateway.manage.inputs import parse_time
+from gateway.manage.keys import LIMIT_BOUNDS
 from gateway.manage.reads import usage_range
 from gateway.serialize import audit_json, key_json, ledger_json, team_json, token_json
 
@@ -164,9 +165,14 @@ def keys_update(args: argparse.Namespace) -> None:
         changes["disabled"] = True
     if args.enable:
         changes["disabled"] = False
+    for field in LIMIT_BOUNDS:
+        given = getattr(args, field)
+        if given is not None:
+            changes[field] = None if given == "none" else given
     if not changes:
         raise CliError(
-            "nothing to change: give --name, --rate-limit, --expires-at, --disable or --enable"
+            "nothing to change: give --name, --rate-limit, --expires-at, --disable, --enable, "
+            "--credit-cap-per-day, --credit-cap-per-month, --quota-per-day or --quota-per-month"
         )
 
     async def work(m: Management) -> dict[str, Any]:
@@ -178,7 +184,12 @@ def keys_update(args: argparse.Namespace) -> None:
         key,
         f"key {key['id']}: {key['name']}, {key['status']}, "
         f"rate limit {key['rate_limit_per_minute'] or 'default'}, "
-        f"expires {key['expires_at'] or 'never'}",
+        f"expires {key['expires_at'] or 'never'}"
+        + "".join(
+            f", {field.replace('_', ' ')} {key[field]}"
+            for field in LIMIT_BOUNDS
+            if key[field] is not None
+        ),
     )
 
 
@@ -262,6 +273,9 @@ def credits_reconcile(args: argparse.Namespace) -> None:
                     "environment": x.environment,
                     "stored": x.stored,
                     "derived": x.derived,
+                    # Set when what differs is a capped key's spend in one period.
+                    "key": x.key_id,
+                    "period": x.period,
                 }
                 for x in mismatches
             ],
@@ -270,12 +284,12 @@ def credits_reconcile(args: argparse.Namespace) -> None:
     result = with_management(args, work)
     if result["ok"]:
         text = (
-            "OK: every balance equals the sum of its ledger "
+            "OK: every balance and capped key's spend equals the sum of its ledger "
             f"({result['pending_reservations']} reservations pending)"
         )
     else:
         text = "MISMATCH:\n" + table(
-            result["mismatches"], ["team", "environment", "stored", "derived"]
+            result["mismatches"], ["team", "environment", "key", "period", "stored", "derived"]
         )
     emit(args, result, text)
     if not result["ok"]:

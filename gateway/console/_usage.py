@@ -207,8 +207,7 @@ def _top_keys(top: list[dict[str, Any]], known: dict[str, ApiKey]) -> Markup:
         "</div>",
         rows=join(
             fmt(
-                '<tr><th scope="row">$k</th><td class="num">$r</td><td class="num">$c</td>'
-                "</tr>",
+                '<tr><th scope="row">$k</th><td class="num">$r</td><td class="num">$c</td></tr>',
                 k=_key_label(t["key"], known),
                 r=f"{t['requests']:,}",
                 c=f"{t['credits']:,}",

@@ -181,9 +181,7 @@ class DeliveryWorker:
             "Content-Type": "application/json",
             "webhook-id": delivery.event_id,
             "webhook-timestamp": str(stamp),
-            "webhook-signature": signature_header(
-                delivery.secrets, delivery.event_id, stamp, body
-            ),
+            "webhook-signature": signature_header(delivery.secrets, delivery.event_id, stamp, body),
         }
         status: int | None = None
         error: str | None = None

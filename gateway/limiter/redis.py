@@ -30,6 +30,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from gateway.batching import Grouper
 from gateway.config import LimiterSettings
 from gateway.limiter import Decision, Limit, LimiterUnavailable
+from gateway.storage.quotas import QuotaCount, QuotaTake
 
 __all__ = ["RedisLimiter", "bucket_key"]
 
@@ -107,6 +108,29 @@ _MAX_BATCH: Final = 256
 
 _REDIS_ERRORS: Final = (RedisError, RedisClusterException, OSError)
 
+# One request against n calendar quotas: KEYS are the counts, ARGV the n limits
+# then the n expiry times (epoch seconds). Nothing is counted if one is full.
+# Reply: {1 if taken, each count's use (after when taken, as found when not)}.
+_QUOTA_SCRIPT: Final = """
+local n = #KEYS
+local used = {}
+local full = false
+for i = 1, n do
+  used[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if used[i] >= tonumber(ARGV[i]) then full = true end
+end
+if full then
+  table.insert(used, 1, 0)
+  return used
+end
+for i = 1, n do
+  used[i] = redis.call('INCR', KEYS[i])
+  redis.call('EXPIREAT', KEYS[i], ARGV[n + i])
+end
+table.insert(used, 1, 1)
+return used
+"""
+
 
 def bucket_key(group: str, bucket: str) -> str:
     """The Redis key of ``bucket``; ``{group}`` is the hash tag keeping a decision on one slot."""
@@ -155,6 +179,7 @@ class RedisLimiter:
             )
             self._client = redis.asyncio.Redis.from_pool(pool)
         self._script = self._client.register_script(_SCRIPT)
+        self._quota_script = self._client.register_script(_QUOTA_SCRIPT)
         # One batcher for a single node; on Cluster one per group (a batch must
         # stay on one slot), dropped again when its group goes quiet.
         self._batchers: dict[str, Grouper[_Pending, Decision]] = {}
@@ -188,6 +213,17 @@ class RedisLimiter:
         except _REDIS_ERRORS as exc:
             raise LimiterUnavailable(f"Redis: {exc}") from exc
         return [_decision(limits, reply, _REPLY * i) for i, (limits, _) in enumerate(batch)]
+
+    async def take_quota(self, counts: Sequence[QuotaCount], group: str) -> QuotaTake:
+        """Count one request against calendar quotas (see gateway/caps.py), all or nothing."""
+        keys = [_encoded_key(group, f"q:{c.subject}:{c.period}") for c in counts]
+        # A count lives a day past its period's end, so clocks a little apart still agree.
+        args = [c.limit for c in counts] + [int(c.ends_at) + 86_400 for c in counts]
+        try:
+            reply = await self._quota_script(keys, args)
+        except _REDIS_ERRORS as exc:
+            raise LimiterUnavailable(f"Redis: {exc}") from exc
+        return QuotaTake(bool(reply[0]), tuple(int(u) for u in reply[1:]))
 
     async def close(self) -> None:
         await self._client.aclose()

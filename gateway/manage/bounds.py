@@ -14,6 +14,7 @@ __all__ = [
     "AMOUNT_MAX",
     "AUDIT_DEFAULT",
     "BALANCE_MAX",
+    "CAP_MAX",
     "EARLIEST",
     "GRACE_MAX_SECONDS",
     "GRANULARITY",
@@ -23,6 +24,7 @@ __all__ = [
     "LIST_MAX",
     "MAX_BUCKETS",
     "NAME_MAX",
+    "QUOTA_MAX",
     "RATE_LIMIT_MAX",
     "REASON_MAX",
 ]
@@ -35,6 +37,9 @@ AMOUNT_MAX = 10**12  # one grant or adjustment, either sign
 # A balance never grows past this, so balance + any grant stays far inside a
 # signed 64-bit integer (SQLite INTEGER, PostgreSQL bigint) and can never wedge.
 BALANCE_MAX = MAX_BALANCE
+# A key's spend cap (credits per day or month) and a request quota per period.
+CAP_MAX = MAX_BALANCE
+QUOTA_MAX = 10**12
 LIST_DEFAULT = 100
 LIST_MAX = 1000
 AUDIT_DEFAULT = 50

@@ -15,14 +15,29 @@ from gateway.keys import display_prefix, generate_key, parse_key
 from gateway.manage._core import Core, iso
 from gateway.manage.actors import SYSTEM, Actor
 from gateway.manage.audit import Said, audit
-from gateway.manage.bounds import GRACE_MAX_SECONDS, KEY_SECRET_MAX, NAME_MAX, RATE_LIMIT_MAX
+from gateway.manage.bounds import (
+    CAP_MAX,
+    GRACE_MAX_SECONDS,
+    KEY_SECRET_MAX,
+    NAME_MAX,
+    QUOTA_MAX,
+    RATE_LIMIT_MAX,
+)
 from gateway.manage.events import key_event, key_rotated
 from gateway.manage.inputs import Check, Unknown
 from gateway.models import ApiKey, Environment
+from gateway.storage import KEY_FIELDS as STORED_KEY_FIELDS
 
 __all__ = ["KEY_FIELDS", "CreatedKey", "KeyActions"]
 
-KEY_FIELDS = frozenset({"name", "rate_limit_per_minute", "expires_at", "disabled"})
+KEY_FIELDS = STORED_KEY_FIELDS
+# Each limit field and its largest value; null clears it.
+LIMIT_BOUNDS = {
+    "credit_cap_per_day": CAP_MAX,
+    "credit_cap_per_month": CAP_MAX,
+    "quota_per_day": QUOTA_MAX,
+    "quota_per_month": QUOTA_MAX,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +57,12 @@ def _check_key_fields(changes: dict[str, object]) -> None:
     limit = changes.get("rate_limit_per_minute")
     check.integer("rate_limit_per_minute", limit if isinstance(limit, int) else None, 1,
                   RATE_LIMIT_MAX)  # fmt: skip
+    for field, most in LIMIT_BOUNDS.items():
+        given = changes.get(field)
+        if isinstance(given, bool) or (given is not None and not isinstance(given, int)):
+            check.fail(field, "must be an integer")
+        else:
+            check.integer(field, given, 1, most)
     expires = changes.get("expires_at")
     check.time("expires_at", float(expires) if isinstance(expires, int | float) else None)
     check.done()

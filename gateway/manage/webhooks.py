@@ -81,7 +81,7 @@ class WebhookActions(Core):
         if events is None:
             return
         if not events or len(events) > _EVENTS_MAX:
-            check.fail("events", "must list 1 or more event types (or \"*\" for all)")
+            check.fail("events", 'must list 1 or more event types (or "*" for all)')
             return
         for name in events:
             if name != "*" and name not in EVENT_TYPES:

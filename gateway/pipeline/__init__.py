@@ -22,6 +22,7 @@ from gateway.deadlines import Deadlines, resolution_for
 from gateway.errors import Refusal
 from gateway.keycache import KeyCache
 from gateway.limiter import Limiter, LocalLimiter
+from gateway.limiter.quotas import QuotaCounter
 from gateway.metrics import Metrics
 from gateway.models import Outcome
 from gateway.pipeline._http import unread
@@ -70,6 +71,7 @@ class Pipeline:
         tracing: Tracing | None = None,
         access_log: AccessLog | None = None,
         request_log: RequestLog | None = None,
+        quotas: QuotaCounter | None = None,
     ) -> None:
         self._tracing = tracing
         pepper = settings.keys.pepper
@@ -88,7 +90,7 @@ class Pipeline:
             usage=usage,
             anomalies=anomalies,
         )
-        self._limits = RateLimits(settings, limiter, metrics)
+        self._limits = RateLimits(settings, limiter, metrics, quotas)
         self._settlements = Settlements(
             settings, credits, ledger, metrics, may_reserve_ahead=self._limits.may_reserve_ahead
         )

@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 
 from gateway import errors
+from gateway.caps import Calendar, Quota, quotas
 from gateway.config import Settings
 from gateway.limiter import Decision, Degradable, Limit, Limiter, LimiterUnavailable
+from gateway.limiter.quotas import QuotaCounter
 from gateway.limiter.watch import ReserveAhead
 from gateway.metrics import Metrics
 from gateway.models import KeyRecord
 from gateway.pipeline.exchange import Exchange
+from gateway.storage import StorageError
 
 __all__ = ["RateLimits", "rate_headers"]
 
@@ -30,9 +33,35 @@ def rate_headers(decision: Decision) -> dict[str, str]:
     }
 
 
+def with_quotas(
+    headers: dict[str, str], under: list[Quota], used: tuple[int, ...], now: float
+) -> None:
+    """Add each calendar quota to the IETF headers: its policy, and what is left of it."""
+    policies = [headers["RateLimit-Policy"]]
+    left = [headers["RateLimit"]]
+    for quota, count in zip(under, used, strict=True):
+        q = quota.count
+        policies.append(f'"{quota.policy}";q={q.limit};w={quota.window}')
+        left.append(f'"{quota.policy}";r={max(0, q.limit - count)};t={_until(q.ends_at, now)}')
+    headers["RateLimit-Policy"] = ", ".join(policies)
+    headers["RateLimit"] = ", ".join(left)
+
+
+def _until(moment: float, now: float) -> int:
+    return max(1, math.ceil(moment - now - 1e-9))
+
+
 class RateLimits:
-    def __init__(self, settings: Settings, limiter: Limiter, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        limiter: Limiter,
+        metrics: Metrics,
+        quotas: QuotaCounter | None = None,
+    ) -> None:
         limits = settings.rate_limit
+        self._quotas = quotas
+        self._calendar = Calendar(settings.plans.clock_offset_seconds)
         self._default_limit = limits.per_minute
         self._default_burst = limits.burst or limits.per_minute
         self._limiter = limiter
@@ -68,8 +97,29 @@ class RateLimits:
             self.ahead.saw(key.id, decision)
         degraded = self._degradable is not None and self._degradable.degraded
         decided_by = "fallback" if degraded else self._kind
+        if decision.allowed and key.limits is not None and key.limits.has_quota:
+            await self._take_quotas(ex, key, decided_by)
         if decision.allowed:
             self._metrics.count_decision("allowed", decided_by)
             return
         self._metrics.count_decision("rejected", decided_by)
         raise errors.refuse_rate_limited(decision.retry_after, decision.rejected_limit)
+
+    async def _take_quotas(self, ex: Exchange, key: KeyRecord, decided_by: str) -> None:
+        """Count the request against its calendar quotas, or refuse it (429 until the reset)."""
+        under = quotas(key.id, key.team_id, key.limits, self._calendar)
+        if not under or self._quotas is None:
+            return
+        try:
+            taken = await self._quotas.take([q.count for q in under], key.team_id)
+        except StorageError:
+            raise errors.refuse_unavailable() from None
+        now = self._calendar.now()
+        with_quotas(ex.rate_headers, under, taken.used, now)
+        if taken.taken:
+            return
+        # The full quota that resets last decides how long to wait.
+        full = [q.count for q, used in zip(under, taken.used, strict=True) if used >= q.count.limit]
+        last = max(full, key=lambda c: c.ends_at)
+        self._metrics.count_decision("rejected", decided_by)
+        raise errors.refuse_rate_limited(last.ends_at - now, last.limit)

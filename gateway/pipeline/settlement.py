@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway import errors, idempotency
+from gateway.caps import Calendar, spend_caps
 from gateway.config import Settings
 from gateway.credits import Credits, PendingReserve
 from gateway.metrics import Metrics
@@ -50,6 +51,7 @@ class Settlements:
         self.metrics = metrics
         self.replay_cap = settings.idempotency.replay_cap_bytes
         self._metered_test = settings.credits.test_environment == "metered"
+        self.calendar = Calendar(settings.plans.clock_offset_seconds)
         self._background: set[asyncio.Task[None]] = set()
 
     def open(
@@ -130,9 +132,11 @@ class Settlement:
 
     def reserve_ahead(self, key: KeyRecord) -> None:
         """Send the reservation now; :meth:`reserve` reads its outcome (or exit gives it back)."""
-        self._early = self._owner.credits.start_reserve(
-            key.team_id, key.environment, key.id, self.cost
-        )
+        owner = self._owner
+        self._early = owner.credits.start_reserve(
+            key.team_id, key.environment, key.id, self.cost,
+            caps=spend_caps(key.limits, owner.calendar),
+        )  # fmt: skip
 
     @property
     def attempt(self) -> idempotency.Attempt | None:
@@ -174,8 +178,9 @@ class Settlement:
                 reservation_id, result = await credits.finish_reserve(early)
             else:
                 reservation_id, result = await credits.reserve(
-                    key.team_id, key.environment, key.id, self.cost, claim
-                )
+                    key.team_id, key.environment, key.id, self.cost, claim,
+                    caps=spend_caps(key.limits, self._owner.calendar),
+                )  # fmt: skip
         except StorageError:
             log.warning("credit reservation failed: database unavailable")
             raise errors.refuse_unavailable() from None

@@ -25,9 +25,11 @@ from gateway.models import (
 )
 from gateway.storage.events import EventStore
 from gateway.storage.plans import PlanStore
+from gateway.storage.quotas import QuotaCount, QuotaStore, QuotaTake
 from gateway.storage.types import (
     IDEMPOTENCY_TTL_SECONDS,
     KEY_FIELDS,
+    KEY_LIMIT_FIELDS,
     MAX_BALANCE,
     Audit,
     AuditRecord,
@@ -51,6 +53,7 @@ from gateway.storage.types import (
     RequestQuery,
     ReserveRequest,
     ReserveResult,
+    SpendCaps,
     StorageError,
     StorageUnavailable,
     UsageBucket,
@@ -60,6 +63,7 @@ from gateway.storage.usage import RequestLogStore, UsageStore
 __all__ = [
     "IDEMPOTENCY_TTL_SECONDS",
     "KEY_FIELDS",
+    "KEY_LIMIT_FIELDS",
     "MAX_BALANCE",
     "AdminStore",
     "Audit",
@@ -85,11 +89,15 @@ __all__ = [
     "NotFound",
     "PlanStore",
     "PushesKeyChanges",
+    "QuotaCount",
+    "QuotaStore",
+    "QuotaTake",
     "RequestEntry",
     "RequestLogStore",
     "RequestQuery",
     "ReserveRequest",
     "ReserveResult",
+    "SpendCaps",
     "StorageError",
     "StorageUnavailable",
     "Store",
@@ -358,7 +366,15 @@ class Ledger(Protocol):
 
 
 class Backend(
-    Store, AdminStore, UsageStore, RequestLogStore, Ledger, PlanStore, EventStore, Protocol
+    Store,
+    AdminStore,
+    UsageStore,
+    RequestLogStore,
+    Ledger,
+    PlanStore,
+    EventStore,
+    QuotaStore,
+    Protocol,
 ):
     """One database holding both; owns its connections."""
 

@@ -12,9 +12,10 @@ from typing import Any, Protocol
 
 import orjson
 
-from gateway.models import ApiKey, AuditEntry, KeyRecord, LedgerEntry, Team, TeamToken
+from gateway.models import ApiKey, AuditEntry, KeyLimits, KeyRecord, LedgerEntry, Team, TeamToken
 from gateway.plans import Plan
 from gateway.storage import (
+    KEY_LIMIT_FIELDS,
     AuthFailureCount,
     IdempotencyRecord,
     KeyChange,
@@ -30,6 +31,7 @@ from gateway.storage.rules import encode_ledger_cursor
 __all__ = [
     "CACHED_KEY_FIELDS",
     "KEY_COLUMNS",
+    "KEY_RECORD_COLUMNS",
     "PLAN_COLUMNS",
     "TEAM_COLUMNS",
     "TOKEN_COLUMNS",
@@ -46,6 +48,7 @@ __all__ = [
     "logged_request",
     "mismatches",
     "plan",
+    "spend_mismatches",
     "team",
     "token",
     "usage_bucket",
@@ -53,16 +56,24 @@ __all__ = [
 
 KEY_COLUMNS = (
     "id, team_id, name, prefix, environment, rate_limit_per_minute, disabled, "
-    "created_at, last_used_at, expires_at, revoked_at"
+    "created_at, last_used_at, expires_at, revoked_at, credit_cap_per_day, "
+    "credit_cap_per_month, quota_per_day, quota_per_month"
+)
+# What authentication reads of a key ("k") and its team ("t"), for key_record().
+KEY_RECORD_COLUMNS = (
+    "k.id, k.team_id, k.prefix, k.environment, k.rate_limit_per_minute, k.disabled, "
+    "k.expires_at, k.revoked_at, t.rate_limit_per_minute AS team_limit, "
+    "k.credit_cap_per_day, k.credit_cap_per_month, k.quota_per_day, k.quota_per_month, "
+    "t.quota_per_day AS team_quota_per_day, t.quota_per_month AS team_quota_per_month"
 )
 TOKEN_COLUMNS = "id, team_id, name, prefix, created_at, last_used_at, revoked_at"  # noqa: S105
-TEAM_COLUMNS = "id, name, rate_limit_per_minute, created_at"
+TEAM_COLUMNS = "id, name, rate_limit_per_minute, created_at, quota_per_day, quota_per_month"
 PLAN_COLUMNS = (
     "team_id, environment, allowance, period, anchor_day, rollover, max_balance, current_period"
 )
 # What a key cache holds of a key besides its hash: a change of one of these
 # must reach the caches (the PostgreSQL trigger compares the same columns).
-CACHED_KEY_FIELDS = ("rate_limit_per_minute", "disabled", "expires_at")
+CACHED_KEY_FIELDS = ("rate_limit_per_minute", "disabled", "expires_at", *KEY_LIMIT_FIELDS)
 
 
 class Row(Protocol):
@@ -72,7 +83,14 @@ class Row(Protocol):
 
 
 def team(row: Row) -> Team:
-    return Team(row["id"], row["name"], row["created_at"], row["rate_limit_per_minute"])
+    return Team(
+        row["id"],
+        row["name"],
+        row["created_at"],
+        row["rate_limit_per_minute"],
+        row["quota_per_day"],
+        row["quota_per_month"],
+    )
 
 
 def api_key(row: Row) -> ApiKey:
@@ -88,6 +106,10 @@ def api_key(row: Row) -> ApiKey:
         last_used_at=row["last_used_at"],
         expires_at=row["expires_at"],
         revoked_at=row["revoked_at"],
+        credit_cap_per_day=row["credit_cap_per_day"],
+        credit_cap_per_month=row["credit_cap_per_month"],
+        quota_per_day=row["quota_per_day"],
+        quota_per_month=row["quota_per_month"],
     )
 
 
@@ -103,7 +125,19 @@ def key_record(row: Row) -> KeyRecord:
         disabled=bool(row["disabled"]),
         expires_at=row["expires_at"],
         revoked_at=row["revoked_at"],
+        limits=key_limits(row),
     )
+
+
+_LIMIT_COLUMNS = (*KEY_LIMIT_FIELDS, "team_quota_per_day", "team_quota_per_month")
+
+
+def key_limits(row: Row) -> KeyLimits | None:
+    """A key's caps and quotas (with its team's), or None when it has none (most keys)."""
+    values = [row[c] for c in _LIMIT_COLUMNS]
+    if all(v is None for v in values):
+        return None
+    return KeyLimits(*values)
 
 
 def token(row: Row) -> TeamToken:
@@ -183,6 +217,21 @@ def mismatches(rows: list[Any]) -> list[Mismatch]:
         Mismatch(r["team_id"], r["environment"], int(r["stored"]), int(r["derived"]))
         for r in rows
         if int(r["stored"]) != int(r["derived"])
+    ]
+
+
+def spend_mismatches(rows: list[Any]) -> list[Mismatch]:
+    """The key spends of :data:`gateway.storage.sql.KEY_SPEND_RECONCILE` (all differ)."""
+    return [
+        Mismatch(
+            r["team_id"],
+            r["environment"],
+            int(r["stored"]),
+            int(r["derived"]),
+            key_id=r["key_id"],
+            period=r["period_key"],
+        )
+        for r in rows
     ]
 
 

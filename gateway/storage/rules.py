@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 
 from gateway.storage import (
     KEY_FIELDS,
+    KEY_LIMIT_FIELDS,
     MAX_BALANCE,
     Conflict,
     GrantResult,
@@ -137,7 +138,7 @@ def checked_key_changes(changes: Mapping[str, object]) -> dict[str, object]:
             ok = True  # rate_limit_per_minute and expires_at may be cleared
         elif isinstance(value, bool):
             ok = False
-        elif field_name == "rate_limit_per_minute":
+        elif field_name == "rate_limit_per_minute" or field_name in KEY_LIMIT_FIELDS:
             ok = isinstance(value, int)
         elif isinstance(value, int | float) and math.isfinite(value):
             ok, value = True, float(value)

@@ -12,6 +12,7 @@ import re
 from gateway.storage.types import RequestQuery
 
 __all__ = [
+    "KEY_SPEND_RECONCILE",
     "RECONCILE",
     "REQUEST_LOG_COLUMNS",
     "REQUEST_LOG_INSERT_COLUMNS",
@@ -155,4 +156,32 @@ LEFT JOIN balances b USING (team_id, environment)
 LEFT JOIN granted g USING (team_id, environment)
 LEFT JOIN spent s USING (team_id, environment)
 LEFT JOIN rolled r USING (team_id, environment)
+"""
+
+# Each capped key's spend per period against its reservations of that period
+# (held while pending, charged once resolved). A period some of whose
+# reservations retention may have folded into roll-ups (a roll-up row of the
+# key's account from the period's first day on) cannot be derived: skipped.
+# {period_start} is the dialect's way to read the date out of "day:2026-12-05".
+KEY_SPEND_RECONCILE = """
+WITH counted AS (
+    SELECT key_id, cap_day AS period_key,
+           sum(CASE WHEN resolution IS NULL THEN amount ELSE charged END) AS total
+    FROM reservations WHERE cap_day IS NOT NULL GROUP BY key_id, cap_day
+    UNION ALL
+    SELECT key_id, cap_month AS period_key,
+           sum(CASE WHEN resolution IS NULL THEN amount ELSE charged END) AS total
+    FROM reservations WHERE cap_month IS NOT NULL GROUP BY key_id, cap_month
+)
+SELECT k.team_id, k.environment, s.key_id, s.period_key, s.spent AS stored,
+       coalesce(c.total, 0) AS derived
+FROM key_spend s
+JOIN api_keys k ON k.id = s.key_id
+LEFT JOIN counted c ON c.key_id = s.key_id AND c.period_key = s.period_key
+WHERE s.spent <> coalesce(c.total, 0)
+  AND NOT EXISTS (
+    SELECT 1 FROM reservation_rollups u
+    WHERE u.team_id = k.team_id AND u.environment = k.environment
+      AND u.day >= {period_start}
+  )
 """

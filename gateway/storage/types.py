@@ -13,6 +13,7 @@ from gateway.models import Environment
 __all__ = [
     "IDEMPOTENCY_TTL_SECONDS",
     "KEY_FIELDS",
+    "KEY_LIMIT_FIELDS",
     "MAX_BALANCE",
     "Audit",
     "AuditRecord",
@@ -36,6 +37,7 @@ __all__ = [
     "RequestQuery",
     "ReserveRequest",
     "ReserveResult",
+    "SpendCaps",
     "StorageError",
     "StorageUnavailable",
     "UsageBucket",
@@ -91,8 +93,17 @@ class AuditRecord:
 # because an entry often names what only the change knows (a new id).
 Audit = Callable[[_R], AuditRecord]
 
+# A key's calendar limits (credits, then requests, per period): nullable integers.
+KEY_LIMIT_FIELDS = (
+    "credit_cap_per_day",
+    "credit_cap_per_month",
+    "quota_per_day",
+    "quota_per_month",
+)
 # What update_key may change; anything else is refused (ValueError).
-KEY_FIELDS = frozenset({"name", "rate_limit_per_minute", "expires_at", "disabled"})
+KEY_FIELDS = frozenset(
+    {"name", "rate_limit_per_minute", "expires_at", "disabled", *KEY_LIMIT_FIELDS}
+)
 
 ExpiryPolicy = Literal["void", "post"]
 
@@ -171,6 +182,29 @@ class IdempotencyRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class SpendCaps:
+    """The spend caps a reservation counts against: each period's key and cap (None: none).
+
+    Period keys name a UTC day (``day:2026-12-05``) and a calendar month
+    (``month:2026-12-01``); see :func:`gateway.caps.spend_caps`.
+    """
+
+    day: str
+    per_day: int | None
+    month: str
+    per_month: int | None
+
+    def periods(self) -> list[tuple[str, int]]:
+        """(period key, cap) of each cap the key has."""
+        found = []
+        if self.per_day is not None:
+            found.append((self.day, self.per_day))
+        if self.per_month is not None:
+            found.append((self.month, self.per_month))
+        return found
+
+
+@dataclass(frozen=True, slots=True)
 class ReserveRequest:
     reservation_id: str
     team_id: str
@@ -178,12 +212,15 @@ class ReserveRequest:
     key_id: str
     amount: int
     idempotency: IdempotencyClaim | None = None
+    # Set for a key with a spend cap: the reserve then also checks and counts it.
+    caps: SpendCaps | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ReserveResult:
     granted: bool
-    # The balance after this reservation when granted, the balance seen when refused.
+    # The balance after this reservation when granted, the balance seen when refused;
+    # for a capped key, the smaller of that and what its caps have left.
     available: int
     # The record of an earlier attempt under the same Idempotency-Key: then
     # nothing was reserved (granted is False) and the caller answers from it.
@@ -206,6 +243,9 @@ class Mismatch:
     environment: Environment
     stored: int
     derived: int
+    # Set for a key's spend in one period (key_spend) that differs from its reservations.
+    key_id: str | None = None
+    period: str | None = None
 
 
 # The usage reads' rows. NamedTuples, not dataclasses: a row is still the tuple

@@ -14,6 +14,7 @@ from gateway.storage.postgresql.keys import PostgresKeys
 from gateway.storage.postgresql.ledger import PostgresLedger
 from gateway.storage.postgresql.listen import NOTIFY_CHANNEL, PostgresListen
 from gateway.storage.postgresql.plans import PostgresPlans
+from gateway.storage.postgresql.quotas import PostgresQuotas
 from gateway.storage.postgresql.requests import PostgresRequests
 from gateway.storage.postgresql.usage import PostgresUsage
 
@@ -28,6 +29,7 @@ class PostgresBackend(
     PostgresLedger,
     PostgresIdempotency,
     PostgresPlans,
+    PostgresQuotas,
     PostgresEvents,
 ):
     """Store and ledger on PostgreSQL; any number of replicas may share the database."""

@@ -14,7 +14,7 @@ from gateway.models import ApiKey, AuditEntry, KeyRecord, Team, TeamToken
 from gateway.storage import Audit, KeyChange, rules
 from gateway.storage import rows as model
 from gateway.storage.postgresql.core import PostgresCore
-from gateway.storage.rows import KEY_COLUMNS, TEAM_COLUMNS, TOKEN_COLUMNS
+from gateway.storage.rows import KEY_COLUMNS, KEY_RECORD_COLUMNS, TEAM_COLUMNS, TOKEN_COLUMNS
 from gateway.storage.shared import NewKey
 
 __all__ = ["PostgresKeys"]
@@ -27,8 +27,7 @@ class PostgresKeys(PostgresCore):
 
     async def find_key(self, key_hash: str) -> KeyRecord | None:
         row = await self._fetchrow(
-            "SELECT k.id, k.team_id, k.prefix, k.environment, k.rate_limit_per_minute, "
-            "k.disabled, k.expires_at, k.revoked_at, t.rate_limit_per_minute AS team_limit "
+            f"SELECT {KEY_RECORD_COLUMNS} "  # noqa: S608 - constant
             "FROM api_keys k JOIN teams t ON t.id = k.team_id WHERE k.key_hash = $1",
             key_hash,
         )
@@ -78,7 +77,7 @@ class PostgresKeys(PostgresCore):
 
     async def get_team(self, id_or_name: str) -> Team:
         row = await self._fetchrow(
-            "SELECT id, name, rate_limit_per_minute, created_at FROM teams "
+            f"SELECT {TEAM_COLUMNS} FROM teams "  # noqa: S608 - constant
             "WHERE id = $1 OR name = $1 ORDER BY id = $1 DESC LIMIT 1",
             id_or_name,
         )
@@ -88,7 +87,7 @@ class PostgresKeys(PostgresCore):
 
     async def list_teams(self, limit: int, after: str | None) -> list[Team]:
         rows = await self._fetch(
-            "SELECT id, name, rate_limit_per_minute, created_at FROM teams "
+            f"SELECT {TEAM_COLUMNS} FROM teams "  # noqa: S608 - constant
             "WHERE id > $1 ORDER BY id LIMIT $2",
             after or "",
             limit,

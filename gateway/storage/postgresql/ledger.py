@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 __all__ = ["PostgresLedger"]
 
 _ROLL_UP_CHUNK = 10_000
+_SPEND_RECONCILE = sql.KEY_SPEND_RECONCILE.format(
+    period_start="substr(s.period_key, strpos(s.period_key, ':') + 1)::date"
+)
 
 
 def _replay(row: asyncpg.Record) -> IdempotencyRecord | None:
@@ -53,6 +56,56 @@ class PostgresLedger(PostgresCore):
     async def reserve_batch(self, requests: Sequence[ReserveRequest]) -> list[ReserveResult]:
         if not requests:
             return []
+        if any(r.caps is not None for r in requests):
+            return await self._reserve_with_caps(requests)
+        return await self._reserve_uncapped(requests)
+
+    async def _reserve_with_caps(self, requests: Sequence[ReserveRequest]) -> list[ReserveResult]:
+        """Capped requests go through gateway_reserve_capped, the others as always.
+
+        Two statements, each its own transaction: each locks balance rows in key
+        order, so they cannot deadlock with each other or with anyone else.
+        """
+        capped = [i for i, r in enumerate(requests) if r.caps is not None]
+        plain = [i for i, r in enumerate(requests) if r.caps is None]
+        results: list[ReserveResult | None] = [None] * len(requests)
+        if plain:
+            answered = await self._reserve_uncapped([requests[i] for i in plain])
+            for i, result in zip(plain, answered, strict=True):
+                results[i] = result
+        answered = await self._reserve_capped([requests[i] for i in capped])
+        for i, result in zip(capped, answered, strict=True):
+            results[i] = result
+        return [r for r in results if r is not None]
+
+    async def _reserve_capped(self, requests: Sequence[ReserveRequest]) -> list[ReserveResult]:
+        caps = [r.caps for r in requests]
+        claims = [r.idempotency for r in requests]
+        async with self._reserve_connection() as conn:
+            rows = await conn.fetch(
+                _RESERVE_CAPPED_SQL,
+                [r.reservation_id for r in requests],
+                [r.team_id for r in requests],
+                [r.environment for r in requests],
+                [r.key_id for r in requests],
+                [r.amount for r in requests],
+                self._lease,
+                [c.key if c is not None else None for c in claims],
+                [c.method if c is not None else None for c in claims],
+                [c.path if c is not None else None for c in claims],
+                [c.day if c is not None else None for c in caps],
+                [c.per_day if c is not None else None for c in caps],
+                [c.month if c is not None else None for c in caps],
+                [c.per_month if c is not None else None for c in caps],
+            )
+        # Rows come back in account order; each names the request it answers.
+        by_ord = {row["ord"]: row for row in rows}
+        return [
+            ReserveResult(by_ord[n]["granted"], by_ord[n]["available"], _replay(by_ord[n]))
+            for n in range(1, len(requests) + 1)
+        ]
+
+    async def _reserve_uncapped(self, requests: Sequence[ReserveRequest]) -> list[ReserveResult]:
         if len(requests) == 1 and requests[0].idempotency is None:
             r = requests[0]
             async with self._reserve_connection() as conn:
@@ -218,7 +271,8 @@ class PostgresLedger(PostgresCore):
 
     async def reconcile(self) -> list[Mismatch]:
         rows = await self._fetch(sql.RECONCILE)
-        return model.mismatches(rows)
+        spends = await self._fetch(_SPEND_RECONCILE)
+        return model.mismatches(rows) + model.spend_mismatches(spends)
 
     async def roll_up(self, older_than_days: int) -> int:
         """Fold reservations resolved more than ``older_than_days`` ago into per-day rows.
@@ -241,6 +295,11 @@ _RESERVE_SQL = (
     "SELECT granted, available FROM gateway_reserve($1, $2, $3, $4, $5, $6, NULL, NULL, NULL)"
 )
 _RESERVE_ONE_SQL = "SELECT granted, available FROM gateway_reserve_one($1, $2, $3, $4, $5, $6)"
+_RESERVE_CAPPED_SQL = (
+    "SELECT ord, granted, available, replay_state, replay_method, replay_path, "
+    "replay_body_hash, replay_status, replay_content_type, replay_body, replay_body_stored "
+    "FROM gateway_reserve_capped($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+)
 _RESERVE_CLAIMING_SQL = (
     "SELECT granted, available, replay_state, replay_method, replay_path, replay_body_hash, "
     "replay_status, replay_content_type, replay_body, replay_body_stored "

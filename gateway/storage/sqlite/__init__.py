@@ -12,6 +12,7 @@ from gateway.storage.sqlite.idempotency import SqliteIdempotency
 from gateway.storage.sqlite.keys import SqliteKeys
 from gateway.storage.sqlite.ledger import SqliteLedger
 from gateway.storage.sqlite.plans import SqlitePlans
+from gateway.storage.sqlite.quotas import SqliteQuotas
 from gateway.storage.sqlite.requests import SqliteRequests
 from gateway.storage.sqlite.usage import SqliteUsage
 
@@ -25,6 +26,7 @@ class SqliteBackend(
     SqliteLedger,
     SqliteIdempotency,
     SqlitePlans,
+    SqliteQuotas,
     SqliteEvents,
 ):
     """Store and ledger on SQLite; safe to share the file with CLI processes (WAL)."""

@@ -356,7 +356,6 @@ class SqliteEvents(SqliteCore):
         return await self._run(self._tx, prune)
 
 
-
 def endpoint_types(stored: str) -> list[str]:
     types: list[str] = orjson.loads(stored)
     return types

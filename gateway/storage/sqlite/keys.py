@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from gateway.models import ApiKey, AuditEntry, KeyRecord, Team, TeamToken
 from gateway.storage import Audit, KeyChange, rules
 from gateway.storage import rows as model
-from gateway.storage.rows import CACHED_KEY_FIELDS, KEY_COLUMNS, TOKEN_COLUMNS
+from gateway.storage.rows import CACHED_KEY_FIELDS, KEY_COLUMNS, KEY_RECORD_COLUMNS, TOKEN_COLUMNS
 from gateway.storage.shared import NewKey
 from gateway.storage.sqlite.core import SqliteCore
 
@@ -28,8 +28,7 @@ class SqliteKeys(SqliteCore):
 
     def _find_key(self, key_hash: str) -> KeyRecord | None:
         row = self._db.execute(
-            "SELECT k.id, k.team_id, k.prefix, k.environment, k.rate_limit_per_minute, "
-            "k.disabled, k.expires_at, k.revoked_at, t.rate_limit_per_minute AS team_limit "
+            f"SELECT {KEY_RECORD_COLUMNS} "  # noqa: S608 - constant
             "FROM api_keys k JOIN teams t ON t.id = k.team_id WHERE k.key_hash = ?",
             (key_hash,),
         ).fetchone()

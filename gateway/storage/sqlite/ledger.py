@@ -25,6 +25,10 @@ from gateway.storage.sqlite.idempotency import CLAIM_SQL, HELD_SQL
 
 __all__ = ["SqliteLedger"]
 
+_SPEND_RECONCILE = sql.KEY_SPEND_RECONCILE.format(
+    period_start="substr(s.period_key, instr(s.period_key, ':') + 1)"
+)
+
 
 class SqliteLedger(SqliteCore):
     """The credit ledger on SQLite."""
@@ -49,52 +53,8 @@ class SqliteLedger(SqliteCore):
                     account,
                 ).fetchone()
                 available[account] = 0 if row is None else int(row["available"])
-            have = available[account]
-            claim = req.idempotency
-            held: sqlite3.Row | None = None
-            if claim is not None:
-                # Records written earlier in this batch are seen too (same transaction).
-                held = db.execute(
-                    HELD_SQL,
-                    (req.team_id, req.environment, claim.key, now - IDEMPOTENCY_TTL_SECONDS),
-                ).fetchone()
-                # A retry of the reservation that made the record is a retried id, no replay.
-                if held is not None and held["reservation_id"] != req.reservation_id:
-                    results.append(ReserveResult(False, have, model.idempotency_record(held)))
-                    continue
-            if have < req.amount:
-                results.append(ReserveResult(False, have))
-                continue
-            inserted = db.execute(
-                "INSERT OR IGNORE INTO reservations (id, team_id, environment, key_id, amount, "
-                "created_at, lease_deadline) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    req.reservation_id,
-                    req.team_id,
-                    req.environment,
-                    req.key_id,
-                    req.amount,
-                    now,
-                    deadline,
-                ),
-            ).rowcount
-            if inserted:  # a retried id was reserved already: never take twice
-                have -= req.amount
-                available[account] = have
-            if claim is not None and held is None:
-                db.execute(
-                    CLAIM_SQL,
-                    (
-                        req.team_id,
-                        req.environment,
-                        claim.key,
-                        claim.method,
-                        claim.path,
-                        req.reservation_id,
-                        now,
-                    ),
-                )
-            results.append(ReserveResult(True, have))
+            result, available[account] = _reserve_one(db, req, available[account], now, deadline)
+            results.append(result)
         for (team_id, environment), have in available.items():
             db.execute(
                 "UPDATE balances SET available = ? WHERE team_id = ? AND environment = ?",
@@ -235,7 +195,8 @@ class SqliteLedger(SqliteCore):
 
     async def reconcile(self) -> list[Mismatch]:
         rows = await self._run(lambda: self._db.execute(sql.RECONCILE).fetchall())
-        return model.mismatches(rows)
+        spends = await self._run(lambda: self._db.execute(_SPEND_RECONCILE).fetchall())
+        return model.mismatches(rows) + model.spend_mismatches(spends)
 
     async def roll_up(self, older_than_days: int) -> int:
         """Fold reservations resolved more than ``older_than_days`` ago into per-day rows.
@@ -312,3 +273,103 @@ _ROLL_UP_SQL = (
 
 
 # The balance derived from immutable facts: grants and adjustments, minus what
+
+
+def _smaller(have: int, left: int | None) -> int:
+    return have if left is None else min(have, left)
+
+
+def _reserved(db: sqlite3.Connection, reservation_id: str) -> bool:
+    found = db.execute("SELECT 1 FROM reservations WHERE id = ?", (reservation_id,)).fetchone()
+    return found is not None
+
+
+def _cap_left(db: sqlite3.Connection, req: ReserveRequest) -> int | None:
+    """What the key's caps still allow this period: the least of them (never below 0)."""
+    assert req.caps is not None
+    left: int | None = None
+    for period, cap in req.caps.periods():
+        row = db.execute(
+            "SELECT spent FROM key_spend WHERE key_id = ? AND period_key = ?",
+            (req.key_id, period),
+        ).fetchone()
+        room = max(0, cap - (0 if row is None else int(row["spent"])))
+        left = room if left is None else min(left, room)
+    return left
+
+
+def _insert_reservation(
+    db: sqlite3.Connection, req: ReserveRequest, now: float, deadline: float, *, ignore: bool
+) -> bool:
+    """The reservation row and, for a capped key, its count against each cap's period.
+
+    Returns whether it was written (``ignore``: an id already reserved is left as it is).
+    """
+    periods = [] if req.caps is None else req.caps.periods()
+    caps = req.caps
+    verb = "INSERT OR IGNORE" if ignore else "INSERT"
+    inserted = db.execute(
+        f"{verb} INTO reservations (id, team_id, environment, key_id, amount, "
+        "created_at, lease_deadline, cap_day, cap_month) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            req.reservation_id,
+            req.team_id,
+            req.environment,
+            req.key_id,
+            req.amount,
+            now,
+            deadline,
+            None if caps is None or caps.per_day is None else caps.day,
+            None if caps is None or caps.per_month is None else caps.month,
+        ),
+    ).rowcount
+    for period, _ in periods if inserted else ():
+        db.execute(
+            "INSERT INTO key_spend (key_id, period_key, spent) VALUES (?, ?, ?) "
+            "ON CONFLICT (key_id, period_key) DO UPDATE SET spent = spent + excluded.spent",
+            (req.key_id, period, req.amount),
+        )
+    return bool(inserted)
+
+
+def _reserve_one(
+    db: sqlite3.Connection, req: ReserveRequest, have: int, now: float, deadline: float
+) -> tuple[ReserveResult, int]:
+    """One request of a batch against its account's balance ``have``; returns the new one."""
+    claim = req.idempotency
+    held: sqlite3.Row | None = None
+    if claim is not None:
+        # Records written earlier in this batch are seen too (same transaction).
+        held = db.execute(
+            HELD_SQL, (req.team_id, req.environment, claim.key, now - IDEMPOTENCY_TTL_SECONDS)
+        ).fetchone()
+        # A retry of the reservation that made the record is a retried id, no replay.
+        if held is not None and held["reservation_id"] != req.reservation_id:
+            return ReserveResult(False, have, model.idempotency_record(held)), have
+    left = None if req.caps is None else _cap_left(db, req)
+    if have < req.amount:
+        return ReserveResult(False, _smaller(have, left)), have
+    if left is None:
+        # INSERT OR IGNORE: a retried id was reserved already, never take twice.
+        if _insert_reservation(db, req, now, deadline, ignore=True):
+            have -= req.amount
+    elif not _reserved(db, req.reservation_id):
+        if left < req.amount:
+            return ReserveResult(False, _smaller(have, left)), have
+        _insert_reservation(db, req, now, deadline, ignore=False)
+        have -= req.amount
+        left -= req.amount
+    if claim is not None and held is None:
+        db.execute(
+            CLAIM_SQL,
+            (
+                req.team_id,
+                req.environment,
+                claim.key,
+                claim.method,
+                claim.path,
+                req.reservation_id,
+                now,
+            ),
+        )
+    return ReserveResult(True, _smaller(have, left)), have

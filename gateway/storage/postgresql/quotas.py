@@ -1,0 +1,33 @@
+"""PostgreSQL: calendar request quotas (see :mod:`gateway.storage.quotas`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from gateway.storage.postgresql.core import PostgresCore
+from gateway.storage.quotas import QuotaCount, QuotaTake
+
+__all__ = ["PostgresQuotas"]
+
+
+class PostgresQuotas(PostgresCore):
+    """Quota counts on PostgreSQL: one statement per request (``gateway_take_quota``)."""
+
+    async def take_quota(self, counts: Sequence[QuotaCount]) -> QuotaTake:
+        rows = await self._fetch(
+            "SELECT used, taken FROM gateway_take_quota($1, $2, $3, $4)",
+            [c.subject for c in counts],
+            [c.period for c in counts],
+            [c.limit for c in counts],
+            [c.ends_at for c in counts],  # timestamptz travels as epoch seconds
+        )
+        taken = bool(rows[0]["taken"]) if rows else True
+        return QuotaTake(taken, tuple(int(r["used"]) for r in rows))
+
+    async def prune_quotas(self, now: float) -> int:
+        found = await self._fetchval(
+            "WITH gone AS (DELETE FROM quota_counts WHERE expires_at < $1 RETURNING 1) "
+            "SELECT count(*) FROM gone",
+            now,
+        )
+        return int(found)

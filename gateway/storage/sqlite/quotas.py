@@ -1,0 +1,43 @@
+"""SQLite: calendar request quotas (see :mod:`gateway.storage.quotas`)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+
+from gateway.storage.quotas import QuotaCount, QuotaTake
+from gateway.storage.sqlite.core import SqliteCore
+
+__all__ = ["SqliteQuotas"]
+
+
+class SqliteQuotas(SqliteCore):
+    """Quota counts on SQLite; ``BEGIN IMMEDIATE`` serializes takers across processes."""
+
+    async def take_quota(self, counts: Sequence[QuotaCount]) -> QuotaTake:
+        def take(db: sqlite3.Connection) -> QuotaTake:
+            used = []
+            for count in counts:
+                row = db.execute(
+                    "SELECT used FROM quota_counts WHERE subject = ? AND period_key = ?",
+                    (count.subject, count.period),
+                ).fetchone()
+                used.append(0 if row is None else int(row["used"]))
+            if any(u >= c.limit for u, c in zip(used, counts, strict=True)):
+                return QuotaTake(False, tuple(used))
+            for count in counts:
+                db.execute(
+                    "INSERT INTO quota_counts (subject, period_key, used, expires_at) "
+                    "VALUES (?, ?, 1, ?) ON CONFLICT (subject, period_key) "
+                    "DO UPDATE SET used = used + 1",
+                    (count.subject, count.period, count.ends_at),
+                )
+            return QuotaTake(True, tuple(u + 1 for u in used))
+
+        return await self._run(self._tx, take)
+
+    async def prune_quotas(self, now: float) -> int:
+        return await self._run(
+            self._tx,
+            lambda db: db.execute("DELETE FROM quota_counts WHERE expires_at < ?", (now,)).rowcount,
+        )

@@ -1,0 +1,186 @@
+"""Per-key spend caps on both backends: checked and counted in the reserve step itself,
+given back by every resolution, exact under concurrency across replicas, reconciled."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.storage import Backend, IdempotencyClaim, ReserveRequest, SpendCaps
+from tests.storage.conftest import Backends
+
+DAY, MONTH = "day:2026-12-05", "month:2026-12-01"
+
+
+async def capped_key(db: Backend, balance: int = 100, name: str = "t") -> tuple[str, str]:
+    team = (await db.create_team(name)).id
+    key = await db.create_key(team, "k", "live", "hash-" + team, "ckiq_live_abcd", None, None)
+    await db.grant(team, "live", balance, "top-up", "test")
+    return team, key.id
+
+
+def reserve(
+    team: str,
+    key: str,
+    rid: str,
+    amount: int,
+    per_day: int | None = 10,
+    per_month: int | None = None,
+    day: str = DAY,
+    claim: IdempotencyClaim | None = None,
+) -> ReserveRequest:
+    caps = SpendCaps(day, per_day, MONTH, per_month)
+    return ReserveRequest(rid, team, "live", key, amount, claim, caps)
+
+
+async def test_a_cap_refuses_what_would_pass_it_and_says_what_is_left(db: Backend) -> None:
+    team, key = await capped_key(db)
+    first = await db.reserve_batch([reserve(team, key, "r1", 4), reserve(team, key, "r2", 4)])
+    assert [(r.granted, r.available) for r in first] == [(True, 6), (True, 2)]
+    [refused] = await db.reserve_batch([reserve(team, key, "r3", 4)])
+    # The balance is 92; the key may spend 2 more today.
+    assert (refused.granted, refused.available) == (False, 2)
+    assert await db.balance(team, "live") == 92
+    [fits] = await db.reserve_batch([reserve(team, key, "r4", 2)])
+    assert (fits.granted, fits.available) == (True, 0)
+    assert await db.reconcile() == []
+
+
+async def test_every_resolution_gives_the_unspent_part_back_to_the_cap(db: Backend) -> None:
+    team, key = await capped_key(db)
+    await db.reserve_batch([reserve(team, key, "r1", 5), reserve(team, key, "r2", 5)])
+    assert await db.post_batch([("r1", 2)]) == 1  # 3 back
+    assert await db.void_batch(["r2"]) == 1  # 5 back
+    [r] = await db.reserve_batch([reserve(team, key, "r3", 8)])
+    assert (r.granted, r.available) == (True, 0)
+    # A post after the void changes nothing (resolved once), so nothing comes back twice.
+    assert await db.post_batch([("r2", 5)]) == 0
+    [refused] = await db.reserve_batch([reserve(team, key, "r4", 1)])
+    assert (refused.granted, refused.available) == (False, 0)
+    assert await db.reconcile() == []
+
+
+async def test_a_lease_that_runs_out_gives_the_cap_back(backends: Backends) -> None:
+    db = await backends.open(lease_seconds=0.05)
+    team, key = await capped_key(db)
+    [r] = await db.reserve_batch([reserve(team, key, "r1", 10)])
+    assert r.granted
+    await asyncio.sleep(0.2)
+    assert await db.expire_reservations("void") == 1
+    [again] = await db.reserve_batch([reserve(team, key, "r2", 10)])
+    assert (again.granted, again.available) == (True, 0)
+    assert await db.reconcile() == []
+
+
+async def test_day_and_month_caps_both_hold_and_a_new_day_starts_afresh(db: Backend) -> None:
+    team, key = await capped_key(db, balance=1000)
+    [a] = await db.reserve_batch([reserve(team, key, "a", 8, per_day=10, per_month=15)])
+    assert (a.granted, a.available) == (True, 2)
+    [b] = await db.reserve_batch([reserve(team, key, "b", 3, per_day=10, per_month=15)])
+    assert (b.granted, b.available) == (False, 2)  # the day's cap
+    tomorrow = "day:2026-12-06"
+    [c] = await db.reserve_batch(
+        [reserve(team, key, "c", 6, per_day=10, per_month=15, day=tomorrow)]
+    )
+    assert (c.granted, c.available) == (True, 1)  # the month's cap: 15 - 14
+    [d] = await db.reserve_batch(
+        [reserve(team, key, "d", 2, per_day=10, per_month=15, day=tomorrow)]
+    )
+    assert (d.granted, d.available) == (False, 1)
+    assert await db.reconcile() == []
+
+
+async def test_the_balance_still_decides_when_it_is_the_smaller(db: Backend) -> None:
+    team, key = await capped_key(db, balance=3)
+    [r] = await db.reserve_batch([reserve(team, key, "r1", 5)])
+    assert (r.granted, r.available) == (False, 3)
+    assert await db.reconcile() == []
+
+
+async def test_a_retried_id_is_counted_once(db: Backend) -> None:
+    team, key = await capped_key(db)
+    [a] = await db.reserve_batch([reserve(team, key, "same", 6)])
+    [b] = await db.reserve_batch([reserve(team, key, "same", 6)])
+    assert a.granted and b.granted
+    assert await db.balance(team, "live") == 94
+    [c] = await db.reserve_batch([reserve(team, key, "other", 4)])
+    assert (c.granted, c.available) == (True, 0)
+    assert await db.reconcile() == []
+
+
+async def test_a_mixed_batch_answers_each_request_in_its_place(db: Backend) -> None:
+    team, key = await capped_key(db)
+    other_team, other_key = await capped_key(db, balance=7, name="other")
+    batch = [
+        ReserveRequest("u1", other_team, "live", other_key, 5),
+        reserve(team, key, "c1", 6),
+        ReserveRequest("u2", other_team, "live", other_key, 5),
+        reserve(team, key, "c2", 6),
+    ]
+    results = await db.reserve_batch(batch)
+    assert [(r.granted, r.available) for r in results] == [
+        (True, 2),
+        (True, 4),
+        (False, 2),
+        (False, 4),
+    ]
+    assert await db.reconcile() == []
+
+
+async def test_an_idempotency_key_on_a_capped_key_replays_without_counting(db: Backend) -> None:
+    team, key = await capped_key(db)
+    claim = IdempotencyClaim("idem-1", "POST", "/v1/assess")
+    [first] = await db.reserve_batch([reserve(team, key, "r1", 4, claim=claim)])
+    assert first.granted and first.replay is None
+    [second] = await db.reserve_batch([reserve(team, key, "r2", 4, claim=claim)])
+    assert not second.granted and second.replay is not None
+    assert second.replay.state == "in_flight"
+    [rest] = await db.reserve_batch([reserve(team, key, "r3", 6)])
+    assert (rest.granted, rest.available) == (True, 0)
+    assert await db.reconcile() == []
+
+
+async def test_caps_hold_under_concurrent_reserves_from_two_replicas(backends: Backends) -> None:
+    one, two = await backends.open(), await backends.open()
+    team, key = await capped_key(one, balance=10_000)
+    n, amount = 20, 3
+    cap = n * amount
+    # 3N requests at once, half through each replica, in batches of a few.
+    requests = [reserve(team, key, f"r{i}", amount, per_day=cap) for i in range(3 * n)]
+    batches = [requests[i : i + 3] for i in range(0, len(requests), 3)]
+    answers = await asyncio.gather(
+        *((one if i % 2 else two).reserve_batch(b) for i, b in enumerate(batches))
+    )
+    granted = [r for batch in answers for r in batch if r.granted]
+    assert len(granted) == n
+    assert await one.balance(team, "live") == 10_000 - cap
+    [after] = await two.reserve_batch([reserve(team, key, "last", 1, per_day=cap)])
+    assert (after.granted, after.available) == (False, 0)
+    assert await one.reconcile() == []
+
+
+async def test_reconcile_names_a_key_spend_that_differs(backends: Backends) -> None:
+    db = await backends.open()
+    team, key = await capped_key(db)
+    await db.reserve_batch([reserve(team, key, "r1", 4)])
+    assert await db.reconcile() == []
+    # Tamper with the counter behind the store's back, as a bad migration would.
+    if backends.kind == "sqlite":
+        import sqlite3
+
+        with sqlite3.connect(backends.location) as raw:
+            raw.execute("UPDATE key_spend SET spent = 9")
+    else:
+        import asyncpg
+
+        conn = await asyncpg.connect(backends.location)
+        try:
+            await conn.execute("UPDATE key_spend SET spent = 9")
+        finally:
+            await conn.close()
+    [mismatch] = await db.reconcile()
+    assert (mismatch.key_id, mismatch.period, mismatch.stored, mismatch.derived) == (
+        key,
+        DAY,
+        9,
+        4,
+    )
