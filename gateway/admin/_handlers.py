@@ -19,6 +19,7 @@ from gateway.manage.bounds import (
     LIST_DEFAULT,
     LIST_MAX,
     NAME_MAX,
+    QUOTA_MAX,
     RATE_LIMIT_MAX,
     REASON_MAX,
 )
@@ -32,6 +33,7 @@ from gateway.manage.inputs import (
 from gateway.manage.keys import LIMIT_BOUNDS
 from gateway.manage.reads import usage_range
 from gateway.manage.requests import RequestFilters
+from gateway.manage.teams import TEAM_QUOTA_FIELDS
 from gateway.models import Environment
 from gateway.serialize import (
     audit_json,
@@ -137,11 +139,22 @@ async def list_teams(request: web.Request) -> web.Response:
 
 async def update_team(request: web.Request) -> web.Response:
     team = _path(request, "team")
-    fields = await _body(request, {"rate_limit_per_minute"})
+    fields = await _body(request, {"rate_limit_per_minute", *TEAM_QUOTA_FIELDS})
     limit = fields.integer("rate_limit_per_minute", minimum=1, maximum=RATE_LIMIT_MAX)
+    quotas = {
+        name: fields.integer(name, minimum=1, maximum=QUOTA_MAX)
+        for name in TEAM_QUOTA_FIELDS
+        if fields.present(name)
+    }
     fields.check()
-    updated = await _m(request).update_team(team, limit, actor=_actor(request))
-    return json_response(200, team_json(updated))
+    m, actor = _m(request), _actor(request)
+    # Quotas first: only the admin may set them, refused before anything changed.
+    if quotas:
+        await m.set_team_quotas(team, quotas, actor=actor)
+    # The rate limit keeps its PATCH meaning (absent clears it) unless only quotas are sent.
+    if fields.present("rate_limit_per_minute") or not quotas:
+        await m.update_team(team, limit, actor=actor)
+    return json_response(200, team_json(await m.team(team, actor=actor)))
 
 
 # -- keys ---------------------------------------------------------------------------------

@@ -140,7 +140,7 @@ OPERATIONS: tuple[Operation, ...] = (
               query=_paging("team")),
     Operation("PATCH", "/admin/v1/teams/{team}", update_team, "updateTeam",
               "Change a team's settings", 200, TEAM,
-              body=obj({"rate_limit_per_minute": _OPTIONAL_LIMIT})),
+              body=obj({"rate_limit_per_minute": _OPTIONAL_LIMIT, **_TEAM_QUOTAS})),
     Operation("POST", "/admin/v1/teams/{team}/keys", create_key, "createKey",
               "Create an API key (the full key is returned this once)", 201, CREATED_KEY,
               body=obj({"name": NAME, "environment": _OPTIONAL_ENVIRONMENT,

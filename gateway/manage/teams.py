@@ -8,12 +8,15 @@ from gateway.keys import display_prefix, generate_token
 from gateway.manage._core import Core
 from gateway.manage.actors import SYSTEM, Actor
 from gateway.manage.audit import audit
-from gateway.manage.bounds import NAME_MAX, RATE_LIMIT_MAX
+from gateway.manage.bounds import NAME_MAX, QUOTA_MAX, RATE_LIMIT_MAX
 from gateway.manage.events import token_event
 from gateway.manage.inputs import Check
 from gateway.models import Team, TeamToken
 
-__all__ = ["CreatedToken", "TeamActions"]
+__all__ = ["TEAM_QUOTA_FIELDS", "CreatedToken", "TeamActions"]
+
+# A team's calendar request quotas, shared by all its keys (see gateway/caps.py).
+TEAM_QUOTA_FIELDS = ("quota_per_day", "quota_per_month")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,32 @@ class TeamActions(Core):
         with self._changing(team_id=owner.id):
             return await self._backend.update_team(
                 owner.id, rate_limit_per_minute, audit=audit(actor, "team.update", lambda _: said)
+            )
+
+    async def set_team_quotas(
+        self, team: str, changes: dict[str, int | None], *, actor: Actor = SYSTEM
+    ) -> Team:
+        """Change ``quota_per_day`` and/or ``quota_per_month`` (None clears one); the
+        other keeps its value."""
+        check = Check()
+        for name in sorted(set(changes) - set(TEAM_QUOTA_FIELDS)):
+            check.unknown(name)
+        for name in TEAM_QUOTA_FIELDS:
+            given = changes.get(name)
+            if isinstance(given, bool) or (given is not None and not isinstance(given, int)):
+                check.fail(name, "must be an integer")
+            else:
+                check.integer(name, given, 1, QUOTA_MAX)
+        check.done()
+        # A team's quota is the provider's to set, not something its own token may raise.
+        actor.require_admin("change a team's quotas")
+        owner = await self.team(team, actor=actor)
+        day = changes.get("quota_per_day", owner.quota_per_day)
+        month = changes.get("quota_per_month", owner.quota_per_month)
+        said = (owner.id, owner.id, dict(changes))
+        with self._changing(team_id=owner.id):
+            return await self._backend.update_team_quotas(
+                owner.id, day, month, audit=audit(actor, "team.update", lambda _: said)
             )
 
     async def create_token(self, team: str, name: str, *, actor: Actor = SYSTEM) -> CreatedToken:

@@ -169,6 +169,17 @@ class Store(Protocol):
         """Set (or, with None, clear) the team's limit; key caches hear of a change."""
         ...
 
+    async def update_team_quotas(
+        self,
+        team_id: str,
+        quota_per_day: int | None,
+        quota_per_month: int | None,
+        *,
+        audit: Audit[Team] | None = None,
+    ) -> Team:
+        """Set (or clear) the team's calendar request quotas; key caches hear of a change."""
+        ...
+
     async def update_key(
         self, key_id: str, changes: Mapping[str, object], *, audit: Audit[ApiKey] | None = None
     ) -> ApiKey:

@@ -161,6 +161,27 @@ class PostgresKeys(PostgresCore):
                 return await self._write_audit(conn, audit, model.team(row))
         raise rules.no_team(team_id)
 
+    async def update_team_quotas(
+        self,
+        team_id: str,
+        quota_per_day: int | None,
+        quota_per_month: int | None,
+        *,
+        audit: Audit[Team] | None = None,
+    ) -> Team:
+        # The trigger on teams announces changed quotas to every key cache.
+        async with self._transaction() as conn:
+            row = await conn.fetchrow(
+                "UPDATE teams SET quota_per_day = $2, quota_per_month = $3 "  # noqa: S608 - constant
+                f"WHERE id = $1 RETURNING {TEAM_COLUMNS}",
+                team_id,
+                quota_per_day,
+                quota_per_month,
+            )
+            if row is not None:
+                return await self._write_audit(conn, audit, model.team(row))
+        raise rules.no_team(team_id)
+
     async def update_key(
         self, key_id: str, changes: Mapping[str, object], *, audit: Audit[ApiKey] | None = None
     ) -> ApiKey:

@@ -210,6 +210,30 @@ class SqliteKeys(SqliteCore):
 
         return await self._run(self._tx, update)
 
+    async def update_team_quotas(
+        self,
+        team_id: str,
+        quota_per_day: int | None,
+        quota_per_month: int | None,
+        *,
+        audit: Audit[Team] | None = None,
+    ) -> Team:
+        def update(db: sqlite3.Connection) -> Team:
+            old = db.execute(
+                "SELECT quota_per_day, quota_per_month FROM teams WHERE id = ?", (team_id,)
+            ).fetchone()
+            if old is None:
+                raise rules.no_team(team_id)
+            row = db.execute(
+                "UPDATE teams SET quota_per_day = ?, quota_per_month = ? WHERE id = ? RETURNING *",
+                (quota_per_day, quota_per_month, team_id),
+            ).fetchone()
+            if tuple(old) != (quota_per_day, quota_per_month):
+                self._log_change(db, None, team_id)
+            return self._write_audit(db, audit, model.team(row))
+
+        return await self._run(self._tx, update)
+
     async def update_key(
         self, key_id: str, changes: Mapping[str, object], *, audit: Audit[ApiKey] | None = None
     ) -> ApiKey:
