@@ -217,3 +217,24 @@ async def test_a_spend_cap_set_from_another_process_holds_at_once(
     code, out, err = await cli(config, "keys", "list", "--team", "acme", "--json")
     assert json.loads(out)[0]["credit_cap_per_day"] is None
     await gw.assert_reconciled()
+
+
+async def test_team_quotas_from_the_command_line(make_gateway: MakeGateway, tmp_path: Path) -> None:
+    gw = await make_gateway()
+    secret = await gw.key(credits=10, rate_limit=None)
+    config = cli_config(tmp_path)
+    code, out, err = await cli(config, "teams", "update", "acme", "--quota-per-day", "1")
+    assert code == 0, err
+    assert "quota per day 1" in out and "rate limit none" in out
+    deadline = time.monotonic() + 2.0
+    statuses = []
+    while time.monotonic() < deadline:
+        statuses.append((await gw.client.post("/api/v1/assess", headers=bearer(secret))).status)
+        if statuses[-1] == 429:
+            break
+        await asyncio.sleep(0.05)
+    assert statuses[-1] == 429
+    code, out, err = await cli(config, "teams", "update", "acme", "--quota-per-day", "none")
+    assert code == 0 and "quota per day" not in out, (out, err)
+    code, _, err = await cli(config, "teams", "update", "acme", "--quota-per-month", "x")
+    assert code == 2 and "--quota-per-month" in err

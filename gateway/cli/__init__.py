@@ -159,8 +159,11 @@ def _teams_and_keys(c: _Commands) -> None:
     p = c.command(teams, "update", manage.teams_update, "change a team's settings")
     p.add_argument("team")
     p.add_argument(
-        "--rate-limit", type=_integer, help="team-wide requests per minute (omit to clear)"
+        "--rate-limit",
+        type=_integer,
+        help="team-wide requests per minute (omitted, and no quota given: cleared)",
     )
+    _limit_flags(p, "quota_per_day", "quota_per_month")
 
     keys = c.group("keys", "manage API keys")
     p = c.command(keys, "create", manage.keys_create, "create a key (shown once)")

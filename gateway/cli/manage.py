@@ -18,6 +18,7 @@ from gateway.manage.bounds import LIST_MAX
 from gateway.manage.inputs import parse_time
 from gateway.manage.keys import LIMIT_BOUNDS
 from gateway.manage.reads import usage_range
+from gateway.manage.teams import TEAM_QUOTA_FIELDS
 from gateway.serialize import audit_json, key_json, ledger_json, team_json, token_json
 
 __all__ = ["COMMANDS"]
@@ -60,12 +61,32 @@ def teams_list(args: argparse.Namespace) -> None:
 
 
 def teams_update(args: argparse.Namespace) -> None:
+    quotas: dict[str, int | None] = {}
+    for field in TEAM_QUOTA_FIELDS:
+        given = getattr(args, field)
+        if given is not None:
+            quotas[field] = None if given == "none" else given
+
     async def work(m: Management) -> dict[str, Any]:
-        return team_json(await m.update_team(args.team, args.rate_limit, actor=operator()))
+        if quotas:
+            await m.set_team_quotas(args.team, quotas, actor=operator())
+        # As in the admin API: the rate limit is left alone when only quotas are given.
+        if args.rate_limit is not None or not quotas:
+            await m.update_team(args.team, args.rate_limit, actor=operator())
+        return team_json(await m.team(args.team, actor=operator()))
 
     team = with_management(args, work)
     limit = team["rate_limit_per_minute"]
-    emit(args, team, f"team {team['name']}: rate limit {limit if limit else 'none'} per minute")
+    emit(
+        args,
+        team,
+        f"team {team['name']}: rate limit {limit if limit else 'none'} per minute"
+        + "".join(
+            f", {field.replace('_', ' ')} {team[field]}"
+            for field in TEAM_QUOTA_FIELDS
+            if team[field] is not None
+        ),
+    )
 
 
 # -- keys -----------------------------------------------------------------------------------

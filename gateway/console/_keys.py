@@ -78,7 +78,26 @@ def _status(key: ApiKey, now: float) -> Markup:
     return fmt('<span class="badge badge-$s">$label</span>', s=status, label=status.capitalize())
 
 
-def _row(owner: Team, key: ApiKey, now: float) -> Markup:
+def _limits(key: ApiKey, spent: tuple[int, int] | None) -> Markup:
+    """A key's spend caps with what it has spent, and its request quotas; a dash if none."""
+    day, month = spent or (0, 0)
+    parts = []
+    if key.credit_cap_per_day is not None:
+        parts.append(fmt("$s of $c credits today", s=f"{day:,}", c=f"{key.credit_cap_per_day:,}"))
+    if key.credit_cap_per_month is not None:
+        parts.append(
+            fmt("$s of $c credits this month", s=f"{month:,}", c=f"{key.credit_cap_per_month:,}")
+        )
+    if key.quota_per_day is not None:
+        parts.append(fmt("$q requests a day", q=f"{key.quota_per_day:,}"))
+    if key.quota_per_month is not None:
+        parts.append(fmt("$q requests a month", q=f"{key.quota_per_month:,}"))
+    if not parts:
+        return Markup('<span class="muted">—</span>')
+    return join(parts, "<br>")
+
+
+def _row(owner: Team, key: ApiKey, now: float, spent: tuple[int, int] | None) -> Markup:
     actions = Markup('<span class="muted">—</span>')
     if key.revoked_at is None:
         base = team_url(owner.id, f"keys/{key.id}")
@@ -94,7 +113,7 @@ def _row(owner: Team, key: ApiKey, now: float) -> Markup:
     return fmt(
         '<tr data-key-id="$id"><th scope="row">$name</th><td><code>$prefix…</code></td>'
         "<td>$env</td><td>$created</td><td>$used</td><td>$status</td>"
-        '<td class="row-actions">$actions</td></tr>',
+        '<td class="key-limits">$limits</td><td class="row-actions">$actions</td></tr>',
         id=key.id,
         name=key.name,
         prefix=key.prefix,
@@ -102,6 +121,7 @@ def _row(owner: Team, key: ApiKey, now: float) -> Markup:
         created=when(key.created_at),
         used=when(key.last_used_at),
         status=_status(key, now),
+        limits=_limits(key, spent),
         actions=actions,
     )
 
@@ -120,14 +140,16 @@ async def _keys_page(
     after = id_cursor(request.query.get("after") or None, "key", "after")
     listed = await _m(request).keys(owner.id, KEYS_PER_PAGE, after, actor=actor(request))
     now = time.time()
+    spending = await _m(request).key_spending(listed)
     if listed:
-        rows = join(_row(owner, k, now) for k in listed)
+        rows = join(_row(owner, k, now, spending.get(k.id)) for k in listed)
         table = fmt(
             '<div class="table-wrap" role="region" aria-labelledby="list-title" tabindex="0">'
             '<table><thead><tr><th scope="col">Name</th><th scope="col">Prefix</th>'
             '<th scope="col">Environment</th><th scope="col">Created</th>'
             '<th scope="col">Last used</th><th scope="col">Status</th>'
-            '<th scope="col">Actions</th></tr></thead><tbody>$rows</tbody></table></div>',
+            '<th scope="col">Caps and quotas</th><th scope="col">Actions</th>'
+            "</tr></thead><tbody>$rows</tbody></table></div>",
             rows=rows,
         )
     else:

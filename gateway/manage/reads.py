@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+from gateway.caps import Calendar
 from gateway.manage._core import Core, iso
 from gateway.manage.actors import SYSTEM, Actor
 from gateway.manage.bounds import GRANULARITY, LIST_MAX, MAX_BUCKETS
@@ -60,6 +61,17 @@ class Reads(Core):
         after = id_cursor(after, "key")
         owner = await self.team(team, actor=actor)
         return await self._backend.list_keys(owner.id, limit, after)
+
+    async def key_spending(self, keys: list[ApiKey]) -> dict[str, tuple[int, int]]:
+        """What each capped key of ``keys`` has spent today and this month (UTC, on the
+        plans' clock); keys without a cap are left out. The keys were read with the
+        caller's rights already."""
+        capped = [k.id for k in keys if k.credit_cap_per_day or k.credit_cap_per_month]
+        if not capped:
+            return {}
+        now = Calendar(self._plan_clock_offset).periods()
+        found = await self._backend.key_spending(capped, [now.day, now.month])
+        return {k: (found.get((k, now.day), 0), found.get((k, now.month), 0)) for k in capped}
 
     async def tokens(
         self, team: str, limit: int = 100, after: str | None = None, *, actor: Actor = SYSTEM

@@ -48,3 +48,9 @@ class QuotaStore(Protocol):
     async def prune_quotas(self, now: float) -> int:
         """Drop the counts of periods that ended before ``now``; returns how many."""
         ...
+
+    async def key_spending(
+        self, key_ids: Sequence[str], periods: Sequence[str]
+    ) -> dict[tuple[str, str], int]:
+        """What capped keys have spent in the given periods (absent: nothing yet)."""
+        ...

@@ -557,3 +557,31 @@ async def test_the_credits_page_shows_the_plan_and_its_next_refill(console: Cons
     html = await browser.page(credits)
     assert "Plan: 1,500 per week (unused allowance expires)" in html
     assert f'datetime="{shown["next_refill_at"]}"' in html
+
+
+async def test_the_keys_page_shows_each_keys_caps_and_what_it_has_spent(
+    console: Console,
+) -> None:
+    team = await console.team("capped")
+    made = await console.api("POST", f"/admin/v1/teams/{team}/keys", {"name": "staging"})
+    await console.api("POST", f"/admin/v1/teams/{team}/keys", {"name": "free"})
+    await console.api("POST", f"/admin/v1/teams/{team}/credits", {"amount": 50, "reason": "t"})
+    await console.api(
+        "PATCH",
+        f"/admin/v1/keys/{made['id']}",
+        {"credit_cap_per_day": 5, "credit_cap_per_month": 1200, "quota_per_day": 1000},
+    )
+    gw = console.harness
+    for _ in range(2):
+        resp = await gw.client.post("/api/v1/assess", headers=bearer(made["key"]))
+        assert resp.status == 200
+    await gw.settle()
+    browser = await console.browser()
+    await browser.sign_in(ADMIN_TOKEN)
+    html = await browser.page(f"/console/teams/{team}/keys")
+    row = html[html.index(f'data-key-id="{made["id"]}"') :].split("</tr>")[0]
+    assert "2 of 5 credits today" in row
+    assert "2 of 1,200 credits this month" in row
+    assert "1,000 requests a day" in row
+    other = html[html.index('<th scope="row">free</th>') :].split("</tr>")[0]
+    assert "credits today" not in other and "—" in other

@@ -24,6 +24,17 @@ class PostgresQuotas(PostgresCore):
         taken = bool(rows[0]["taken"]) if rows else True
         return QuotaTake(taken, tuple(int(r["used"]) for r in rows))
 
+    async def key_spending(
+        self, key_ids: Sequence[str], periods: Sequence[str]
+    ) -> dict[tuple[str, str], int]:
+        rows = await self._fetch(
+            "SELECT key_id, period_key, spent FROM key_spend "
+            "WHERE key_id = ANY ($1) AND period_key = ANY ($2)",
+            list(key_ids),
+            list(periods),
+        )
+        return {(r["key_id"], r["period_key"]): int(r["spent"]) for r in rows}
+
     async def prune_quotas(self, now: float) -> int:
         found = await self._fetchval(
             "WITH gone AS (DELETE FROM quota_counts WHERE expires_at < $1 RETURNING 1) "

@@ -36,6 +36,23 @@ class SqliteQuotas(SqliteCore):
 
         return await self._run(self._tx, take)
 
+    async def key_spending(
+        self, key_ids: Sequence[str], periods: Sequence[str]
+    ) -> dict[tuple[str, str], int]:
+        def read(db: sqlite3.Connection) -> dict[tuple[str, str], int]:
+            found: dict[tuple[str, str], int] = {}
+            for period in periods:
+                for key_id in key_ids:
+                    row = db.execute(
+                        "SELECT spent FROM key_spend WHERE key_id = ? AND period_key = ?",
+                        (key_id, period),
+                    ).fetchone()
+                    if row is not None:
+                        found[key_id, period] = int(row["spent"])
+            return found
+
+        return await self._run(read, self._db)
+
     async def prune_quotas(self, now: float) -> int:
         return await self._run(
             self._tx,
