@@ -166,6 +166,42 @@ async def test_credits_are_exact_across_replicas(
     replicas.reconcile()
 
 
+async def test_a_key_spend_cap_is_exact_across_replicas(
+    tmp_path: Path, postgres_dsn: str, upstream: Counting
+) -> None:
+    n = 20
+    async with Replicas(tmp_path, postgres_dsn, upstream, 2) as replicas:
+        made = await replicas.key("capped", credits=10 * n, rate_limit=100_000)
+        await replicas.admin("PATCH", f"/admin/v1/keys/{made['id']}", {"credit_cap_per_day": n})
+        # Both replicas hear of the change through the key-change feed before the burst.
+        await asyncio.sleep(0.5)
+        key = made["key"]
+        statuses = await asyncio.gather(*(replicas.call(i % 2, key) for i in range(3 * n)))
+        assert statuses.count(200) == n
+        assert statuses.count(402) == 2 * n
+        assert upstream.served == n
+        await asyncio.sleep(0.6)  # posts are flushed within the interval
+        credits = await replicas.admin("GET", "/admin/v1/teams/capped/credits", node=1)
+        assert credits["balances"]["live"] == 9 * n  # the team still has the rest
+    replicas.reconcile()
+
+
+async def test_a_daily_quota_is_exact_across_replicas(
+    tmp_path: Path, postgres_dsn: str, upstream: Counting
+) -> None:
+    n = 20
+    async with Replicas(tmp_path, postgres_dsn, upstream, 2) as replicas:
+        made = await replicas.key("quota", credits=10 * n, rate_limit=100_000)
+        await replicas.admin("PATCH", f"/admin/v1/keys/{made['id']}", {"quota_per_day": n})
+        await asyncio.sleep(0.5)
+        key = made["key"]
+        statuses = await asyncio.gather(*(replicas.call(i % 2, key) for i in range(3 * n)))
+        assert statuses.count(200) == n
+        assert statuses.count(429) == 2 * n
+        assert upstream.served == n
+    replicas.reconcile()
+
+
 async def _kill_listeners(dsn: str) -> int:
     conn = await asyncpg.connect(dsn)
     try:
