@@ -14,6 +14,9 @@ to be the bottleneck) and measures, one after another under the same load:
   embedded      the gateway, one worker, full enforcement on SQLite + in-process limiter
   redis_pg      the gateway, one worker, full enforcement on Redis + PostgreSQL
   redis_pg_w2   the same with ``--workers 2``
+  redis_pg_cap  redis_pg with day and month spend caps on the key (never reached): what a
+                capped key's reserve costs
+  redis_pg_quota  redis_pg with a daily request quota on the key (never reached)
   embedded_nolog / redis_pg_nolog   embedded / redis_pg with the request log off (it is on by
                 default): the log's cost, measured in the same rounds
   embedded_nohooks / redis_pg_nohooks   the same with the webhook delivery worker off (on by
@@ -206,7 +209,9 @@ class GatewayRun:
                 self.process.kill()
 
 
-def make_keys(gateway: GatewayRun, teams: int) -> list[str]:
+def make_keys(gateway: GatewayRun, teams: int, capped: bool = False) -> list[str]:
+    """One key per team with credits to spare; ``capped``: with day and month spend caps and a
+    daily quota set, never reached (what the caps and quotas cost, not what they refuse)."""
     keys = []
     for i in range(teams):
         team = f"bench-{i}"
@@ -215,6 +220,9 @@ def make_keys(gateway: GatewayRun, teams: int) -> list[str]:
             gateway.cli("keys", "create", "--team", team, "--name", "bench", "--rate-limit", "1000000", "--json")
         )
         gateway.cli("credits", "grant", "--team", team, "--amount", "1000000000", "--reason", "bench")
+        if capped:
+            gateway.cli("keys", "update", created["id"], "--credit-cap-per-day", "900000000",
+                        "--credit-cap-per-month", "900000000")
         keys.append(created["key"])
     return keys
 
@@ -461,12 +469,17 @@ def main() -> None:
 
             def run_gateway(name: str, config: dict[str, Any], teams: int, workers: int = 1,
                             counters: Any = None, client: str = "lean") -> None:
+                capped = name == "redis_pg_cap"
+                quota = name == "redis_pg_quota"
                 if len(args.clients) > 1:
                     name = f"{name}[{client}]"
                 chosen = {k: {**v, "client": client} for k, v in upstreams.items()}
                 gateway = GatewayRun(workdir, name, {"upstreams": chosen, **config}, workers)
                 try:
-                    keys = make_keys(gateway, teams) if teams else []
+                    keys = make_keys(gateway, teams, capped) if teams else []
+                    if quota:
+                        gateway.cli("teams", "update", "bench-0", "--rate-limit", "1000000",
+                                    "--quota-per-day", "900000000")
                     gateway.start()
                     results.append(measure(name, f"http://127.0.0.1:{gateway.port}/api/v1/assess", keys, args,
                                            workdir, pids=gateway.pids, counters=counters))
@@ -500,6 +513,8 @@ def main() -> None:
                 ("redis_pg_nolog", 1, 1, no_request_log),
                 ("redis_pg_nohooks", 1, 1, no_webhooks),
                 ("redis_pg_w2", 1, 2, {}),
+                ("redis_pg_cap", 1, 1, {}),
+                ("redis_pg_quota", 1, 1, {}),
                 ("teams100", 100, 1, {}),
                 ("redis_pg_trace1", 1, 1, {"tracing": {**tracing, "sample_ratio": 0.01}}),
                 ("redis_pg_trace100", 1, 1, {"tracing": {**tracing, "sample_ratio": 1.0}}),
