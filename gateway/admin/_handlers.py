@@ -162,15 +162,21 @@ async def update_team(request: web.Request) -> web.Response:
 
 async def create_key(request: web.Request) -> web.Response:
     team = _path(request, "team")
-    fields = await _body(request, {"name", "environment", "rate_limit_per_minute", "expires_at"})
+    fields = await _body(
+        request, {"name", "environment", "rate_limit_per_minute", "expires_at", *LIMIT_BOUNDS}
+    )
     name = fields.string("name", required=True, max_len=NAME_MAX)
     environment = _environment(fields)
     limit = fields.integer("rate_limit_per_minute", minimum=1, maximum=RATE_LIMIT_MAX)
     expires_at = fields.time("expires_at")
+    limits = {
+        field: fields.integer(field, minimum=1, maximum=most)
+        for field, most in LIMIT_BOUNDS.items()
+    }
     fields.check()
     assert name is not None
     created = await _m(request).create_key(
-        team, name, environment, limit, expires_at, actor=_actor(request)
+        team, name, environment, limit, expires_at, limits=limits, actor=_actor(request)
     )
     return _with_secret(key_json(created.key), "key", created.secret)
 

@@ -172,6 +172,7 @@ def _teams_and_keys(c: _Commands) -> None:
     p.add_argument("--env", choices=("live", "test"), default="live")
     p.add_argument("--rate-limit", type=_integer, help="requests per minute for this key")
     p.add_argument("--expires-at", help="RFC 3339 time after which the key stops working")
+    _limit_flags(p, *LIMIT_BOUNDS)
     p = c.command(keys, "list", manage.keys_list, "list a team's keys")
     p.add_argument("--team", required=True)
     p = c.command(keys, "revoke", manage.keys_revoke, "revoke a key now")

@@ -94,11 +94,14 @@ def teams_update(args: argparse.Namespace) -> None:
 
 def keys_create(args: argparse.Namespace) -> None:
     expires_at = _time(args.expires_at, "expires_at")
+    # 'none' means not set, as when the flag is left out.
+    limits = {f: getattr(args, f) for f in LIMIT_BOUNDS if getattr(args, f) not in (None, "none")}
 
     async def work(m: Management) -> dict[str, Any]:
         created = await m.create_key(
-            args.team, args.name, args.env, args.rate_limit, expires_at, actor=operator()
-        )
+            args.team, args.name, args.env, args.rate_limit, expires_at,
+            limits=limits, actor=operator(),
+        )  # fmt: skip
         return {**key_json(created.key), "key": created.secret}
 
     key = with_management(args, work)

@@ -57,15 +57,22 @@ def _check_key_fields(changes: dict[str, object]) -> None:
     limit = changes.get("rate_limit_per_minute")
     check.integer("rate_limit_per_minute", limit if isinstance(limit, int) else None, 1,
                   RATE_LIMIT_MAX)  # fmt: skip
-    for field, most in LIMIT_BOUNDS.items():
-        given = changes.get(field)
-        if isinstance(given, bool) or (given is not None and not isinstance(given, int)):
-            check.fail(field, "must be an integer")
-        else:
-            check.integer(field, given, 1, most)
+    _check_limits(check, changes)
     expires = changes.get("expires_at")
     check.time("expires_at", float(expires) if isinstance(expires, int | float) else None)
     check.done()
+
+
+def _check_limits(check: Check, given: dict[str, object]) -> None:
+    """Caps and quotas: whole numbers within LIMIT_BOUNDS, or None (not set)."""
+    for field in sorted(set(given) - set(LIMIT_BOUNDS) - KEY_FIELDS):
+        check.unknown(field)
+    for field, most in LIMIT_BOUNDS.items():
+        value = given.get(field)
+        if isinstance(value, bool) or (value is not None and not isinstance(value, int)):
+            check.fail(field, "must be an integer")
+        else:
+            check.integer(field, value, 1, most)
 
 
 class KeyActions(Core):
@@ -77,23 +84,26 @@ class KeyActions(Core):
         rate_limit_per_minute: int | None = None,
         expires_at: float | None = None,
         *,
+        limits: dict[str, int | None] | None = None,
         actor: Actor = SYSTEM,
     ) -> CreatedKey:
+        """A new key; ``limits`` may set its caps and quotas (LIMIT_BOUNDS' fields)."""
         check = Check()
         check.text("name", name, NAME_MAX)
         check.choice("environment", environment, ("live", "test"))
         check.integer("rate_limit_per_minute", rate_limit_per_minute, 1, RATE_LIMIT_MAX)
         check.time("expires_at", expires_at)
+        _check_limits(check, dict(limits or {}))
         check.done()
         owner = await self.team(team, actor=actor)
         secret = generate_key(environment)
         key_hash = self.hash(secret)
         # It may have been looked up, and cached as unknown, before it existed.
-        said = {"name": name, "environment": environment}
+        said: dict[str, object] = {"name": name, "environment": environment, **(limits or {})}
         with self._changing(key_hash):
             key = await self._backend.create_key(
                 owner.id, name, environment, key_hash, display_prefix(secret),
-                rate_limit_per_minute, expires_at,
+                rate_limit_per_minute, expires_at, limits=limits,
                 audit=audit(actor, "key.create", lambda made: (made.id, owner.id, said),
                             tells=lambda made: key_event("key.created", made)),
             )  # fmt: skip

@@ -145,6 +145,7 @@ class Store(Protocol):
         rate_limit_per_minute: int | None,
         expires_at: float | None,
         *,
+        limits: Mapping[str, int | None] | None = None,
         audit: Audit[ApiKey] | None = None,
     ) -> ApiKey: ...
 

@@ -7,12 +7,13 @@ backend that only does the I/O in its dialect (``_insert_key``, ``_apply_grant``
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.models import ApiKey, Environment
-from gateway.storage import Audit, GrantResult
+from gateway.storage import KEY_LIMIT_FIELDS, Audit, GrantResult
 
-__all__ = ["GrantOrder", "NewKey", "SharedMethods"]
+__all__ = ["KEY_INSERT_COLUMNS", "GrantOrder", "NewKey", "SharedMethods"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,9 +27,12 @@ class NewKey:
     prefix: str
     rate_limit_per_minute: int | None
     expires_at: float | None
+    # Caps and quotas, in KEY_LIMIT_FIELDS' order (None: not set).
+    limits: tuple[int | None, ...] = (None,) * len(KEY_LIMIT_FIELDS)
 
     def columns(self) -> tuple[object, ...]:
-        """(team_id, name, prefix, key_hash, environment, rate_limit_per_minute), as inserted."""
+        """(team_id, name, prefix, key_hash, environment, rate_limit_per_minute, then
+        the KEY_LIMIT_FIELDS), as inserted (see KEY_INSERT_COLUMNS)."""
         return (
             self.team_id,
             self.name,
@@ -36,7 +40,15 @@ class NewKey:
             self.key_hash,
             self.environment,
             self.rate_limit_per_minute,
+            *self.limits,
         )
+
+
+# The columns NewKey.columns() fills, in its order.
+KEY_INSERT_COLUMNS = (
+    "team_id, name, prefix, key_hash, environment, rate_limit_per_minute, "
+    + ", ".join(KEY_LIMIT_FIELDS)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +96,14 @@ class SharedMethods:
         rate_limit_per_minute: int | None,
         expires_at: float | None,
         *,
+        limits: Mapping[str, int | None] | None = None,
         audit: Audit[ApiKey] | None = None,
     ) -> ApiKey:
+        given = limits or {}
         new = NewKey(
-            team_id, name, environment, key_hash, prefix, rate_limit_per_minute, expires_at
-        )
+            team_id, name, environment, key_hash, prefix, rate_limit_per_minute, expires_at,
+            tuple(given.get(field) for field in KEY_LIMIT_FIELDS),
+        )  # fmt: skip
         return await self._insert_key(new, audit)
 
     async def _insert_key(self, new: NewKey, audit: Audit[ApiKey] | None) -> ApiKey:

@@ -108,3 +108,40 @@ async def test_bad_caps_are_refused_naming_the_field(gw: Harness, admin: Admin) 
     listed = await admin.call("GET", "/admin/v1/teams/acme/keys", expect=200)
     [key] = listed["items"]
     assert key["credit_cap_per_day"] is None and key["quota_per_month"] is None
+
+
+async def test_a_key_created_with_caps_is_capped_from_its_first_request(
+    gw: Harness, admin: Admin
+) -> None:
+    await admin.call("POST", "/admin/v1/teams", {"name": "acme"}, expect=201)
+    await admin.call(
+        "POST", "/admin/v1/teams/acme/credits", {"amount": 10, "reason": "t"}, expect=200
+    )
+    made = await admin.call(
+        "POST",
+        "/admin/v1/teams/acme/keys",
+        {"name": "staging", "credit_cap_per_day": 1, "quota_per_month": 5},
+        expect=201,
+    )
+    assert made["credit_cap_per_day"] == 1 and made["quota_per_month"] == 5
+    assert (await gw.client.post("/api/v1/assess", headers=bearer(made["key"]))).status == 200
+    assert (await gw.client.post("/api/v1/assess", headers=bearer(made["key"]))).status == 402
+    status, answer = await admin.call(
+        "POST", "/admin/v1/teams/acme/keys", {"name": "x", "credit_cap_per_month": 0}
+    )
+    assert status == 422 and "credit_cap_per_month" in str(answer)
+
+
+async def test_a_rotated_key_keeps_its_caps_and_quotas(gw: Harness, admin: Admin) -> None:
+    await gw.key(credits=100)
+    await cap(admin, credit_cap_per_day=2, quota_per_day=50)
+    rotated = await admin.call(
+        "POST", f"/admin/v1/keys/{await key_id(gw)}/rotate", {"grace_seconds": 0}, expect=201
+    )
+    assert rotated["credit_cap_per_day"] == 2 and rotated["quota_per_day"] == 50
+    statuses = [
+        (await gw.client.post("/api/v1/assess", headers=bearer(rotated["key"]))).status
+        for _ in range(3)
+    ]
+    assert statuses == [200, 200, 402]
+    await gw.assert_reconciled()

@@ -15,7 +15,7 @@ from gateway.storage import Audit, KeyChange, rules
 from gateway.storage import rows as model
 from gateway.storage.postgresql.core import PostgresCore
 from gateway.storage.rows import KEY_COLUMNS, KEY_RECORD_COLUMNS, TEAM_COLUMNS, TOKEN_COLUMNS
-from gateway.storage.shared import NewKey
+from gateway.storage.shared import KEY_INSERT_COLUMNS, NewKey
 
 __all__ = ["PostgresKeys"]
 
@@ -99,8 +99,8 @@ class PostgresKeys(PostgresCore):
         try:
             async with self._transaction() as conn:
                 row = await conn.fetchrow(
-                    "INSERT INTO api_keys (id, team_id, name, prefix, key_hash, environment, "  # noqa: S608 - constant
-                    "rate_limit_per_minute, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+                    f"INSERT INTO api_keys (id, {KEY_INSERT_COLUMNS}, expires_at) "  # noqa: S608 - constant
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
                     f"RETURNING {KEY_COLUMNS}",
                     rules.new_id("key"),
                     *new.columns(),
@@ -334,9 +334,13 @@ _ROTATE_SQL = f"""
 WITH old AS (
     UPDATE api_keys SET expires_at = least(expires_at, $4)
     WHERE id = $1 AND revoked_at IS NULL
-    RETURNING team_id, name, environment, rate_limit_per_minute
+    RETURNING team_id, name, environment, rate_limit_per_minute, credit_cap_per_day,
+              credit_cap_per_month, quota_per_day, quota_per_month
 )
-INSERT INTO api_keys (id, team_id, name, prefix, key_hash, environment, rate_limit_per_minute)
-SELECT $5, team_id, name, $3, $2, environment, rate_limit_per_minute FROM old
+INSERT INTO api_keys (id, team_id, name, prefix, key_hash, environment, rate_limit_per_minute,
+                      credit_cap_per_day, credit_cap_per_month, quota_per_day, quota_per_month)
+SELECT $5, team_id, name, $3, $2, environment, rate_limit_per_minute, credit_cap_per_day,
+       credit_cap_per_month, quota_per_day, quota_per_month
+FROM old
 RETURNING {KEY_COLUMNS}
 """  # noqa: S608 - constant

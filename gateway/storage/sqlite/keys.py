@@ -7,10 +7,10 @@ import time
 from collections.abc import Mapping
 
 from gateway.models import ApiKey, AuditEntry, KeyRecord, Team, TeamToken
-from gateway.storage import Audit, KeyChange, rules
+from gateway.storage import KEY_LIMIT_FIELDS, Audit, KeyChange, rules
 from gateway.storage import rows as model
 from gateway.storage.rows import CACHED_KEY_FIELDS, KEY_COLUMNS, KEY_RECORD_COLUMNS, TOKEN_COLUMNS
-from gateway.storage.shared import NewKey
+from gateway.storage.shared import KEY_INSERT_COLUMNS, NewKey
 from gateway.storage.sqlite.core import SqliteCore
 
 __all__ = ["SqliteKeys"]
@@ -137,15 +137,15 @@ class SqliteKeys(SqliteCore):
             last_used_at=None,
             expires_at=new.expires_at,
             revoked_at=None,
+            **dict(zip(KEY_LIMIT_FIELDS, new.limits, strict=True)),
         )
 
         def insert(db: sqlite3.Connection) -> ApiKey:
             if db.execute("SELECT 1 FROM teams WHERE id = ?", (new.team_id,)).fetchone() is None:
                 raise rules.no_team(new.team_id)
             db.execute(
-                "INSERT INTO api_keys (id, team_id, name, prefix, key_hash, environment, "
-                "rate_limit_per_minute, disabled, created_at, expires_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                f"INSERT INTO api_keys (id, {KEY_INSERT_COLUMNS}, disabled, created_at, "  # noqa: S608 - constant
+                "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
                 (key.id, *new.columns(), key.created_at, new.expires_at),
             )
             # A new key may have been looked up (and cached as unknown) before it existed.
@@ -282,6 +282,7 @@ class SqliteKeys(SqliteCore):
         def rotate(db: sqlite3.Connection) -> ApiKey:
             old = db.execute(
                 "SELECT key_hash, team_id, name, environment, rate_limit_per_minute, "
+                "credit_cap_per_day, credit_cap_per_month, quota_per_day, quota_per_month, "
                 "expires_at, revoked_at FROM api_keys WHERE id = ?",
                 (key_id,),
             ).fetchone()
@@ -292,8 +293,9 @@ class SqliteKeys(SqliteCore):
             try:
                 new = db.execute(
                     "INSERT INTO api_keys (id, team_id, name, prefix, key_hash, environment, "  # noqa: S608 - constant
-                    "rate_limit_per_minute, disabled, created_at) "
-                    f"VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?) RETURNING {KEY_COLUMNS}",
+                    "rate_limit_per_minute, credit_cap_per_day, credit_cap_per_month, "
+                    "quota_per_day, quota_per_month, disabled, created_at) "
+                    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?) RETURNING {KEY_COLUMNS}",
                     (
                         fresh_id,
                         old["team_id"],
@@ -302,6 +304,10 @@ class SqliteKeys(SqliteCore):
                         new_hash,
                         old["environment"],
                         old["rate_limit_per_minute"],
+                        old["credit_cap_per_day"],
+                        old["credit_cap_per_month"],
+                        old["quota_per_day"],
+                        old["quota_per_month"],
                         now,
                     ),
                 ).fetchone()
