@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 import redis.asyncio
 from redis.asyncio import BlockingConnectionPool
@@ -108,27 +108,37 @@ _MAX_BATCH: Final = 256
 
 _REDIS_ERRORS: Final = (RedisError, RedisClusterException, OSError)
 
-# One request against n calendar quotas: KEYS are the counts, ARGV the n limits
-# then the n expiry times (epoch seconds). Nothing is counted if one is full.
-# Reply: {1 if taken, each count's use (after when taken, as found when not)}.
+# A batch of requests against calendar quotas (gateway/caps.py), batched like the
+# decisions above. ARGV[1] holds, per request: its number of counts n, their n
+# limits, then their n expiry times (epoch seconds); its counts are the next n
+# KEYS. A request takes one from each of its counts unless one is full, then none.
+# Per request the reply holds 1 if taken (else 0), then each count's use: after
+# the request when taken, as found when not.
 _QUOTA_SCRIPT: Final = """
-local n = #KEYS
-local used = {}
-local full = false
-for i = 1, n do
-  used[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if used[i] >= tonumber(ARGV[i]) then full = true end
+local args = {}
+for v in string.gmatch(ARGV[1], '%d+') do args[#args + 1] = tonumber(v) end
+local out = {}
+local k, a = 0, 1
+while a <= #args do
+  local n = args[a]
+  local used = {}
+  local full = false
+  for i = 1, n do
+    used[i] = tonumber(redis.call('GET', KEYS[k + i]) or '0')
+    if used[i] >= args[a + i] then full = true end
+  end
+  out[#out + 1] = full and 0 or 1
+  for i = 1, n do
+    if not full then
+      used[i] = redis.call('INCR', KEYS[k + i])
+      redis.call('EXPIREAT', KEYS[k + i], string.format('%d', args[a + n + i]))
+    end
+    out[#out + 1] = used[i]
+  end
+  k = k + n
+  a = a + 2 * n + 1
 end
-if full then
-  table.insert(used, 1, 0)
-  return used
-end
-for i = 1, n do
-  used[i] = redis.call('INCR', KEYS[i])
-  redis.call('EXPIREAT', KEYS[i], ARGV[n + i])
-end
-table.insert(used, 1, 1)
-return used
+return out
 """
 
 
@@ -183,6 +193,7 @@ class RedisLimiter:
         # One batcher for a single node; on Cluster one per group (a batch must
         # stay on one slot), dropped again when its group goes quiet.
         self._batchers: dict[str, Grouper[_Pending, Decision]] = {}
+        self._quota_batchers: dict[str, Grouper[_PendingTake, QuotaTake]] = {}
 
     async def check(self, limits: Sequence[Limit], group: str) -> Decision:
         tag = group if self._cluster else ""
@@ -191,13 +202,46 @@ class RedisLimiter:
             batcher = Grouper(
                 functools.partial(self._decide_many, group),
                 max_batch=_MAX_BATCH,
-                on_idle=functools.partial(self._forget, tag) if self._cluster else None,
+                on_idle=functools.partial(_forget, self._batchers, tag) if self._cluster else None,
             )
             self._batchers[tag] = batcher
         return await batcher.submit((limits, group))
 
-    def _forget(self, tag: str) -> None:
-        self._batchers.pop(tag, None)
+    async def take_quota(self, counts: Sequence[QuotaCount], group: str) -> QuotaTake:
+        """Count one request against calendar quotas (see gateway/caps.py), all or nothing."""
+        tag = group if self._cluster else ""
+        batcher = self._quota_batchers.get(tag)
+        if batcher is None:
+            batcher = Grouper(
+                functools.partial(self._take_many, group),
+                max_batch=_MAX_BATCH,
+                on_idle=(
+                    functools.partial(_forget, self._quota_batchers, tag) if self._cluster else None
+                ),
+            )
+            self._quota_batchers[tag] = batcher
+        return await batcher.submit((counts, group))
+
+    async def _take_many(self, group: str, batch: Sequence[_PendingTake]) -> list[QuotaTake]:
+        keys: list[bytes] = []
+        args: list[int] = []
+        for counts, take_group in batch:
+            args.append(len(counts))
+            args += [c.limit for c in counts]
+            # A count lives a day past its period's end, so clocks a little apart agree.
+            args += [int(c.ends_at) + 86_400 for c in counts]
+            keys += [_encoded_key(take_group, f"q:{c.subject}:{c.period}") for c in counts]
+        try:
+            reply = await self._quota_script(keys, [" ".join(map(str, args))])
+        except _REDIS_ERRORS as exc:
+            raise LimiterUnavailable(f"Redis: {exc}") from exc
+        taken, at = [], 0
+        for counts, _ in batch:
+            n = len(counts)
+            used = tuple(int(u) for u in reply[at + 1 : at + 1 + n])
+            taken.append(QuotaTake(bool(reply[at]), used))
+            at += 1 + n
+        return taken
 
     async def _decide_many(self, group: str, batch: Sequence[_Pending]) -> list[Decision]:
         keys: list[bytes] = []
@@ -214,22 +258,16 @@ class RedisLimiter:
             raise LimiterUnavailable(f"Redis: {exc}") from exc
         return [_decision(limits, reply, _REPLY * i) for i, (limits, _) in enumerate(batch)]
 
-    async def take_quota(self, counts: Sequence[QuotaCount], group: str) -> QuotaTake:
-        """Count one request against calendar quotas (see gateway/caps.py), all or nothing."""
-        keys = [_encoded_key(group, f"q:{c.subject}:{c.period}") for c in counts]
-        # A count lives a day past its period's end, so clocks a little apart still agree.
-        args = [c.limit for c in counts] + [int(c.ends_at) + 86_400 for c in counts]
-        try:
-            reply = await self._quota_script(keys, args)
-        except _REDIS_ERRORS as exc:
-            raise LimiterUnavailable(f"Redis: {exc}") from exc
-        return QuotaTake(bool(reply[0]), tuple(int(u) for u in reply[1:]))
-
     async def close(self) -> None:
         await self._client.aclose()
 
 
+def _forget(batchers: dict[str, Any], tag: str) -> None:
+    batchers.pop(tag, None)
+
+
 _Pending = tuple[Sequence[Limit], str]
+_PendingTake = tuple[Sequence[QuotaCount], str]
 _REPLY: Final = 6  # numbers per decision in the script's reply
 
 

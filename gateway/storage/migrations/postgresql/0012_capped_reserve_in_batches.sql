@@ -1,0 +1,217 @@
+-- gateway_reserve_capped of version 11, written like gateway_reserve: every
+-- account of the batch locked up front (in key order), the balances and each
+-- key's spend kept in variables while the batch is judged, and the writes
+-- made once: one INSERT of the reservations, one UPDATE of the balances, one
+-- upsert of each key's spend. Measured at 64 connections on one account, the
+-- version-11 loop (statements per request) cost 6 % of enforced throughput.
+-- Requests are judged per key, in the order they came (sorted by account,
+-- key, period keys, then ordinal); each answer names its request's ordinal.
+CREATE OR REPLACE FUNCTION gateway_reserve_capped(
+    p_ids text[],
+    p_team_ids text[],
+    p_environments text[],
+    p_key_ids text[],
+    p_amounts integer[],
+    p_lease_seconds double precision,
+    p_idem_keys text[],
+    p_idem_methods text[],
+    p_idem_paths text[],
+    p_day_keys text[],
+    p_day_caps bigint[],
+    p_month_keys text[],
+    p_month_caps bigint[]
+) RETURNS TABLE (
+    ord integer,
+    granted boolean,
+    available bigint,
+    replay_state text,
+    replay_method text,
+    replay_path text,
+    replay_body_hash text,
+    replay_status integer,
+    replay_content_type text,
+    replay_body bytea,
+    replay_body_stored boolean
+)
+LANGUAGE plpgsql
+SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_teams text[];
+    v_envs text[];
+    v_have bigint[];
+    v_had bigint[];
+    v_existing text[];
+    v_new integer[] := '{}';
+    v_req record;
+    v_held record;
+    v_group text := NULL;
+    v_key_id text;
+    v_day_key text;
+    v_month_key text;
+    v_day_spent bigint := 0;
+    v_month_spent bigint := 0;
+    v_day_add bigint := 0;
+    v_month_add bigint := 0;
+    v_left bigint;
+    v_inserted integer;
+BEGIN
+    WITH wanted AS (
+        SELECT DISTINCT u.team_id, u.environment
+        FROM unnest(p_team_ids, p_environments) AS u (team_id, environment)
+    ), locked AS (
+        SELECT b.team_id, b.environment, b.available
+        FROM balances b
+        JOIN wanted w ON b.team_id = w.team_id AND b.environment = w.environment
+        ORDER BY b.team_id COLLATE "C", b.environment COLLATE "C"
+        FOR UPDATE OF b
+    )
+    SELECT array_agg(w.team_id ORDER BY w.team_id COLLATE "C", w.environment COLLATE "C"),
+           array_agg(w.environment ORDER BY w.team_id COLLATE "C", w.environment COLLATE "C"),
+           array_agg(coalesce(l.available, 0)
+                     ORDER BY w.team_id COLLATE "C", w.environment COLLATE "C")
+    INTO v_teams, v_envs, v_have
+    FROM wanted w
+    LEFT JOIN locked l ON l.team_id = w.team_id AND l.environment = w.environment;
+    v_had := v_have;
+    -- Read after the locks: a retry racing its first attempt has waited for it.
+    SELECT coalesce(array_agg(r.id), '{}') INTO v_existing
+    FROM reservations r WHERE r.id = ANY (p_ids);
+
+    FOR v_req IN
+        SELECT u.*,
+               dense_rank() OVER (ORDER BY u.team_id COLLATE "C", u.environment COLLATE "C")
+                   ::integer AS account
+        FROM unnest(p_ids, p_team_ids, p_environments, p_key_ids, p_amounts, p_idem_keys,
+                    p_idem_methods, p_idem_paths, p_day_keys, p_day_caps, p_month_keys,
+                    p_month_caps)
+            WITH ORDINALITY AS u (id, team_id, environment, key_id, amount, idem_key,
+                                  idem_method, idem_path, day_key, day_cap, month_key,
+                                  month_cap, ord)
+        ORDER BY u.team_id COLLATE "C", u.environment COLLATE "C", u.key_id COLLATE "C",
+                 u.day_key COLLATE "C", u.month_key COLLATE "C", u.ord
+    LOOP
+        IF v_group IS DISTINCT FROM v_req.key_id || ' ' || v_req.day_key || ' ' || v_req.month_key
+        THEN
+            -- A new key (or period): what the previous one counted is written first,
+            -- so that a period two groups share is read with it.
+            INSERT INTO key_spend AS s (key_id, period_key, spent)
+            SELECT v_key_id, p.period_key, p.added
+            FROM (VALUES (v_day_key, v_day_add), (v_month_key, v_month_add)) AS p (period_key, added)
+            WHERE p.added > 0
+            ON CONFLICT (key_id, period_key) DO UPDATE SET spent = s.spent + excluded.spent;
+            v_group := v_req.key_id || ' ' || v_req.day_key || ' ' || v_req.month_key;
+            v_key_id := v_req.key_id;
+            v_day_key := v_req.day_key;
+            v_month_key := v_req.month_key;
+            v_day_add := 0;
+            v_month_add := 0;
+            SELECT coalesce(max(s.spent), 0) INTO v_day_spent
+            FROM key_spend s WHERE s.key_id = v_key_id AND s.period_key = v_day_key;
+            SELECT coalesce(max(s.spent), 0) INTO v_month_spent
+            FROM key_spend s WHERE s.key_id = v_key_id AND s.period_key = v_month_key;
+        END IF;
+
+        v_left := NULL;
+        IF v_req.day_cap IS NOT NULL THEN
+            v_left := v_req.day_cap - v_day_spent - v_day_add;
+        END IF;
+        IF v_req.month_cap IS NOT NULL THEN
+            v_left := least(v_left, v_req.month_cap - v_month_spent - v_month_add);
+        END IF;
+        IF v_left < 0 THEN
+            v_left := 0;  -- a cap lowered below what was spent leaves nothing
+        END IF;
+
+        v_held := NULL;
+        IF v_req.idem_key IS NOT NULL THEN
+            SELECT i.* INTO v_held FROM idempotency_keys i
+            WHERE i.team_id = v_req.team_id AND i.environment = v_req.environment
+              AND i.idempotency_key = v_req.idem_key
+              AND i.created_at > now() - interval '24 hours'
+            FOR SHARE OF i;
+            IF FOUND AND v_held.reservation_id IS DISTINCT FROM v_req.id THEN
+                RETURN QUERY SELECT v_req.ord::integer, false,
+                    least(v_have[v_req.account], v_left),
+                    v_held.state, v_held.method, v_held.path, v_held.body_hash, v_held.status,
+                    v_held.content_type, v_held.body, v_held.body_stored;
+                CONTINUE;
+            END IF;
+        END IF;
+
+        IF v_have[v_req.account] < v_req.amount
+           OR (NOT (v_req.id = ANY (v_existing)) AND v_left IS NOT NULL
+               AND v_left < v_req.amount) THEN
+            RETURN QUERY SELECT v_req.ord::integer, false,
+                least(v_have[v_req.account], v_left),
+                NULL::text, NULL::text, NULL::text, NULL::text, NULL::integer, NULL::text,
+                NULL::bytea, NULL::boolean;
+            CONTINUE;
+        END IF;
+        -- A retried id was reserved (and counted) already: granted, never taken twice.
+        IF NOT (v_req.id = ANY (v_existing)) THEN
+            v_have[v_req.account] := v_have[v_req.account] - v_req.amount;
+            v_new := v_new || v_req.ord::integer;
+            v_existing := v_existing || v_req.id;
+            IF v_req.day_cap IS NOT NULL THEN
+                v_day_add := v_day_add + v_req.amount;
+            END IF;
+            IF v_req.month_cap IS NOT NULL THEN
+                v_month_add := v_month_add + v_req.amount;
+            END IF;
+            v_left := v_left - v_req.amount;
+        END IF;
+
+        IF v_req.idem_key IS NOT NULL AND v_held IS NULL THEN
+            INSERT INTO idempotency_keys AS i
+                (team_id, environment, idempotency_key, state, method, path, reservation_id,
+                 created_at)
+            VALUES (v_req.team_id, v_req.environment, v_req.idem_key, 'in_flight',
+                    v_req.idem_method, v_req.idem_path, v_req.id, now())
+            ON CONFLICT (team_id, environment, idempotency_key) DO UPDATE
+            SET state = excluded.state, method = excluded.method, path = excluded.path,
+                reservation_id = excluded.reservation_id, body_hash = NULL, status = NULL,
+                content_type = NULL, body = NULL, body_stored = false,
+                created_at = excluded.created_at, completed_at = NULL
+            WHERE i.created_at <= now() - interval '24 hours';
+            GET DIAGNOSTICS v_inserted = ROW_COUNT;
+            IF v_inserted <> 1 THEN
+                RAISE EXCEPTION 'Idempotency-Key claimed concurrently'
+                    USING ERRCODE = 'serialization_failure';
+            END IF;
+        END IF;
+        RETURN QUERY SELECT v_req.ord::integer, true, least(v_have[v_req.account], v_left),
+            NULL::text, NULL::text, NULL::text, NULL::text, NULL::integer, NULL::text,
+            NULL::bytea, NULL::boolean;
+    END LOOP;
+
+    INSERT INTO key_spend AS s (key_id, period_key, spent)
+    SELECT v_key_id, p.period_key, p.added
+    FROM (VALUES (v_day_key, v_day_add), (v_month_key, v_month_add)) AS p (period_key, added)
+    WHERE p.added > 0
+    ON CONFLICT (key_id, period_key) DO UPDATE SET spent = s.spent + excluded.spent;
+
+    IF cardinality(v_new) > 0 THEN
+        INSERT INTO reservations
+            (id, team_id, environment, key_id, amount, created_at, lease_deadline,
+             cap_day, cap_month)
+        SELECT p_ids[o], p_team_ids[o], p_environments[o], p_key_ids[o], p_amounts[o],
+               now(), now() + p_lease_seconds * interval '1 second',
+               CASE WHEN p_day_caps[o] IS NOT NULL THEN p_day_keys[o] END,
+               CASE WHEN p_month_caps[o] IS NOT NULL THEN p_month_keys[o] END
+        FROM unnest(v_new) AS o
+        ON CONFLICT (id) DO NOTHING;
+        GET DIAGNOSTICS v_inserted = ROW_COUNT;
+        IF v_inserted <> cardinality(v_new) THEN
+            -- Only an id reused for another account, at the same moment, gets here.
+            RAISE EXCEPTION 'reservation id reserved concurrently for another account'
+                USING ERRCODE = 'serialization_failure';
+        END IF;
+        UPDATE balances b SET available = a.have
+        FROM unnest(v_teams, v_envs, v_have, v_had) AS a (team_id, environment, have, had)
+        WHERE b.team_id = a.team_id AND b.environment = a.environment AND a.have <> a.had;
+    END IF;
+END
+$$;
