@@ -16,7 +16,8 @@ to be the bottleneck) and measures, one after another under the same load:
   redis_pg_w2   the same with ``--workers 2``
   redis_pg_cap  redis_pg with day and month spend caps on the key (never reached): what a
                 capped key's reserve costs
-  redis_pg_quota  redis_pg with a daily request quota on the key (never reached)
+  redis_pg_quota  redis_pg with a daily request quota on the team (never reached)
+  embedded_cap / embedded_quota   the same two on the embedded defaults (SQLite, in process)
   embedded_nolog / redis_pg_nolog   embedded / redis_pg with the request log off (it is on by
                 default): the log's cost, measured in the same rounds
   embedded_nohooks / redis_pg_nohooks   the same with the webhook delivery worker off (on by
@@ -337,7 +338,8 @@ def backend_counters(dsn: str, db_name: str) -> Any:
         # and SET only ever run inside the limiter's script (the gateway never
         # sends them), so the round trips are every other command but INFO (ours).
         stats = client.info("commandstats")
-        inside_script = {"cmdstat_time", "cmdstat_get", "cmdstat_set", "cmdstat_info"}
+        inside_script = {"cmdstat_time", "cmdstat_get", "cmdstat_set", "cmdstat_info",
+                         "cmdstat_incr", "cmdstat_expireat"}
         calls = sum(int(v["calls"]) for k, v in stats.items()
                     if k.startswith("cmdstat_") and k not in inside_script)
         tx = asyncio.run(_pg(dsn, f"SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = '{db_name}'"))
@@ -469,8 +471,8 @@ def main() -> None:
 
             def run_gateway(name: str, config: dict[str, Any], teams: int, workers: int = 1,
                             counters: Any = None, client: str = "lean") -> None:
-                capped = name == "redis_pg_cap"
-                quota = name == "redis_pg_quota"
+                capped = name.endswith("_cap")
+                quota = name.endswith("_quota")
                 if len(args.clients) > 1:
                     name = f"{name}[{client}]"
                 chosen = {k: {**v, "client": client} for k, v in upstreams.items()}
@@ -503,6 +505,10 @@ def main() -> None:
                 if "embedded_nolog" in wanted:
                     run_gateway("embedded_nolog", {"storage": f"sqlite:///{workdir}/embnolog-{tag}.db",
                                                    "routes": [route], **no_request_log}, 1, client=client)
+                for variant in ("embedded_cap", "embedded_quota"):
+                    if variant in wanted:
+                        run_gateway(variant, {"storage": f"sqlite:///{workdir}/{variant}-{tag}.db",
+                                              "routes": [route]}, 1, client=client)
                 if "embedded_nohooks" in wanted:
                     run_gateway("embedded_nohooks", {"storage": f"sqlite:///{workdir}/embnohooks-{tag}.db",
                                                      "routes": [route], **no_webhooks}, 1, client=client)

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
+from gateway.batching import Grouper
 from gateway.limiter import LimiterUnavailable
 from gateway.storage.quotas import QuotaCount, QuotaStore, QuotaTake
 
@@ -31,13 +32,14 @@ class _RedisQuotas(Protocol):
 
 
 class StoreQuotaCounter:
-    """Quotas counted by the store (SQLite or PostgreSQL)."""
+    """Quotas counted by the store (SQLite or PostgreSQL), concurrent takes batched."""
 
     def __init__(self, store: QuotaStore) -> None:
         self._store = store
+        self._takes: Grouper[Sequence[QuotaCount], QuotaTake] = Grouper(store.take_quotas)
 
     async def take(self, counts: Sequence[QuotaCount], group: str) -> QuotaTake:
-        return await self._store.take_quota(counts)
+        return await self._takes.submit(counts)
 
 
 class RedisQuotaCounter:

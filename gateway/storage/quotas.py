@@ -45,6 +45,10 @@ class QuotaStore(Protocol):
         """Count one request against every quota in ``counts``, unless one is full."""
         ...
 
+    async def take_quotas(self, takes: Sequence[Sequence[QuotaCount]]) -> list[QuotaTake]:
+        """:meth:`take_quota` for several requests, in order, each seeing those before it."""
+        ...
+
     async def prune_quotas(self, now: float) -> int:
         """Drop the counts of periods that ended before ``now``; returns how many."""
         ...

@@ -81,25 +81,35 @@ class PostgresLedger(PostgresCore):
     async def _reserve_capped(self, requests: Sequence[ReserveRequest]) -> list[ReserveResult]:
         caps = [r.caps for r in requests]
         claims = [r.idempotency for r in requests]
+        claiming = any(claims)
+        args = (
+            [r.reservation_id for r in requests],
+            [r.team_id for r in requests],
+            [r.environment for r in requests],
+            [r.key_id for r in requests],
+            [r.amount for r in requests],
+            self._lease,
+            # Without claims the Idempotency-Key arrays are NULL (unnest pads them).
+            [c.key if c is not None else None for c in claims] if claiming else None,
+            [c.method if c is not None else None for c in claims] if claiming else None,
+            [c.path if c is not None else None for c in claims] if claiming else None,
+            [c.day if c is not None else None for c in caps],
+            [c.per_day if c is not None else None for c in caps],
+            [c.month if c is not None else None for c in caps],
+            [c.per_month if c is not None else None for c in caps],
+        )
         async with self._reserve_connection() as conn:
+            # Without claims the replay columns are not even sent.
             rows = await conn.fetch(
-                _RESERVE_CAPPED_SQL,
-                [r.reservation_id for r in requests],
-                [r.team_id for r in requests],
-                [r.environment for r in requests],
-                [r.key_id for r in requests],
-                [r.amount for r in requests],
-                self._lease,
-                [c.key if c is not None else None for c in claims],
-                [c.method if c is not None else None for c in claims],
-                [c.path if c is not None else None for c in claims],
-                [c.day if c is not None else None for c in caps],
-                [c.per_day if c is not None else None for c in caps],
-                [c.month if c is not None else None for c in caps],
-                [c.per_month if c is not None else None for c in caps],
+                _RESERVE_CAPPED_SQL if claiming else _RESERVE_CAPPED_PLAIN_SQL, *args
             )
         # Rows come back in account order; each names the request it answers.
         by_ord = {row["ord"]: row for row in rows}
+        if not claiming:
+            return [
+                ReserveResult(by_ord[n]["granted"], by_ord[n]["available"])
+                for n in range(1, len(requests) + 1)
+            ]
         return [
             ReserveResult(by_ord[n]["granted"], by_ord[n]["available"], _replay(by_ord[n]))
             for n in range(1, len(requests) + 1)
@@ -298,6 +308,10 @@ _RESERVE_ONE_SQL = "SELECT granted, available FROM gateway_reserve_one($1, $2, $
 _RESERVE_CAPPED_SQL = (
     "SELECT ord, granted, available, replay_state, replay_method, replay_path, "
     "replay_body_hash, replay_status, replay_content_type, replay_body, replay_body_stored "
+    "FROM gateway_reserve_capped($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+)
+_RESERVE_CAPPED_PLAIN_SQL = (
+    "SELECT ord, granted, available "
     "FROM gateway_reserve_capped($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
 )
 _RESERVE_CLAIMING_SQL = (

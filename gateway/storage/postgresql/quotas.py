@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 from gateway.storage.postgresql.core import PostgresCore
@@ -34,6 +35,11 @@ class PostgresQuotas(PostgresCore):
             list(periods),
         )
         return {(r["key_id"], r["period_key"]): int(r["spent"]) for r in rows}
+
+    async def take_quotas(self, takes: Sequence[Sequence[QuotaCount]]) -> list[QuotaTake]:
+        # Each take its own statement and transaction, at once on pool connections: one
+        # transaction holding several takes' row locks could deadlock with another's.
+        return list(await asyncio.gather(*(self.take_quota(counts) for counts in takes)))
 
     async def prune_quotas(self, now: float) -> int:
         found = await self._fetchval(

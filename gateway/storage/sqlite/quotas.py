@@ -15,26 +15,12 @@ class SqliteQuotas(SqliteCore):
     """Quota counts on SQLite; ``BEGIN IMMEDIATE`` serializes takers across processes."""
 
     async def take_quota(self, counts: Sequence[QuotaCount]) -> QuotaTake:
-        def take(db: sqlite3.Connection) -> QuotaTake:
-            used = []
-            for count in counts:
-                row = db.execute(
-                    "SELECT used FROM quota_counts WHERE subject = ? AND period_key = ?",
-                    (count.subject, count.period),
-                ).fetchone()
-                used.append(0 if row is None else int(row["used"]))
-            if any(u >= c.limit for u, c in zip(used, counts, strict=True)):
-                return QuotaTake(False, tuple(used))
-            for count in counts:
-                db.execute(
-                    "INSERT INTO quota_counts (subject, period_key, used, expires_at) "
-                    "VALUES (?, ?, 1, ?) ON CONFLICT (subject, period_key) "
-                    "DO UPDATE SET used = used + 1",
-                    (count.subject, count.period, count.ends_at),
-                )
-            return QuotaTake(True, tuple(u + 1 for u in used))
+        [taken] = await self.take_quotas([counts])
+        return taken
 
-        return await self._run(self._tx, take)
+    async def take_quotas(self, takes: Sequence[Sequence[QuotaCount]]) -> list[QuotaTake]:
+        # One transaction for the batch: one thread hop and one commit, not one a request.
+        return await self._run(self._tx, lambda db: [_take(db, counts) for counts in takes])
 
     async def key_spending(
         self, key_ids: Sequence[str], periods: Sequence[str]
@@ -58,3 +44,23 @@ class SqliteQuotas(SqliteCore):
             self._tx,
             lambda db: db.execute("DELETE FROM quota_counts WHERE expires_at < ?", (now,)).rowcount,
         )
+
+
+def _take(db: sqlite3.Connection, counts: Sequence[QuotaCount]) -> QuotaTake:
+    used = []
+    for count in counts:
+        row = db.execute(
+            "SELECT used FROM quota_counts WHERE subject = ? AND period_key = ?",
+            (count.subject, count.period),
+        ).fetchone()
+        used.append(0 if row is None else int(row["used"]))
+    if any(u >= c.limit for u, c in zip(used, counts, strict=True)):
+        return QuotaTake(False, tuple(used))
+    for count in counts:
+        db.execute(
+            "INSERT INTO quota_counts (subject, period_key, used, expires_at) "
+            "VALUES (?, ?, 1, ?) ON CONFLICT (subject, period_key) "
+            "DO UPDATE SET used = used + 1",
+            (count.subject, count.period, count.ends_at),
+        )
+    return QuotaTake(True, tuple(u + 1 for u in used))
