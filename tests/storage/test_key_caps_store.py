@@ -184,3 +184,19 @@ async def test_reconcile_names_a_key_spend_that_differs(backends: Backends) -> N
         9,
         4,
     )
+
+
+async def test_a_retry_is_granted_even_when_its_first_attempt_used_up_the_cap(
+    db: Backend,
+) -> None:
+    team, key = await capped_key(db)
+    [first] = await db.reserve_batch([reserve(team, key, "whole", 10)])
+    [retry] = await db.reserve_batch([reserve(team, key, "whole", 10)])
+    assert (first.granted, first.available) == (True, 0)
+    assert (retry.granted, retry.available) == (True, 0)
+    [batch_a, batch_b] = await db.reserve_batch(
+        [reserve(team, key, "whole", 10), reserve(team, key, "new", 1)]
+    )
+    assert batch_a.granted and not batch_b.granted
+    assert await db.balance(team, "live") == 90
+    assert await db.reconcile() == []

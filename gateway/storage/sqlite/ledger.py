@@ -45,6 +45,7 @@ class SqliteLedger(SqliteCore):
         deadline = now + self._lease
         available: dict[tuple[str, str], int] = {}
         results: list[ReserveResult] = []
+        spend = _Spend()
         for req in requests:
             account = (req.team_id, req.environment)
             if account not in available:
@@ -53,8 +54,11 @@ class SqliteLedger(SqliteCore):
                     account,
                 ).fetchone()
                 available[account] = 0 if row is None else int(row["available"])
-            result, available[account] = _reserve_one(db, req, available[account], now, deadline)
+            result, available[account] = _reserve_one(
+                db, req, available[account], now, deadline, spend
+            )
             results.append(result)
+        spend.write(db)
         for (team_id, environment), have in available.items():
             db.execute(
                 "UPDATE balances SET available = ? WHERE team_id = ? AND environment = ?",
@@ -284,32 +288,52 @@ def _reserved(db: sqlite3.Connection, reservation_id: str) -> bool:
     return found is not None
 
 
-def _cap_left(db: sqlite3.Connection, req: ReserveRequest) -> int | None:
-    """What the key's caps still allow this period: the least of them (never below 0)."""
-    assert req.caps is not None
-    left: int | None = None
-    for period, cap in req.caps.periods():
-        row = db.execute(
-            "SELECT spent FROM key_spend WHERE key_id = ? AND period_key = ?",
-            (req.key_id, period),
-        ).fetchone()
-        room = max(0, cap - (0 if row is None else int(row["spent"])))
-        left = room if left is None else min(left, room)
-    return left
+class _Spend:
+    """Capped keys' spend during one reserve batch: read once a key and period, written once."""
+
+    def __init__(self) -> None:
+        self._spent: dict[tuple[str, str], int] = {}
+        self._added: dict[tuple[str, str], int] = {}
+
+    def left(self, db: sqlite3.Connection, req: ReserveRequest) -> int:
+        """What the key's caps still allow this period: the least of them (never below 0)."""
+        assert req.caps is not None
+        left: int | None = None
+        for period, cap in req.caps.periods():
+            at = (req.key_id, period)
+            if at not in self._spent:
+                row = db.execute(
+                    "SELECT spent FROM key_spend WHERE key_id = ? AND period_key = ?", at
+                ).fetchone()
+                self._spent[at] = 0 if row is None else int(row["spent"])
+            room = max(0, cap - self._spent[at])
+            left = room if left is None else min(left, room)
+        assert left is not None  # a request with caps has at least one
+        return left
+
+    def add(self, req: ReserveRequest) -> None:
+        assert req.caps is not None
+        for period, _ in req.caps.periods():
+            at = (req.key_id, period)
+            self._spent[at] += req.amount
+            self._added[at] = self._added.get(at, 0) + req.amount
+
+    def write(self, db: sqlite3.Connection) -> None:
+        for (key_id, period), added in self._added.items():
+            db.execute(
+                "INSERT INTO key_spend (key_id, period_key, spent) VALUES (?, ?, ?) "
+                "ON CONFLICT (key_id, period_key) DO UPDATE SET spent = spent + excluded.spent",
+                (key_id, period, added),
+            )
 
 
 def _insert_reservation(
-    db: sqlite3.Connection, req: ReserveRequest, now: float, deadline: float, *, ignore: bool
+    db: sqlite3.Connection, req: ReserveRequest, now: float, deadline: float
 ) -> bool:
-    """The reservation row and, for a capped key, its count against each cap's period.
-
-    Returns whether it was written (``ignore``: an id already reserved is left as it is).
-    """
-    periods = [] if req.caps is None else req.caps.periods()
+    """The reservation row, unless its id was reserved already (a retry): whether written."""
     caps = req.caps
-    verb = "INSERT OR IGNORE" if ignore else "INSERT"
     inserted = db.execute(
-        f"{verb} INTO reservations (id, team_id, environment, key_id, amount, "
+        "INSERT OR IGNORE INTO reservations (id, team_id, environment, key_id, amount, "
         "created_at, lease_deadline, cap_day, cap_month) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             req.reservation_id,
@@ -323,17 +347,16 @@ def _insert_reservation(
             None if caps is None or caps.per_month is None else caps.month,
         ),
     ).rowcount
-    for period, _ in periods if inserted else ():
-        db.execute(
-            "INSERT INTO key_spend (key_id, period_key, spent) VALUES (?, ?, ?) "
-            "ON CONFLICT (key_id, period_key) DO UPDATE SET spent = spent + excluded.spent",
-            (req.key_id, period, req.amount),
-        )
     return bool(inserted)
 
 
 def _reserve_one(
-    db: sqlite3.Connection, req: ReserveRequest, have: int, now: float, deadline: float
+    db: sqlite3.Connection,
+    req: ReserveRequest,
+    have: int,
+    now: float,
+    deadline: float,
+    spend: _Spend,
 ) -> tuple[ReserveResult, int]:
     """One request of a batch against its account's balance ``have``; returns the new one."""
     claim = req.idempotency
@@ -346,19 +369,18 @@ def _reserve_one(
         # A retry of the reservation that made the record is a retried id, no replay.
         if held is not None and held["reservation_id"] != req.reservation_id:
             return ReserveResult(False, have, model.idempotency_record(held)), have
-    left = None if req.caps is None else _cap_left(db, req)
+    left = None if req.caps is None else spend.left(db, req)
     if have < req.amount:
         return ReserveResult(False, _smaller(have, left)), have
-    if left is None:
-        # INSERT OR IGNORE: a retried id was reserved already, never take twice.
-        if _insert_reservation(db, req, now, deadline, ignore=True):
-            have -= req.amount
-    elif not _reserved(db, req.reservation_id):
-        if left < req.amount:
+    if left is not None and left < req.amount:
+        # Over the cap, unless this is a retry of an id reserved (and counted) already.
+        if not _reserved(db, req.reservation_id):
             return ReserveResult(False, _smaller(have, left)), have
-        _insert_reservation(db, req, now, deadline, ignore=False)
+    elif _insert_reservation(db, req, now, deadline):  # else a retried id: never take twice
         have -= req.amount
-        left -= req.amount
+        if left is not None:
+            spend.add(req)
+            left -= req.amount
     if claim is not None and held is None:
         db.execute(
             CLAIM_SQL,

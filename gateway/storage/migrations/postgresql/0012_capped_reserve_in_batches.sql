@@ -5,7 +5,8 @@
 -- upsert of each key's spend. Measured at 64 connections on one account, the
 -- version-11 loop (statements per request) cost 6 % of enforced throughput.
 -- Requests are judged per key, in the order they came (sorted by account,
--- key, period keys, then ordinal); each answer names its request's ordinal.
+-- key, period keys, then ordinal); the answers come back in the order asked,
+-- each naming its request's ordinal.
 CREATE OR REPLACE FUNCTION gateway_reserve_capped(
     p_ids text[],
     p_team_ids text[],
@@ -57,6 +58,10 @@ DECLARE
     v_month_add bigint := 0;
     v_left bigint;
     v_inserted integer;
+    -- Each request's answer, by its ordinal; the replays' ordinals and records.
+    v_granted boolean[] := array_fill(false, ARRAY[cardinality(p_ids)]);
+    v_available bigint[] := array_fill(0::bigint, ARRAY[cardinality(p_ids)]);
+    v_replays integer[] := '{}';
 BEGIN
     WITH wanted AS (
         SELECT DISTINCT u.team_id, u.environment
@@ -133,10 +138,8 @@ BEGIN
               AND i.created_at > now() - interval '24 hours'
             FOR SHARE OF i;
             IF FOUND AND v_held.reservation_id IS DISTINCT FROM v_req.id THEN
-                RETURN QUERY SELECT v_req.ord::integer, false,
-                    least(v_have[v_req.account], v_left),
-                    v_held.state, v_held.method, v_held.path, v_held.body_hash, v_held.status,
-                    v_held.content_type, v_held.body, v_held.body_stored;
+                v_replays := v_replays || v_req.ord::integer;
+                v_available[v_req.ord] := least(v_have[v_req.account], v_left);
                 CONTINUE;
             END IF;
         END IF;
@@ -144,10 +147,7 @@ BEGIN
         IF v_have[v_req.account] < v_req.amount
            OR (NOT (v_req.id = ANY (v_existing)) AND v_left IS NOT NULL
                AND v_left < v_req.amount) THEN
-            RETURN QUERY SELECT v_req.ord::integer, false,
-                least(v_have[v_req.account], v_left),
-                NULL::text, NULL::text, NULL::text, NULL::text, NULL::integer, NULL::text,
-                NULL::bytea, NULL::boolean;
+            v_available[v_req.ord] := least(v_have[v_req.account], v_left);
             CONTINUE;
         END IF;
         -- A retried id was reserved (and counted) already: granted, never taken twice.
@@ -182,9 +182,8 @@ BEGIN
                     USING ERRCODE = 'serialization_failure';
             END IF;
         END IF;
-        RETURN QUERY SELECT v_req.ord::integer, true, least(v_have[v_req.account], v_left),
-            NULL::text, NULL::text, NULL::text, NULL::text, NULL::integer, NULL::text,
-            NULL::bytea, NULL::boolean;
+        v_granted[v_req.ord] := true;
+        v_available[v_req.ord] := least(v_have[v_req.account], v_left);
     END LOOP;
 
     INSERT INTO key_spend AS s (key_id, period_key, spent)
@@ -213,5 +212,17 @@ BEGIN
         FROM unnest(v_teams, v_envs, v_have, v_had) AS a (team_id, environment, have, had)
         WHERE b.team_id = a.team_id AND b.environment = a.environment AND a.have <> a.had;
     END IF;
+
+    -- One answer per request, in the order asked; a replay with the record that holds
+    -- its key (read and locked above, or claimed earlier in this batch).
+    RETURN QUERY
+        SELECT x.o::integer, x.g, x.a, i.state, i.method, i.path, i.body_hash, i.status,
+               i.content_type, i.body, i.body_stored
+        FROM unnest(v_granted, v_available) WITH ORDINALITY AS x (g, a, o)
+        LEFT JOIN idempotency_keys i
+            ON x.o = ANY (v_replays)
+           AND i.team_id = p_team_ids[x.o] AND i.environment = p_environments[x.o]
+           AND i.idempotency_key = p_idem_keys[x.o]
+        ORDER BY x.o;
 END
 $$;
