@@ -18,6 +18,8 @@ to be the bottleneck) and measures, one after another under the same load:
                 capped key's reserve costs
   redis_pg_quota  redis_pg with a daily request quota on the team (never reached)
   embedded_cap / embedded_quota   the same two on the embedded defaults (SQLite, in process)
+  redis_pg_logfast  redis_pg with the usage and request-log flush every 0.25 s instead of 2 s
+                (smaller COPY batches: does the tail follow the size of the log's writes?)
   embedded_nolog / redis_pg_nolog   embedded / redis_pg with the request log off (it is on by
                 default): the log's cost, measured in the same rounds
   embedded_nohooks / redis_pg_nohooks   the same with the webhook delivery worker off (on by
@@ -518,6 +520,7 @@ def main() -> None:
                 ("redis_pg_quiet", 1, 1, quiet),
                 ("redis_pg_nolog", 1, 1, no_request_log),
                 ("redis_pg_nohooks", 1, 1, no_webhooks),
+                ("redis_pg_logfast", 1, 1, {"usage": {"flush_interval_seconds": 0.25}}),
                 ("redis_pg_w2", 1, 2, {}),
                 ("redis_pg_cap", 1, 1, {}),
                 ("redis_pg_quota", 1, 1, {}),
