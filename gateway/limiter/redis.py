@@ -17,8 +17,8 @@ On Cluster a batch only holds decisions of one group (one slot).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, TypeVar
 
 import redis.asyncio
 from redis.asyncio import BlockingConnectionPool
@@ -196,31 +196,31 @@ class RedisLimiter:
         self._quota_batchers: dict[str, Grouper[_PendingTake, QuotaTake]] = {}
 
     async def check(self, limits: Sequence[Limit], group: str) -> Decision:
-        tag = group if self._cluster else ""
-        batcher = self._batchers.get(tag)
-        if batcher is None:
-            batcher = Grouper(
-                functools.partial(self._decide_many, group),
-                max_batch=_MAX_BATCH,
-                on_idle=functools.partial(_forget, self._batchers, tag) if self._cluster else None,
-            )
-            self._batchers[tag] = batcher
-        return await batcher.submit((limits, group))
+        return await self._batcher(self._batchers, self._decide_many, group).submit((limits, group))
 
     async def take_quota(self, counts: Sequence[QuotaCount], group: str) -> QuotaTake:
         """Count one request against calendar quotas (see gateway/caps.py), all or nothing."""
+        batcher = self._batcher(self._quota_batchers, self._take_many, group)
+        return await batcher.submit((counts, group))
+
+    def _batcher(
+        self,
+        batchers: dict[str, Grouper[_Item, _Result]],
+        run: Callable[[str, Sequence[_Item]], Awaitable[list[_Result]]],
+        group: str,
+    ) -> Grouper[_Item, _Result]:
+        """One batcher on a single node; on Cluster one per group (a batch must stay on one
+        slot), dropped again when its group goes quiet."""
         tag = group if self._cluster else ""
-        batcher = self._quota_batchers.get(tag)
+        batcher = batchers.get(tag)
         if batcher is None:
             batcher = Grouper(
-                functools.partial(self._take_many, group),
+                functools.partial(run, group),
                 max_batch=_MAX_BATCH,
-                on_idle=(
-                    functools.partial(_forget, self._quota_batchers, tag) if self._cluster else None
-                ),
+                on_idle=functools.partial(_forget, batchers, tag) if self._cluster else None,
             )
-            self._quota_batchers[tag] = batcher
-        return await batcher.submit((counts, group))
+            batchers[tag] = batcher
+        return batcher
 
     async def _take_many(self, group: str, batch: Sequence[_PendingTake]) -> list[QuotaTake]:
         keys: list[bytes] = []
@@ -266,6 +266,8 @@ def _forget(batchers: dict[str, Any], tag: str) -> None:
     batchers.pop(tag, None)
 
 
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
 _Pending = tuple[Sequence[Limit], str]
 _PendingTake = tuple[Sequence[QuotaCount], str]
 _REPLY: Final = 6  # numbers per decision in the script's reply

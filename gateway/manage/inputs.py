@@ -9,6 +9,7 @@ a backend it would break (a NUL byte on PostgreSQL, a year past 9999, 10**5000).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -264,6 +265,15 @@ class Check:
     def integer(self, name: str, value: int | None, minimum: int, maximum: int) -> None:
         if value is not None and not minimum <= value <= maximum:
             self.fail(name, f"must be an integer from {minimum} to {maximum}")
+
+    def counts(self, given: Mapping[str, object], bounds: Mapping[str, int]) -> None:
+        """Each field of ``bounds`` in ``given``: a whole number from 1 to its bound, or None."""
+        for name, most in bounds.items():
+            value = given.get(name)
+            if isinstance(value, bool) or (value is not None and not isinstance(value, int)):
+                self.fail(name, "must be an integer")
+            elif value is not None:
+                self.integer(name, value, 1, most)
 
     def time(self, name: str, value: float | None) -> None:
         if value is not None and not EARLIEST <= value <= LATEST:

@@ -60,12 +60,7 @@ class TeamActions(Core):
         check = Check()
         for name in sorted(set(changes) - set(TEAM_QUOTA_FIELDS)):
             check.unknown(name)
-        for name in TEAM_QUOTA_FIELDS:
-            given = changes.get(name)
-            if isinstance(given, bool) or (given is not None and not isinstance(given, int)):
-                check.fail(name, "must be an integer")
-            else:
-                check.integer(name, given, 1, QUOTA_MAX)
+        check.counts(changes, dict.fromkeys(TEAM_QUOTA_FIELDS, QUOTA_MAX))
         check.done()
         # A team's quota is the provider's to set, not something its own token may raise.
         actor.require_admin("change a team's quotas")
