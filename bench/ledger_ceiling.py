@@ -10,7 +10,12 @@ callers:
 - per request: one ``reserve_batch`` call per reservation (the naive way).
 
     python bench/ledger_ceiling.py [--dsn DSN] [--seconds 2] [--rounds 3] [--pool-max 10]
-                                   [--sqlite]
+                                   [--sqlite] [--caps]
+
+``--caps`` adds ``grouped cap``: the grouped way with day and month spend caps
+on the key (never reached), to set what a cap costs the ledger beside
+``grouped``. Each line also gives this process's CPU per reservation (the
+gateway's share of the work; the database's is not in it).
 
 PostgreSQL: a scratch database is created on the server named by ``--dsn``
 (default ``$GATEWAY_TEST_POSTGRES_DSN``, else the local server) and dropped at
@@ -37,6 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from gateway.caps import Calendar
 from gateway.config import CreditSettings, PostgresSettings
 from gateway.credits import Credits
 from gateway.storage import Backend, ReserveRequest, ReserveResult
@@ -67,6 +73,7 @@ class Run:
     seconds: float
     calls: int
     latencies: list[float]
+    cpu: float  # this process's CPU seconds over the run
 
     @property
     def rate(self) -> float:
@@ -82,15 +89,17 @@ def summary(storage: str, runs: list[Run]) -> str:
     p50 = statistics.median(latencies) * 1000
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000
     spread = f"{rates[0]:,.0f}-{rates[-1]:,.0f}"
+    cpu_us = sum(run.cpu for run in runs) / sum(run.reservations for run in runs) * 1e6
     return (
         f"{storage:<9} {runs[0].mode:<12} {runs[0].callers:>7} "
         f"{statistics.median(rates):>10,.0f} {spread:>15} {batch:>9.1f} {p50:>8.2f} {p99:>8.2f}"
+        f" {cpu_us:>7.1f}"
     )
 
 
 HEADER = (
     f"{'storage':<9} {'mode':<12} {'callers':>7} {'reserve/s':>10} {'range':>15} "
-    f"{'per call':>9} {'p50 ms':>8} {'p99 ms':>8}"
+    f"{'per call':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU µs':>7}"
 )
 
 
@@ -111,13 +120,16 @@ async def measure(
             await reserve()
             latencies.append(time.perf_counter() - started)
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     await asyncio.gather(*(caller() for _ in range(callers)))
     elapsed = time.perf_counter() - started
-    return Run(mode, callers, len(latencies), elapsed, len(counter.sizes), latencies)
+    cpu = time.process_time() - cpu_started
+    return Run(mode, callers, len(latencies), elapsed, len(counter.sizes), latencies, cpu)
 
 
-async def bench(storage: str, backend: Backend, seconds: float, rounds: int) -> None:
+async def bench(
+    storage: str, backend: Backend, seconds: float, rounds: int, with_caps: bool = False
+) -> None:
     team = (await backend.create_team(f"bench-{uuid.uuid4().hex[:8]}")).id
     await backend.grant(team, "live", 10**15, "benchmark", "bench")
     counter = CountingLedger(backend)
@@ -132,7 +144,21 @@ async def bench(storage: str, backend: Backend, seconds: float, rounds: int) -> 
         [result] = await counter.reserve_batch([ReserveRequest(rid, team, "live", "key_bench", 1)])
         assert result.granted
 
-    modes = (("grouped", grouped), ("per request", per_request))
+    # Caps far above what a run can spend: every reservation is counted, none refused.
+    key = await backend.create_key(team, "bench", "live", "hash-" + team, "ckiq_live_b", None, None)
+    await backend.update_key(key.id, {"credit_cap_per_day": 10**12, "credit_cap_per_month": 10**12})
+    caps = Calendar().periods().caps
+
+    async def grouped_capped() -> None:
+        _, result = await credits.reserve(team, "live", key.id, 1, caps=caps)
+        assert result.granted
+
+    modes: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+        ("grouped", grouped),
+        ("per request", per_request),
+    ]
+    if with_caps:
+        modes.insert(1, ("grouped cap", grouped_capped))
     await measure("warm-up", 8, min(seconds, 1.0), grouped, counter)
     # Rounds interleave every configuration, so that a slow spell of the disk
     # (checkpoints, neighbours) spreads over all of them instead of one.
@@ -154,6 +180,7 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="runs per configuration")
     parser.add_argument("--pool-max", type=int, default=PostgresSettings().pool_max_size)
     parser.add_argument("--sqlite", action="store_true", help="also measure SQLite")
+    parser.add_argument("--caps", action="store_true", help="also measure capped reserves")
     args = parser.parse_args()
 
     print(HEADER)
@@ -168,7 +195,7 @@ async def main() -> None:
         await pg.open()
         try:
             await pg.migrate()
-            await bench(f"pg/{args.pool_max}", pg, args.seconds, args.rounds)
+            await bench(f"pg/{args.pool_max}", pg, args.seconds, args.rounds, args.caps)
         finally:
             await pg.close()
     finally:
@@ -181,7 +208,7 @@ async def main() -> None:
             await lite.open()
             try:
                 await lite.migrate()
-                await bench("sqlite", lite, args.seconds, args.rounds)
+                await bench("sqlite", lite, args.seconds, args.rounds, args.caps)
             finally:
                 await lite.close()
 

@@ -5,9 +5,10 @@ Design (issue 19, parts 3 and 4):
 - A spend cap is at most C credits per UTC day and/or calendar month for one
   key. It is enforced by the ledger in the same atomic step as the balance
   (``gateway_reserve_capped`` on PostgreSQL, the reserve transaction on
-  SQLite), which counts each reservation in ``key_spend`` under the period's
-  key; whatever a reservation does not charge (void, partial post, lease
-  expiry) goes back to the key's spend in the transaction that resolves it.
+  SQLite), which reads the key's caps as they stand then and counts each
+  reservation in ``key_spend`` under the period's key; whatever a
+  reservation does not charge (void, partial post, lease expiry) goes back
+  to the key's spend in the transaction that resolves it.
   A refused request is told what its key may still spend: the smaller of the
   team's balance and what the caps have left.
 - A quota is at most Q requests admitted per day and/or month, per key and
@@ -26,9 +27,9 @@ from dataclasses import dataclass
 
 from gateway.models import KeyLimits
 from gateway.plans import next_start, period_key, period_start
-from gateway.storage import QuotaCount, SpendCaps
+from gateway.storage import CapPeriods, QuotaCount
 
-__all__ = ["Calendar", "Periods", "Quota", "quotas", "spend_caps"]
+__all__ = ["Calendar", "Periods", "Quota", "cap_periods", "quotas"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,7 @@ class Periods:
     month: str
     month_ends: float
     month_seconds: int  # the whole month's length (28 to 31 days)
+    caps: CapPeriods  # the two keys again, as a capped reservation carries them
 
 
 class Calendar:
@@ -57,25 +59,31 @@ class Calendar:
         cached = self._periods
         if cached is not None and at < cached.day_ends and at >= cached.day_ends - 86_400:
             return cached
+        day, month = period_key("day", 1, at), period_key("month", 1, at)
         found = Periods(
-            day=period_key("day", 1, at),
+            day=day,
             day_ends=next_start("day", 1, at).timestamp(),
-            month=period_key("month", 1, at),
+            month=month,
             month_ends=next_start("month", 1, at).timestamp(),
             month_seconds=round(
                 next_start("month", 1, at).timestamp() - period_start("month", 1, at).timestamp()
             ),
+            caps=CapPeriods(day, month),
         )
         self._periods = found
         return found
 
 
-def spend_caps(limits: KeyLimits | None, calendar: Calendar) -> SpendCaps | None:
-    """What a reservation of this key counts against, or None for a key without caps."""
+def cap_periods(limits: KeyLimits | None, calendar: Calendar) -> CapPeriods | None:
+    """The periods a reservation of this key counts in, or None for a key without caps.
+
+    The ledger reads the caps from the key itself, so a cap set or changed a
+    moment ago holds even before this gateway's key cache hears of it; what
+    the cache decides is only whether a reservation goes the capped way.
+    """
     if limits is None or not limits.capped:
         return None
-    now = calendar.periods()
-    return SpendCaps(now.day, limits.credit_cap_per_day, now.month, limits.credit_cap_per_month)
+    return calendar.periods().caps
 
 
 # Each quota's policy name in RateLimit-Policy, beside the per-minute "default".

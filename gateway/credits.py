@@ -22,7 +22,7 @@ from gateway.batching import Grouper
 from gateway.config import CreditSettings
 from gateway.metrics import Metrics
 from gateway.models import Environment
-from gateway.storage import IdempotencyClaim, Ledger, ReserveRequest, ReserveResult, SpendCaps
+from gateway.storage import CapPeriods, IdempotencyClaim, Ledger, ReserveRequest, ReserveResult
 
 __all__ = ["Credits", "PendingReserve"]
 
@@ -92,7 +92,7 @@ class Credits:
         amount: int,
         claim: IdempotencyClaim | None = None,
         *,
-        caps: SpendCaps | None = None,
+        caps: CapPeriods | None = None,
     ) -> tuple[str, ReserveResult]:
         """Reserve ``amount``; raises the backend's error when the outcome is unknown.
 
@@ -110,7 +110,7 @@ class Credits:
         amount: int,
         claim: IdempotencyClaim | None = None,
         *,
-        caps: SpendCaps | None = None,
+        caps: CapPeriods | None = None,
     ) -> PendingReserve:
         """Send a reservation on its way without waiting for it.
 

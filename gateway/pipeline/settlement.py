@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway import errors, idempotency
-from gateway.caps import Calendar, spend_caps
+from gateway.caps import Calendar, cap_periods
 from gateway.config import Settings
 from gateway.credits import Credits, PendingReserve
 from gateway.metrics import Metrics
@@ -135,7 +135,7 @@ class Settlement:
         owner = self._owner
         self._early = owner.credits.start_reserve(
             key.team_id, key.environment, key.id, self.cost,
-            caps=spend_caps(key.limits, owner.calendar),
+            caps=cap_periods(key.limits, owner.calendar),
         )  # fmt: skip
 
     @property
@@ -179,7 +179,7 @@ class Settlement:
             else:
                 reservation_id, result = await credits.reserve(
                     key.team_id, key.environment, key.id, self.cost, claim,
-                    caps=spend_caps(key.limits, self._owner.calendar),
+                    caps=cap_periods(key.limits, self._owner.calendar),
                 )  # fmt: skip
         except StorageError:
             log.warning("credit reservation failed: database unavailable")

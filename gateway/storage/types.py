@@ -18,6 +18,7 @@ __all__ = [
     "Audit",
     "AuditRecord",
     "AuthFailureCount",
+    "CapPeriods",
     "Conflict",
     "EventRecord",
     "ExpiryPolicy",
@@ -37,7 +38,6 @@ __all__ = [
     "RequestQuery",
     "ReserveRequest",
     "ReserveResult",
-    "SpendCaps",
     "StorageError",
     "StorageUnavailable",
     "UsageBucket",
@@ -182,26 +182,17 @@ class IdempotencyRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class SpendCaps:
-    """The spend caps a reservation counts against: each period's key and cap (None: none).
+class CapPeriods:
+    """The periods a capped key's reservation counts in: a UTC day and a calendar month.
 
-    Period keys name a UTC day (``day:2026-12-05``) and a calendar month
-    (``month:2026-12-01``); see :func:`gateway.caps.spend_caps`.
+    Period keys name them (``day:2026-12-05``, ``month:2026-12-01``; see
+    :func:`gateway.caps.cap_periods`). The caps themselves are the ledger's to
+    read, from the key as it stands when the reservation is made: the gateway
+    only says that a key has caps and when "now" is.
     """
 
     day: str
-    per_day: int | None
     month: str
-    per_month: int | None
-
-    def periods(self) -> list[tuple[str, int]]:
-        """(period key, cap) of each cap the key has."""
-        found = []
-        if self.per_day is not None:
-            found.append((self.day, self.per_day))
-        if self.per_month is not None:
-            found.append((self.month, self.per_month))
-        return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +204,7 @@ class ReserveRequest:
     amount: int
     idempotency: IdempotencyClaim | None = None
     # Set for a key with a spend cap: the reserve then also checks and counts it.
-    caps: SpendCaps | None = None
+    caps: CapPeriods | None = None
 
 
 @dataclass(frozen=True, slots=True)

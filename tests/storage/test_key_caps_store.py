@@ -1,19 +1,27 @@
-"""Per-key spend caps on both backends: checked and counted in the reserve step itself,
-given back by every resolution, exact under concurrency across replicas, reconciled."""
+"""Per-key spend caps on both backends: read from the key and checked and counted in the
+reserve step itself, given back by every resolution, exact under concurrency across
+replicas, reconciled."""
 
 from __future__ import annotations
 
 import asyncio
 
-from gateway.storage import Backend, IdempotencyClaim, ReserveRequest, SpendCaps
+from gateway.storage import Backend, CapPeriods, IdempotencyClaim, ReserveRequest
 from tests.storage.conftest import Backends
 
 DAY, MONTH = "day:2026-12-05", "month:2026-12-01"
 
 
-async def capped_key(db: Backend, balance: int = 100, name: str = "t") -> tuple[str, str]:
+async def capped_key(
+    db: Backend,
+    balance: int = 100,
+    name: str = "t",
+    per_day: int | None = 10,
+    per_month: int | None = None,
+) -> tuple[str, str]:
     team = (await db.create_team(name)).id
     key = await db.create_key(team, "k", "live", "hash-" + team, "ckiq_live_abcd", None, None)
+    await db.update_key(key.id, {"credit_cap_per_day": per_day, "credit_cap_per_month": per_month})
     await db.grant(team, "live", balance, "top-up", "test")
     return team, key.id
 
@@ -23,13 +31,10 @@ def reserve(
     key: str,
     rid: str,
     amount: int,
-    per_day: int | None = 10,
-    per_month: int | None = None,
     day: str = DAY,
     claim: IdempotencyClaim | None = None,
 ) -> ReserveRequest:
-    caps = SpendCaps(day, per_day, MONTH, per_month)
-    return ReserveRequest(rid, team, "live", key, amount, claim, caps)
+    return ReserveRequest(rid, team, "live", key, amount, claim, CapPeriods(day, MONTH))
 
 
 async def test_a_cap_refuses_what_would_pass_it_and_says_what_is_left(db: Backend) -> None:
@@ -72,19 +77,15 @@ async def test_a_lease_that_runs_out_gives_the_cap_back(backends: Backends) -> N
 
 
 async def test_day_and_month_caps_both_hold_and_a_new_day_starts_afresh(db: Backend) -> None:
-    team, key = await capped_key(db, balance=1000)
-    [a] = await db.reserve_batch([reserve(team, key, "a", 8, per_day=10, per_month=15)])
+    team, key = await capped_key(db, balance=1000, per_day=10, per_month=15)
+    [a] = await db.reserve_batch([reserve(team, key, "a", 8)])
     assert (a.granted, a.available) == (True, 2)
-    [b] = await db.reserve_batch([reserve(team, key, "b", 3, per_day=10, per_month=15)])
+    [b] = await db.reserve_batch([reserve(team, key, "b", 3)])
     assert (b.granted, b.available) == (False, 2)  # the day's cap
     tomorrow = "day:2026-12-06"
-    [c] = await db.reserve_batch(
-        [reserve(team, key, "c", 6, per_day=10, per_month=15, day=tomorrow)]
-    )
+    [c] = await db.reserve_batch([reserve(team, key, "c", 6, day=tomorrow)])
     assert (c.granted, c.available) == (True, 1)  # the month's cap: 15 - 14
-    [d] = await db.reserve_batch(
-        [reserve(team, key, "d", 2, per_day=10, per_month=15, day=tomorrow)]
-    )
+    [d] = await db.reserve_batch([reserve(team, key, "d", 2, day=tomorrow)])
     assert (d.granted, d.available) == (False, 1)
     assert await db.reconcile() == []
 
@@ -141,11 +142,11 @@ async def test_an_idempotency_key_on_a_capped_key_replays_without_counting(db: B
 
 async def test_caps_hold_under_concurrent_reserves_from_two_replicas(backends: Backends) -> None:
     one, two = await backends.open(), await backends.open()
-    team, key = await capped_key(one, balance=10_000)
     n, amount = 20, 3
     cap = n * amount
+    team, key = await capped_key(one, balance=10_000, per_day=cap)
     # 3N requests at once, half through each replica, in batches of a few.
-    requests = [reserve(team, key, f"r{i}", amount, per_day=cap) for i in range(3 * n)]
+    requests = [reserve(team, key, f"r{i}", amount) for i in range(3 * n)]
     batches = [requests[i : i + 3] for i in range(0, len(requests), 3)]
     answers = await asyncio.gather(
         *((one if i % 2 else two).reserve_batch(b) for i, b in enumerate(batches))
@@ -153,7 +154,7 @@ async def test_caps_hold_under_concurrent_reserves_from_two_replicas(backends: B
     granted = [r for batch in answers for r in batch if r.granted]
     assert len(granted) == n
     assert await one.balance(team, "live") == 10_000 - cap
-    [after] = await two.reserve_batch([reserve(team, key, "last", 1, per_day=cap)])
+    [after] = await two.reserve_batch([reserve(team, key, "last", 1)])
     assert (after.granted, after.available) == (False, 0)
     assert await one.reconcile() == []
 
@@ -199,4 +200,50 @@ async def test_a_retry_is_granted_even_when_its_first_attempt_used_up_the_cap(
     )
     assert batch_a.granted and not batch_b.granted
     assert await db.balance(team, "live") == 90
+    assert await db.reconcile() == []
+
+
+async def test_the_ledger_reads_the_caps_as_they_stand_not_as_the_caller_knew_them(
+    db: Backend,
+) -> None:
+    team, key = await capped_key(db)
+    [a] = await db.reserve_batch([reserve(team, key, "a", 4)])
+    assert (a.granted, a.available) == (True, 6)
+    # Lowered: the next reserve is judged by the new cap at once.
+    await db.update_key(key, {"credit_cap_per_day": 5})
+    [b] = await db.reserve_batch([reserve(team, key, "b", 2)])
+    assert (b.granted, b.available) == (False, 1)
+    # Cleared while a caller still thinks the key capped: nothing to count, granted.
+    await db.update_key(key, {"credit_cap_per_day": None})
+    [c] = await db.reserve_batch([reserve(team, key, "c", 50)])
+    assert (c.granted, c.available) == (True, 46)
+    # Set again: only what is reserved from now on counts (c was not counted).
+    await db.update_key(key, {"credit_cap_per_day": 6})
+    [d] = await db.reserve_batch([reserve(team, key, "d", 3)])
+    assert (d.granted, d.available) == (False, 2)
+    assert await db.reconcile() == []
+    # Voiding the uncounted reservation gives back nothing to the cap, and breaks nothing.
+    assert await db.void_batch(["c"]) == 1
+    [e] = await db.reserve_batch([reserve(team, key, "e", 2)])
+    assert (e.granted, e.available) == (True, 0)
+    assert await db.reconcile() == []
+
+
+async def test_a_batch_across_midnight_counts_each_request_in_its_own_day(db: Backend) -> None:
+    team, key = await capped_key(db, per_day=5)
+    tomorrow = "day:2026-12-06"
+    results = await db.reserve_batch(
+        [
+            reserve(team, key, "late", 4),
+            reserve(team, key, "early", 4, day=tomorrow),
+            reserve(team, key, "later", 2),
+            reserve(team, key, "earlier", 1, day=tomorrow),
+        ]
+    )
+    assert [(r.granted, r.available) for r in results] == [
+        (True, 1),
+        (True, 1),
+        (False, 1),
+        (True, 0),
+    ]
     assert await db.reconcile() == []

@@ -17,6 +17,7 @@ import asyncpg
 from gateway.models import Environment, LedgerEntry
 from gateway.storage import (
     Audit,
+    CapPeriods,
     ExpiryPolicy,
     GrantResult,
     IdempotencyRecord,
@@ -63,57 +64,67 @@ class PostgresLedger(PostgresCore):
     async def _reserve_with_caps(self, requests: Sequence[ReserveRequest]) -> list[ReserveResult]:
         """Capped requests go through gateway_reserve_capped, the others as always.
 
-        Two statements, each its own transaction: each locks balance rows in key
-        order, so they cannot deadlock with each other or with anyone else.
+        One statement per group of capped requests counting in the same day and
+        month (one group, but for a batch that straddles midnight), each its own
+        transaction: each locks balance rows in key order, so they cannot
+        deadlock with each other or with anyone else.
         """
-        capped = [i for i, r in enumerate(requests) if r.caps is not None]
-        plain = [i for i, r in enumerate(requests) if r.caps is None]
+        groups: dict[CapPeriods | None, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.caps, []).append(i)
         results: list[ReserveResult | None] = [None] * len(requests)
-        if plain:
-            answered = await self._reserve_uncapped([requests[i] for i in plain])
-            for i, result in zip(plain, answered, strict=True):
+        for periods, chosen in groups.items():
+            batch = [requests[i] for i in chosen]
+            if periods is None:
+                answered = await self._reserve_uncapped(batch)
+            else:
+                answered = await self._reserve_capped(batch, periods)
+            for i, result in zip(chosen, answered, strict=True):
                 results[i] = result
-        answered = await self._reserve_capped([requests[i] for i in capped])
-        for i, result in zip(capped, answered, strict=True):
-            results[i] = result
         return [r for r in results if r is not None]
 
-    async def _reserve_capped(self, requests: Sequence[ReserveRequest]) -> list[ReserveResult]:
-        caps = [r.caps for r in requests]
+    async def _reserve_capped(
+        self, requests: Sequence[ReserveRequest], periods: CapPeriods
+    ) -> list[ReserveResult]:
+        """The function reads each key's caps; rows come back in the order asked."""
+        ids = [r.reservation_id for r in requests]
+        teams = [r.team_id for r in requests]
+        environments = [r.environment for r in requests]
+        keys = [r.key_id for r in requests]
+        amounts = [r.amount for r in requests]
         claims = [r.idempotency for r in requests]
-        claiming = any(claims)
-        args = (
-            [r.reservation_id for r in requests],
-            [r.team_id for r in requests],
-            [r.environment for r in requests],
-            [r.key_id for r in requests],
-            [r.amount for r in requests],
-            self._lease,
-            # Without claims the Idempotency-Key arrays are NULL (unnest pads them).
-            [c.key if c is not None else None for c in claims] if claiming else None,
-            [c.method if c is not None else None for c in claims] if claiming else None,
-            [c.path if c is not None else None for c in claims] if claiming else None,
-            [c.day if c is not None else None for c in caps],
-            [c.per_day if c is not None else None for c in caps],
-            [c.month if c is not None else None for c in caps],
-            [c.per_month if c is not None else None for c in caps],
-        )
+        if not any(claims):
+            # Without claims neither the Idempotency-Key arrays nor the replay columns
+            # are sent.
+            async with self._reserve_connection() as conn:
+                rows = await conn.fetch(
+                    _RESERVE_CAPPED_PLAIN_SQL,
+                    ids,
+                    teams,
+                    environments,
+                    keys,
+                    amounts,
+                    self._lease,
+                    periods.day,
+                    periods.month,
+                )
+            return [ReserveResult(row[0], row[1]) for row in rows]
         async with self._reserve_connection() as conn:
-            # Without claims the replay columns are not even sent.
             rows = await conn.fetch(
-                _RESERVE_CAPPED_SQL if claiming else _RESERVE_CAPPED_PLAIN_SQL, *args
+                _RESERVE_CAPPED_SQL,
+                ids,
+                teams,
+                environments,
+                keys,
+                amounts,
+                self._lease,
+                [c.key if c is not None else None for c in claims],
+                [c.method if c is not None else None for c in claims],
+                [c.path if c is not None else None for c in claims],
+                periods.day,
+                periods.month,
             )
-        # Rows come back in account order; each names the request it answers.
-        by_ord = {row["ord"]: row for row in rows}
-        if not claiming:
-            return [
-                ReserveResult(by_ord[n]["granted"], by_ord[n]["available"])
-                for n in range(1, len(requests) + 1)
-            ]
-        return [
-            ReserveResult(by_ord[n]["granted"], by_ord[n]["available"], _replay(by_ord[n]))
-            for n in range(1, len(requests) + 1)
-        ]
+        return [ReserveResult(row["granted"], row["available"], _replay(row)) for row in rows]
 
     async def _reserve_uncapped(self, requests: Sequence[ReserveRequest]) -> list[ReserveResult]:
         if len(requests) == 1 and requests[0].idempotency is None:
@@ -305,14 +316,15 @@ _RESERVE_SQL = (
     "SELECT granted, available FROM gateway_reserve($1, $2, $3, $4, $5, $6, NULL, NULL, NULL)"
 )
 _RESERVE_ONE_SQL = "SELECT granted, available FROM gateway_reserve_one($1, $2, $3, $4, $5, $6)"
+# gateway_reserve_capped answers in the order asked (its ORDER BY ord).
 _RESERVE_CAPPED_SQL = (
-    "SELECT ord, granted, available, replay_state, replay_method, replay_path, "
+    "SELECT granted, available, replay_state, replay_method, replay_path, "
     "replay_body_hash, replay_status, replay_content_type, replay_body, replay_body_stored "
-    "FROM gateway_reserve_capped($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+    "FROM gateway_reserve_capped($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 )
 _RESERVE_CAPPED_PLAIN_SQL = (
-    "SELECT ord, granted, available "
-    "FROM gateway_reserve_capped($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+    "SELECT granted, available "
+    "FROM gateway_reserve_capped($1, $2, $3, $4, $5, $6, NULL, NULL, NULL, $7, $8)"
 )
 _RESERVE_CLAIMING_SQL = (
     "SELECT granted, available, replay_state, replay_method, replay_path, replay_body_hash, "

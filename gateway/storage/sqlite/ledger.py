@@ -45,7 +45,7 @@ class SqliteLedger(SqliteCore):
         deadline = now + self._lease
         available: dict[tuple[str, str], int] = {}
         results: list[ReserveResult] = []
-        spend = _Spend()
+        spend = _Spend(db)
         for req in requests:
             account = (req.team_id, req.environment)
             if account not in available:
@@ -58,7 +58,7 @@ class SqliteLedger(SqliteCore):
                 db, req, available[account], now, deadline, spend
             )
             results.append(result)
-        spend.write(db)
+        spend.write()
         for (team_id, environment), have in available.items():
             db.execute(
                 "UPDATE balances SET available = ? WHERE team_id = ? AND environment = ?",
@@ -289,38 +289,62 @@ def _reserved(db: sqlite3.Connection, reservation_id: str) -> bool:
 
 
 class _Spend:
-    """Capped keys' spend during one reserve batch: read once a key and period, written once."""
+    """Capped keys during one reserve batch: each key's caps and spend read once, written once.
 
-    def __init__(self) -> None:
+    The caps are read from the key as it stands, inside the reserve transaction:
+    the ledger, not a gateway's key cache, owns the rule.
+    """
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self._caps: dict[str, tuple[int | None, int | None]] = {}
         self._spent: dict[tuple[str, str], int] = {}
         self._added: dict[tuple[str, str], int] = {}
 
-    def left(self, db: sqlite3.Connection, req: ReserveRequest) -> int:
+    def caps(self, req: ReserveRequest) -> list[tuple[str, int]]:
+        """(period key, cap) of each cap the request's key has now (none: not capped)."""
+        periods = req.caps
+        if periods is None:
+            return []
+        found = self._caps.get(req.key_id)
+        if found is None:
+            row = self._db.execute(
+                "SELECT credit_cap_per_day, credit_cap_per_month FROM api_keys WHERE id = ?",
+                (req.key_id,),
+            ).fetchone()
+            found = (None, None) if row is None else (row[0], row[1])
+            self._caps[req.key_id] = found
+        per_day, per_month = found
+        counted = []
+        if per_day is not None:
+            counted.append((periods.day, int(per_day)))
+        if per_month is not None:
+            counted.append((periods.month, int(per_month)))
+        return counted
+
+    def left(self, req: ReserveRequest) -> int | None:
         """What the key's caps still allow this period: the least of them (never below 0)."""
-        assert req.caps is not None
         left: int | None = None
-        for period, cap in req.caps.periods():
+        for period, cap in self.caps(req):
             at = (req.key_id, period)
             if at not in self._spent:
-                row = db.execute(
+                row = self._db.execute(
                     "SELECT spent FROM key_spend WHERE key_id = ? AND period_key = ?", at
                 ).fetchone()
                 self._spent[at] = 0 if row is None else int(row["spent"])
             room = max(0, cap - self._spent[at])
             left = room if left is None else min(left, room)
-        assert left is not None  # a request with caps has at least one
         return left
 
     def add(self, req: ReserveRequest) -> None:
-        assert req.caps is not None
-        for period, _ in req.caps.periods():
+        for period, _ in self.caps(req):
             at = (req.key_id, period)
             self._spent[at] += req.amount
             self._added[at] = self._added.get(at, 0) + req.amount
 
-    def write(self, db: sqlite3.Connection) -> None:
+    def write(self) -> None:
         for (key_id, period), added in self._added.items():
-            db.execute(
+            self._db.execute(
                 "INSERT INTO key_spend (key_id, period_key, spent) VALUES (?, ?, ?) "
                 "ON CONFLICT (key_id, period_key) DO UPDATE SET spent = spent + excluded.spent",
                 (key_id, period, added),
@@ -328,10 +352,11 @@ class _Spend:
 
 
 def _insert_reservation(
-    db: sqlite3.Connection, req: ReserveRequest, now: float, deadline: float
+    db: sqlite3.Connection, req: ReserveRequest, now: float, deadline: float, spend: _Spend
 ) -> bool:
     """The reservation row, unless its id was reserved already (a retry): whether written."""
-    caps = req.caps
+    counted = dict.fromkeys(period for period, _ in spend.caps(req))
+    periods = req.caps
     inserted = db.execute(
         "INSERT OR IGNORE INTO reservations (id, team_id, environment, key_id, amount, "
         "created_at, lease_deadline, cap_day, cap_month) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -343,8 +368,8 @@ def _insert_reservation(
             req.amount,
             now,
             deadline,
-            None if caps is None or caps.per_day is None else caps.day,
-            None if caps is None or caps.per_month is None else caps.month,
+            periods.day if periods is not None and periods.day in counted else None,
+            periods.month if periods is not None and periods.month in counted else None,
         ),
     ).rowcount
     return bool(inserted)
@@ -369,14 +394,14 @@ def _reserve_one(
         # A retry of the reservation that made the record is a retried id, no replay.
         if held is not None and held["reservation_id"] != req.reservation_id:
             return ReserveResult(False, have, model.idempotency_record(held)), have
-    left = None if req.caps is None else spend.left(db, req)
+    left = spend.left(req)
     if have < req.amount:
         return ReserveResult(False, _smaller(have, left)), have
     if left is not None and left < req.amount:
         # Over the cap, unless this is a retry of an id reserved (and counted) already.
         if not _reserved(db, req.reservation_id):
             return ReserveResult(False, _smaller(have, left)), have
-    elif _insert_reservation(db, req, now, deadline):  # else a retried id: never take twice
+    elif _insert_reservation(db, req, now, deadline, spend):  # else a retried id: never take twice
         have -= req.amount
         if left is not None:
             spend.add(req)
