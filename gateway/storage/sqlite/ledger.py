@@ -10,6 +10,7 @@ from gateway.models import Environment, LedgerEntry
 from gateway.storage import (
     IDEMPOTENCY_TTL_SECONDS,
     Audit,
+    CapPeriods,
     ExpiryPolicy,
     GrantResult,
     Mismatch,
@@ -297,30 +298,29 @@ class _Spend:
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
-        self._caps: dict[str, tuple[int | None, int | None]] = {}
+        # Per key and periods: (period key, cap) of each cap the key has.
+        self._caps: dict[tuple[str, CapPeriods], tuple[tuple[str, int], ...]] = {}
         self._spent: dict[tuple[str, str], int] = {}
         self._added: dict[tuple[str, str], int] = {}
 
-    def caps(self, req: ReserveRequest) -> list[tuple[str, int]]:
+    def caps(self, req: ReserveRequest) -> tuple[tuple[str, int], ...]:
         """(period key, cap) of each cap the request's key has now (none: not capped)."""
         periods = req.caps
         if periods is None:
-            return []
-        found = self._caps.get(req.key_id)
+            return ()
+        found = self._caps.get((req.key_id, periods))
         if found is None:
             row = self._db.execute(
                 "SELECT credit_cap_per_day, credit_cap_per_month FROM api_keys WHERE id = ?",
                 (req.key_id,),
             ).fetchone()
-            found = (None, None) if row is None else (row[0], row[1])
-            self._caps[req.key_id] = found
-        per_day, per_month = found
-        counted = []
-        if per_day is not None:
-            counted.append((periods.day, int(per_day)))
-        if per_month is not None:
-            counted.append((periods.month, int(per_month)))
-        return counted
+            counted = []
+            if row is not None and row[0] is not None:
+                counted.append((periods.day, int(row[0])))
+            if row is not None and row[1] is not None:
+                counted.append((periods.month, int(row[1])))
+            found = self._caps[(req.key_id, periods)] = tuple(counted)
+        return found
 
     def left(self, req: ReserveRequest) -> int | None:
         """What the key's caps still allow this period: the least of them (never below 0)."""
@@ -355,7 +355,7 @@ def _insert_reservation(
     db: sqlite3.Connection, req: ReserveRequest, now: float, deadline: float, spend: _Spend
 ) -> bool:
     """The reservation row, unless its id was reserved already (a retry): whether written."""
-    counted = dict.fromkeys(period for period, _ in spend.caps(req))
+    counted = [period for period, _ in spend.caps(req)]
     periods = req.caps
     inserted = db.execute(
         "INSERT OR IGNORE INTO reservations (id, team_id, environment, key_id, amount, "
