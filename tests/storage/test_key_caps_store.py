@@ -247,3 +247,13 @@ async def test_a_batch_across_midnight_counts_each_request_in_its_own_day(db: Ba
         (True, 0),
     ]
     assert await db.reconcile() == []
+
+
+async def test_an_id_twice_in_one_batch_is_reserved_and_counted_once(db: Backend) -> None:
+    team, key = await capped_key(db)
+    results = await db.reserve_batch(
+        [reserve(team, key, "twice", 6), reserve(team, key, "twice", 6), reserve(team, key, "x", 4)]
+    )
+    assert [(r.granted, r.available) for r in results] == [(True, 4), (True, 4), (True, 0)]
+    assert await db.balance(team, "live") == 90
+    assert await db.reconcile() == []

@@ -57,6 +57,7 @@ DECLARE
     v_day_add bigint := 0;
     v_month_add bigint := 0;
     v_left bigint;
+    v_retry boolean;
     v_inserted integer;
     -- Each request's answer, by its ordinal; the replays' ordinals and records.
     v_granted boolean[] := array_fill(false, ARRAY[cardinality(p_ids)]);
@@ -65,6 +66,8 @@ DECLARE
     -- The periods each new reservation counted in (NULL where its key has no such cap).
     v_cap_day text[] := array_fill(NULL::text, ARRAY[cardinality(p_ids)]);
     v_cap_month text[] := array_fill(NULL::text, ARRAY[cardinality(p_ids)]);
+    -- Ids that appear more than once in the batch and were reserved by an earlier one.
+    v_taken_dups text[] := '{}';
 BEGIN
     WITH wanted AS (
         SELECT DISTINCT u.team_id, u.environment
@@ -89,9 +92,12 @@ BEGIN
     FROM reservations r WHERE r.id = ANY (p_ids);
 
     FOR v_req IN
-        SELECT u.*,
+        SELECT u.id, u.key_id, u.amount, u.idem_key, u.idem_method, u.idem_path,
+               u.team_id, u.environment, u.ord::integer AS ord,
                dense_rank() OVER (ORDER BY u.team_id COLLATE "C", u.environment COLLATE "C")
-                   ::integer AS account
+                   ::integer AS account,
+               count(*) OVER (PARTITION BY u.id) > 1 AS repeated,
+               u.id = ANY (v_existing) AS existing
         FROM unnest(p_ids, p_team_ids, p_environments, p_key_ids, p_amounts, p_idem_keys,
                     p_idem_methods, p_idem_paths)
             WITH ORDINALITY AS u (id, team_id, environment, key_id, amount, idem_key,
@@ -100,30 +106,26 @@ BEGIN
     LOOP
         IF v_key_id IS DISTINCT FROM v_req.key_id THEN
             -- A new key: what the previous one counted is written first.
-            INSERT INTO key_spend AS s (key_id, period_key, spent)
-            SELECT v_key_id, p.period_key, p.added
-            FROM (VALUES (p_day_key, v_day_add), (p_month_key, v_month_add))
-                AS p (period_key, added)
-            WHERE p.added > 0
-            ON CONFLICT (key_id, period_key) DO UPDATE SET spent = s.spent + excluded.spent;
+            IF v_day_add > 0 OR v_month_add > 0 THEN
+                INSERT INTO key_spend AS s (key_id, period_key, spent)
+                SELECT v_key_id, p.period_key, p.added
+                FROM (VALUES (p_day_key, v_day_add), (p_month_key, v_month_add))
+                    AS p (period_key, added)
+                WHERE p.added > 0
+                ON CONFLICT (key_id, period_key) DO UPDATE SET spent = s.spent + excluded.spent;
+            END IF;
             v_key_id := v_req.key_id;
             v_day_add := 0;
             v_month_add := 0;
-            v_day_cap := NULL;
-            v_month_cap := NULL;
-            v_day_spent := 0;
-            v_month_spent := 0;
-            -- The caps as they stand now: read once per key and batch.
-            SELECT k.credit_cap_per_day, k.credit_cap_per_month INTO v_day_cap, v_month_cap
-            FROM api_keys k WHERE k.id = v_key_id;
-            IF v_day_cap IS NOT NULL THEN
-                SELECT coalesce(max(s.spent), 0) INTO v_day_spent
-                FROM key_spend s WHERE s.key_id = v_key_id AND s.period_key = p_day_key;
-            END IF;
-            IF v_month_cap IS NOT NULL THEN
-                SELECT coalesce(max(s.spent), 0) INTO v_month_spent
-                FROM key_spend s WHERE s.key_id = v_key_id AND s.period_key = p_month_key;
-            END IF;
+            -- The caps as they stand now and what was spent under them: one read per
+            -- key and batch (no key: no caps).
+            SELECT k.credit_cap_per_day, k.credit_cap_per_month,
+                   coalesce(d.spent, 0), coalesce(m.spent, 0)
+            INTO v_day_cap, v_month_cap, v_day_spent, v_month_spent
+            FROM (SELECT v_key_id AS id) w
+            LEFT JOIN api_keys k ON k.id = w.id
+            LEFT JOIN key_spend d ON d.key_id = w.id AND d.period_key = p_day_key
+            LEFT JOIN key_spend m ON m.key_id = w.id AND m.period_key = p_month_key;
         END IF;
 
         v_left := NULL;
@@ -145,23 +147,25 @@ BEGIN
               AND i.created_at > now() - interval '24 hours'
             FOR SHARE OF i;
             IF FOUND AND v_held.reservation_id IS DISTINCT FROM v_req.id THEN
-                v_replays := v_replays || v_req.ord::integer;
+                v_replays := v_replays || v_req.ord;
                 v_available[v_req.ord] := least(v_have[v_req.account], v_left);
                 CONTINUE;
             END IF;
         END IF;
 
+        v_retry := v_req.existing OR (v_req.repeated AND v_req.id = ANY (v_taken_dups));
         IF v_have[v_req.account] < v_req.amount
-           OR (NOT (v_req.id = ANY (v_existing)) AND v_left IS NOT NULL
-               AND v_left < v_req.amount) THEN
+           OR (NOT v_retry AND v_left IS NOT NULL AND v_left < v_req.amount) THEN
             v_available[v_req.ord] := least(v_have[v_req.account], v_left);
             CONTINUE;
         END IF;
         -- A retried id was reserved (and counted) already: granted, never taken twice.
-        IF NOT (v_req.id = ANY (v_existing)) THEN
+        IF NOT v_retry THEN
             v_have[v_req.account] := v_have[v_req.account] - v_req.amount;
-            v_new := v_new || v_req.ord::integer;
-            v_existing := v_existing || v_req.id;
+            v_new := v_new || v_req.ord;
+            IF v_req.repeated THEN
+                v_taken_dups := v_taken_dups || v_req.id;
+            END IF;
             IF v_day_cap IS NOT NULL THEN
                 v_day_add := v_day_add + v_req.amount;
                 v_cap_day[v_req.ord] := p_day_key;
@@ -195,11 +199,14 @@ BEGIN
         v_available[v_req.ord] := least(v_have[v_req.account], v_left);
     END LOOP;
 
-    INSERT INTO key_spend AS s (key_id, period_key, spent)
-    SELECT v_key_id, p.period_key, p.added
-    FROM (VALUES (p_day_key, v_day_add), (p_month_key, v_month_add)) AS p (period_key, added)
-    WHERE p.added > 0
-    ON CONFLICT (key_id, period_key) DO UPDATE SET spent = s.spent + excluded.spent;
+    IF v_day_add > 0 OR v_month_add > 0 THEN
+        INSERT INTO key_spend AS s (key_id, period_key, spent)
+        SELECT v_key_id, p.period_key, p.added
+        FROM (VALUES (p_day_key, v_day_add), (p_month_key, v_month_add))
+            AS p (period_key, added)
+        WHERE p.added > 0
+        ON CONFLICT (key_id, period_key) DO UPDATE SET spent = s.spent + excluded.spent;
+    END IF;
 
     IF cardinality(v_new) > 0 THEN
         INSERT INTO reservations
