@@ -18,7 +18,7 @@ from gateway.events.worker import DeliveryWorker
 from gateway.keycache import KeyCache
 from gateway.limiter import Limit, Limiter, LimiterUnavailable
 from gateway.limiter.memory import MemoryLimiter
-from gateway.limiter.quotas import QuotaCounter, RedisQuotaCounter, StoreQuotaCounter
+from gateway.limiter.quotas import QuotaCounter, StoreQuotaCounter
 from gateway.manage import Management
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
@@ -233,7 +233,7 @@ def _request_log(settings: Settings, backend: Backend) -> RequestLog | None:
 
 
 def _limiter(settings: Settings, backend: Backend) -> tuple[Limiter, QuotaCounter]:
-    """The rate limiter, and who counts calendar quotas (Redis if configured, else the store)."""
+    """The rate limiter, and who counts calendar quotas when the limiter has not (the store)."""
     if settings.limiter.kind == "memory":
         return MemoryLimiter(), StoreQuotaCounter(backend)
     from gateway.limiter.fallback import FallbackLimiter
@@ -241,7 +241,8 @@ def _limiter(settings: Settings, backend: Backend) -> tuple[Limiter, QuotaCounte
 
     redis = RedisLimiter(settings.limiter)
     limiter = FallbackLimiter(redis, settings.limiter)
-    return limiter, RedisQuotaCounter(redis, backend)
+    # Redis counts quotas inside its decisions; the store while Redis is down.
+    return limiter, StoreQuotaCounter(backend)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

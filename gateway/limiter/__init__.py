@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from gateway.storage.quotas import QuotaCount, QuotaTake
+
 __all__ = [
     "Decision",
     "Degradable",
@@ -47,6 +49,11 @@ class Decision:
     ``room`` is, when admitted, how many more requests every limit would still
     admit right now: the fewest left in any bucket (the team's may have fewer
     than the key's).
+
+    ``quota`` is what became of the request's calendar quotas when the limiter
+    counted them in the same step (Redis): None when there were none, when
+    the request was refused, or when this limiter does not count quotas (the
+    caller then asks the store).
     """
 
     allowed: bool
@@ -57,6 +64,7 @@ class Decision:
     retry_after: float = 0.0
     rejected_limit: int = 0
     room: int = 0
+    quota: QuotaTake | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +142,11 @@ class Limiter(Protocol):
     decision stays one atomic step (one Redis Cluster slot).
     """
 
-    async def check(self, limits: Sequence[Limit], group: str) -> Decision: ...
+    async def check(
+        self, limits: Sequence[Limit], group: str, quotas: Sequence[QuotaCount] = ()
+    ) -> Decision:
+        """Decide; a limiter that counts calendar quotas also takes ``quotas`` if admitted."""
+        ...
 
     async def close(self) -> None: ...
 

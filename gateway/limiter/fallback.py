@@ -19,6 +19,7 @@ from gateway.config import LimiterSettings
 from gateway.deadlines import Deadlines, resolution_for
 from gateway.limiter import Decision, Limit, Limiter, LimiterUnavailable
 from gateway.limiter.memory import MemoryLimiter
+from gateway.storage.quotas import QuotaCount
 
 __all__ = ["FallbackLimiter"]
 
@@ -52,7 +53,11 @@ class FallbackLimiter:
         self.fallback_decisions = 0
         self.failures = 0
 
-    async def check(self, limits: Sequence[Limit], group: str) -> Decision:
+    async def check(
+        self, limits: Sequence[Limit], group: str, quotas: Sequence[QuotaCount] = ()
+    ) -> Decision:
+        """The primary's decision (with its quota count); without it, one with no quota
+        counted (the caller has the store count them)."""
         probe = self.degraded
         if probe:
             now = time.monotonic()
@@ -62,7 +67,7 @@ class FallbackLimiter:
             self._retry_at = now + self._retry_interval
         try:
             async with self._deadlines.until(time.monotonic() + self._timeout):
-                decision = await self._primary.check(limits, group)
+                decision = await self._primary.check(limits, group, quotas)
         except (LimiterUnavailable, TimeoutError) as exc:
             self._failed(exc)
             return self._without_primary(limits)

@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 
 from gateway.limiter import Decision, Limit, decide
+from gateway.storage.quotas import QuotaCount
 
 __all__ = ["MemoryLimiter"]
 
@@ -19,7 +20,10 @@ class MemoryLimiter:
         self._tats: dict[str, float] = {}
         self._calls = 0
 
-    async def check(self, limits: Sequence[Limit], group: str = "") -> Decision:
+    async def check(
+        self, limits: Sequence[Limit], group: str = "", quotas: Sequence[QuotaCount] = ()
+    ) -> Decision:
+        # Calendar quotas are not counted here: in one process the store counts them.
         return self.check_now(limits, time.monotonic())
 
     def check_now(self, limits: Sequence[Limit], now: float) -> Decision:

@@ -1,34 +1,26 @@
-"""Who counts calendar request quotas (see gateway/caps.py): Redis, or the store.
+"""The store as the counter of calendar request quotas (see gateway/caps.py).
 
-With the Redis limiter, quotas are counted in Redis next to the rate-limit
-buckets (one script call, all or nothing). While Redis cannot be reached the
-store counts instead, so a quota still holds across replicas; what was counted
-in one place is not seen by the other, so across a Redis outage a period may
-admit up to its quota more (stated in the README). Without Redis the store
-counts.
+With the Redis limiter, quotas are counted in Redis by the rate-limit decision
+itself (gateway/limiter/redis.py: the same script call, all or nothing). The
+store counts them when there is no Redis, and while Redis cannot be reached,
+so a quota still holds across replicas; what was counted in one place is not
+seen by the other, so across a Redis outage a period may admit up to its
+quota more (stated in the README).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Protocol
 
 from gateway.batching import Grouper
-from gateway.limiter import LimiterUnavailable
 from gateway.storage.quotas import QuotaCount, QuotaStore, QuotaTake
 
-__all__ = ["QuotaCounter", "RedisQuotaCounter", "StoreQuotaCounter"]
-
-log = logging.getLogger("gateway.limiter")
+__all__ = ["QuotaCounter", "StoreQuotaCounter"]
 
 
 class QuotaCounter(Protocol):
     async def take(self, counts: Sequence[QuotaCount], group: str) -> QuotaTake: ...
-
-
-class _RedisQuotas(Protocol):
-    async def take_quota(self, counts: Sequence[QuotaCount], group: str) -> QuotaTake: ...
 
 
 class StoreQuotaCounter:
@@ -40,18 +32,3 @@ class StoreQuotaCounter:
 
     async def take(self, counts: Sequence[QuotaCount], group: str) -> QuotaTake:
         return await self._takes.submit(counts)
-
-
-class RedisQuotaCounter:
-    """Quotas counted by Redis; by the store while Redis fails."""
-
-    def __init__(self, redis: _RedisQuotas, store: QuotaStore) -> None:
-        self._redis = redis
-        self._store = store
-
-    async def take(self, counts: Sequence[QuotaCount], group: str) -> QuotaTake:
-        try:
-            return await self._redis.take_quota(counts, group)
-        except LimiterUnavailable as exc:
-            log.warning("quota counted by the store: Redis failed: %s", exc)
-            return await self._store.take_quota(counts)

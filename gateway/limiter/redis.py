@@ -12,13 +12,18 @@ one ``EVALSHA`` carries every decision that arrived while the previous call
 was out, and the script takes them in order, each seeing the ones before it,
 exactly as separate calls would. Alone, a decision still goes out at once.
 On Cluster a batch only holds decisions of one group (one slot).
+
+A request's calendar quotas (gateway/caps.py) ride in the same call: once its
+rate limits admit it, the script takes one from each of its quota counts, all
+or nothing, so a quota costs no round trip of its own.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, TypeVar
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any, Final
 
 import redis.asyncio
 from redis.asyncio import BlockingConnectionPool
@@ -41,11 +46,16 @@ _MAX_CONNECTIONS: Final = 100
 # A batch of decisions. ARGV[1] is one string of decimal numbers (one argument
 # instead of three a decision: redis-py encodes each argument in Python), per
 # decision: its number of buckets n, then n pairs of interval and capacity in
-# µs; its n buckets are the next n KEYS.
+# µs; its n buckets are the next n KEYS. Then its number of quota counts m, their
+# m limits and their m expiry times (epoch seconds); its counts are the next m
+# KEYS.
 # Per decision the reply holds six numbers: when admitted
 # {1, remaining, reset_after, next_after, 0, room}, room being the fewest
 # requests any of its buckets still admits; when refused
 # {0, remaining_before, reset_before, retry_after, index of the limit that refused, 0}.
+# With m > 0, 1 + m more: 1 if its quotas were taken (else 0), then each count's
+# use, after the request when taken, as found when full (0s when rate-limited:
+# a refused request does not count against its quotas).
 # Lua numbers are doubles: µs since the epoch (~2^51) are still exact integers,
 # and string.format keeps them out of tostring()'s 14-digit rounding.
 _SCRIPT: Final = """
@@ -99,6 +109,27 @@ while a <= #args do
   end
   k = k + n
   a = a + 2 * n + 1
+  -- Its calendar quotas: m counts, their m limits and m expiry times (epoch seconds).
+  local m = args[a]
+  if m > 0 then
+    local used, full = {}, false
+    if worst == 0 then
+      for i = 1, m do
+        used[i] = tonumber(redis.call('GET', KEYS[k + i]) or '0')
+        if used[i] >= args[a + i] then full = true end
+      end
+    end
+    out[#out + 1] = (worst == 0 and not full) and 1 or 0
+    for i = 1, m do
+      if worst == 0 and not full then
+        used[i] = redis.call('INCR', KEYS[k + i])
+        redis.call('EXPIREAT', KEYS[k + i], string.format('%d', args[a + m + i]))
+      end
+      out[#out + 1] = used[i] or 0
+    end
+  end
+  k = k + m
+  a = a + 2 * m + 1
 end
 return out
 """
@@ -107,39 +138,6 @@ return out
 _MAX_BATCH: Final = 256
 
 _REDIS_ERRORS: Final = (RedisError, RedisClusterException, OSError)
-
-# A batch of requests against calendar quotas (gateway/caps.py), batched like the
-# decisions above. ARGV[1] holds, per request: its number of counts n, their n
-# limits, then their n expiry times (epoch seconds); its counts are the next n
-# KEYS. A request takes one from each of its counts unless one is full, then none.
-# Per request the reply holds 1 if taken (else 0), then each count's use: after
-# the request when taken, as found when not.
-_QUOTA_SCRIPT: Final = """
-local args = {}
-for v in string.gmatch(ARGV[1], '%d+') do args[#args + 1] = tonumber(v) end
-local out = {}
-local k, a = 0, 1
-while a <= #args do
-  local n = args[a]
-  local used = {}
-  local full = false
-  for i = 1, n do
-    used[i] = tonumber(redis.call('GET', KEYS[k + i]) or '0')
-    if used[i] >= args[a + i] then full = true end
-  end
-  out[#out + 1] = full and 0 or 1
-  for i = 1, n do
-    if not full then
-      used[i] = redis.call('INCR', KEYS[k + i])
-      redis.call('EXPIREAT', KEYS[k + i], string.format('%d', args[a + n + i]))
-    end
-    out[#out + 1] = used[i]
-  end
-  k = k + n
-  a = a + 2 * n + 1
-end
-return out
-"""
 
 
 def bucket_key(group: str, bucket: str) -> str:
@@ -189,74 +187,60 @@ class RedisLimiter:
             )
             self._client = redis.asyncio.Redis.from_pool(pool)
         self._script = self._client.register_script(_SCRIPT)
-        self._quota_script = self._client.register_script(_QUOTA_SCRIPT)
         # One batcher for a single node; on Cluster one per group (a batch must
         # stay on one slot), dropped again when its group goes quiet.
         self._batchers: dict[str, Grouper[_Pending, Decision]] = {}
-        self._quota_batchers: dict[str, Grouper[_PendingTake, QuotaTake]] = {}
 
-    async def check(self, limits: Sequence[Limit], group: str) -> Decision:
-        return await self._batcher(self._batchers, self._decide_many, group).submit((limits, group))
+    async def check(
+        self, limits: Sequence[Limit], group: str, quotas: Sequence[QuotaCount] = ()
+    ) -> Decision:
+        return await self._batcher(group).submit((limits, group, quotas))
 
-    async def take_quota(self, counts: Sequence[QuotaCount], group: str) -> QuotaTake:
-        """Count one request against calendar quotas (see gateway/caps.py), all or nothing."""
-        batcher = self._batcher(self._quota_batchers, self._take_many, group)
-        return await batcher.submit((counts, group))
-
-    def _batcher(
-        self,
-        batchers: dict[str, Grouper[_Item, _Result]],
-        run: Callable[[str, Sequence[_Item]], Awaitable[list[_Result]]],
-        group: str,
-    ) -> Grouper[_Item, _Result]:
+    def _batcher(self, group: str) -> Grouper[_Pending, Decision]:
         """One batcher on a single node; on Cluster one per group (a batch must stay on one
         slot), dropped again when its group goes quiet."""
         tag = group if self._cluster else ""
-        batcher = batchers.get(tag)
+        batcher = self._batchers.get(tag)
         if batcher is None:
             batcher = Grouper(
-                functools.partial(run, group),
+                functools.partial(self._decide_many, group),
                 max_batch=_MAX_BATCH,
-                on_idle=functools.partial(_forget, batchers, tag) if self._cluster else None,
+                on_idle=functools.partial(_forget, self._batchers, tag) if self._cluster else None,
             )
-            batchers[tag] = batcher
+            self._batchers[tag] = batcher
         return batcher
-
-    async def _take_many(self, group: str, batch: Sequence[_PendingTake]) -> list[QuotaTake]:
-        keys: list[bytes] = []
-        args: list[int] = []
-        for counts, take_group in batch:
-            args.append(len(counts))
-            args += [c.limit for c in counts]
-            # A count lives a day past its period's end, so clocks a little apart agree.
-            args += [int(c.ends_at) + 86_400 for c in counts]
-            keys += [_encoded_key(take_group, f"q:{c.subject}:{c.period}") for c in counts]
-        try:
-            reply = await self._quota_script(keys, [" ".join(map(str, args))])
-        except _REDIS_ERRORS as exc:
-            raise LimiterUnavailable(f"Redis: {exc}") from exc
-        taken, at = [], 0
-        for counts, _ in batch:
-            n = len(counts)
-            used = tuple(int(u) for u in reply[at + 1 : at + 1 + n])
-            taken.append(QuotaTake(bool(reply[at]), used))
-            at += 1 + n
-        return taken
 
     async def _decide_many(self, group: str, batch: Sequence[_Pending]) -> list[Decision]:
         keys: list[bytes] = []
         args: list[int] = []
-        for limits, decision_group in batch:
+        for limits, decision_group, quotas in batch:
             args.append(len(limits))
             for limit in limits:
                 keys.append(_encoded_key(decision_group, limit.bucket))
                 interval = _interval_us(limit)
                 args += (interval, interval * limit.burst)
+            args.append(len(quotas))
+            if quotas:
+                args += [c.limit for c in quotas]
+                # A count lives a day past its period's end, so clocks a little apart agree.
+                args += [int(c.ends_at) + 86_400 for c in quotas]
+                keys += [_encoded_key(decision_group, f"q:{c.subject}:{c.period}") for c in quotas]
         try:
             reply = await self._script(keys, [" ".join(map(str, args))])
         except _REDIS_ERRORS as exc:
             raise LimiterUnavailable(f"Redis: {exc}") from exc
-        return [_decision(limits, reply, _REPLY * i) for i, (limits, _) in enumerate(batch)]
+        decisions, at = [], 0
+        for limits, _, quotas in batch:
+            decision = _decision(limits, reply, at)
+            at += _REPLY
+            if quotas:
+                m = len(quotas)
+                if decision.allowed:
+                    used = tuple(int(u) for u in reply[at + 1 : at + 1 + m])
+                    decision = replace(decision, quota=QuotaTake(bool(reply[at]), used))
+                at += 1 + m
+            decisions.append(decision)
+        return decisions
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -266,10 +250,7 @@ def _forget(batchers: dict[str, Any], tag: str) -> None:
     batchers.pop(tag, None)
 
 
-_Item = TypeVar("_Item")
-_Result = TypeVar("_Result")
-_Pending = tuple[Sequence[Limit], str]
-_PendingTake = tuple[Sequence[QuotaCount], str]
+_Pending = tuple[Sequence[Limit], str, Sequence[QuotaCount]]
 _REPLY: Final = 6  # numbers per decision in the script's reply
 
 

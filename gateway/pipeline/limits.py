@@ -14,6 +14,7 @@ from gateway.metrics import Metrics
 from gateway.models import KeyRecord
 from gateway.pipeline.exchange import Exchange
 from gateway.storage import StorageError
+from gateway.storage.quotas import QuotaTake
 
 __all__ = ["RateLimits", "rate_headers"]
 
@@ -88,8 +89,15 @@ class RateLimits:
 
     async def check(self, ex: Exchange, key: KeyRecord) -> None:
         """Admit the request or raise a :class:`Refusal` (429, or 503 when failing closed)."""
+        under = (
+            quotas(key.id, key.team_id, key.limits, self._calendar)
+            if key.limits is not None and key.limits.has_quota
+            else []
+        )
         try:
-            decision = await self._limiter.check(self.limits(key), key.team_id)
+            decision = await self._limiter.check(
+                self.limits(key), key.team_id, [q.count for q in under]
+            )
         except LimiterUnavailable:
             raise errors.refuse_unavailable() from None
         ex.rate_headers = rate_headers(decision)
@@ -97,23 +105,34 @@ class RateLimits:
             self.ahead.saw(key.id, decision)
         degraded = self._degradable is not None and self._degradable.degraded
         decided_by = "fallback" if degraded else self._kind
-        if decision.allowed and key.limits is not None and key.limits.has_quota:
-            await self._take_quotas(ex, key, decided_by)
+        if decision.allowed and under:
+            await self._quotas_taken(ex, key, under, decision.quota, decided_by)
         if decision.allowed:
             self._metrics.count_decision("allowed", decided_by)
             return
         self._metrics.count_decision("rejected", decided_by)
         raise errors.refuse_rate_limited(decision.retry_after, decision.rejected_limit)
 
-    async def _take_quotas(self, ex: Exchange, key: KeyRecord, decided_by: str) -> None:
-        """Count the request against its calendar quotas, or refuse it (429 until the reset)."""
-        under = quotas(key.id, key.team_id, key.limits, self._calendar)
-        if not under or self._quotas is None:
-            return
-        try:
-            taken = await self._quotas.take([q.count for q in under], key.team_id)
-        except StorageError:
-            raise errors.refuse_unavailable() from None
+    async def _quotas_taken(
+        self,
+        ex: Exchange,
+        key: KeyRecord,
+        under: list[Quota],
+        taken: QuotaTake | None,
+        decided_by: str,
+    ) -> None:
+        """Count the request against its calendar quotas, or refuse it (429 until the reset).
+
+        ``taken`` is the limiter's count when it made one in its decision (Redis);
+        otherwise the store counts now (no Redis, or Redis down).
+        """
+        if taken is None:
+            if self._quotas is None:
+                return
+            try:
+                taken = await self._quotas.take([q.count for q in under], key.team_id)
+            except StorageError:
+                raise errors.refuse_unavailable() from None
         now = self._calendar.now()
         with_quotas(ex.rate_headers, under, taken.used, now)
         if taken.taken:

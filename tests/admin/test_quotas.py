@@ -35,13 +35,19 @@ async def key_id(gw: Harness) -> str:
     return key.id
 
 
-@pytest.fixture(params=["store", "redis"])
+@pytest.fixture(params=["store", "redis", "redis_down"])
 async def counted(
     request: pytest.FixtureRequest, make_gateway: MakeGateway, aiohttp_client: Any
 ) -> Admin:
-    """A gateway whose quotas the store counts (memory limiter) or Redis does."""
+    """A gateway whose quotas the store counts (memory limiter, or Redis unreachable) or
+    Redis does (in the rate-limit decision)."""
     if request.param == "redis":
         harness = await make_gateway(limiter={"url": redis_url(), "timeout_seconds": 2})
+    elif request.param == "redis_down":
+        # Nothing listens on port 1 of loopback: the limiter falls back, the store counts.
+        harness = await make_gateway(
+            limiter={"url": "redis://127.0.0.1:1/0", "timeout_seconds": 0.2}
+        )
     else:
         harness = await make_gateway()
     return await admin_for(harness, aiohttp_client)
