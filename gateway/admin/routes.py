@@ -18,15 +18,10 @@ from gateway.admin._handlers import (
     create_key,
     create_team,
     create_token,
-    export_usage,
     get_credits,
     get_usage,
     grant_credits,
-    list_anomalies,
-    list_audit,
-    list_auth_failures,
     list_keys,
-    list_requests,
     list_teams,
     list_tokens,
     revoke_by_secret,
@@ -35,6 +30,13 @@ from gateway.admin._handlers import (
     rotate_key,
     update_key,
     update_team,
+)
+from gateway.admin._observe import (
+    export_usage,
+    list_anomalies,
+    list_audit,
+    list_auth_failures,
+    list_requests,
 )
 from gateway.admin._plans import PLAN, PLAN_BODY, clear_plan, get_plan, set_plan
 from gateway.admin._webhooks import (

@@ -1,6 +1,6 @@
 """The embedded backend: store and ledger in one SQLite file.
 
-One class per area (keys, usage, request log, ledger, idempotency, plans,
+One class per area (teams, keys, usage, request log, ledger, idempotency, plans,
 events) over a shared core that
 owns the connection; :class:`SqliteBackend` is all of them.
 """
@@ -14,12 +14,14 @@ from gateway.storage.sqlite.ledger import SqliteLedger
 from gateway.storage.sqlite.plans import SqlitePlans
 from gateway.storage.sqlite.quotas import SqliteQuotas
 from gateway.storage.sqlite.requests import SqliteRequests
+from gateway.storage.sqlite.teams import SqliteTeams
 from gateway.storage.sqlite.usage import SqliteUsage
 
 __all__ = ["SqliteBackend"]
 
 
 class SqliteBackend(
+    SqliteTeams,
     SqliteKeys,
     SqliteUsage,
     SqliteRequests,

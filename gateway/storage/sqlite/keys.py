@@ -1,4 +1,4 @@
-"""SQLite: teams, keys and their change feed, team tokens, the audit log."""
+"""SQLite: keys and their change feed, team tokens, the audit log."""
 
 from __future__ import annotations
 
@@ -6,22 +6,35 @@ import sqlite3
 import time
 from collections.abc import Mapping
 
-from gateway.models import ApiKey, AuditEntry, KeyRecord, Team, TeamToken
+from gateway.models import ApiKey, AuditEntry, KeyRecord, TeamToken
 from gateway.storage import KEY_LIMIT_FIELDS, Audit, KeyChange, rules
 from gateway.storage import rows as model
 from gateway.storage.rows import CACHED_KEY_FIELDS, KEY_COLUMNS, KEY_RECORD_COLUMNS, TOKEN_COLUMNS
 from gateway.storage.shared import KEY_INSERT_COLUMNS, NewKey
 from gateway.storage.sqlite.core import SqliteCore
 
-__all__ = ["SqliteKeys"]
+__all__ = ["SqliteKeys", "log_key_change"]
 
 _CHANGE_RETENTION_SECONDS = 3600.0
 
 
-class SqliteKeys(SqliteCore):
-    """Store and AdminStore on SQLite."""
+def log_key_change(db: sqlite3.Connection, key_hash: str | None, team_id: str | None) -> None:
+    """Tell the key caches (which poll ``key_changes``) that a key or a team's keys changed."""
+    now = time.time()
+    db.execute(
+        "INSERT INTO key_changes (key_hash, team_id, changed_at) VALUES (?, ?, ?)",
+        (key_hash, team_id, now),
+    )
+    db.execute(
+        "DELETE FROM key_changes WHERE changed_at < ? AND seq < (SELECT MAX(seq) FROM key_changes)",
+        (now - _CHANGE_RETENTION_SECONDS,),
+    )
 
-    # -- store: keys and teams ----------------------------------------------------
+
+class SqliteKeys(SqliteCore):
+    """Store (keys) and AdminStore on SQLite."""
+
+    # -- store: keys ----------------------------------------------------
 
     async def find_key(self, key_hash: str) -> KeyRecord | None:
         return await self._run(self._find_key, key_hash)
@@ -70,60 +83,6 @@ class SqliteKeys(SqliteCore):
         ).fetchall()
         return rules.changes_after(seq, [model.key_change(r) for r in rows])
 
-    @staticmethod
-    def _log_change(db: sqlite3.Connection, key_hash: str | None, team_id: str | None) -> None:
-        now = time.time()
-        db.execute(
-            "INSERT INTO key_changes (key_hash, team_id, changed_at) VALUES (?, ?, ?)",
-            (key_hash, team_id, now),
-        )
-        db.execute(
-            "DELETE FROM key_changes "
-            "WHERE changed_at < ? AND seq < (SELECT MAX(seq) FROM key_changes)",
-            (now - _CHANGE_RETENTION_SECONDS,),
-        )
-
-    async def create_team(
-        self,
-        name: str,
-        rate_limit_per_minute: int | None = None,
-        *,
-        audit: Audit[Team] | None = None,
-    ) -> Team:
-        team = Team(rules.new_id("team"), name, time.time(), rate_limit_per_minute)
-
-        def insert(db: sqlite3.Connection) -> Team:
-            try:
-                db.execute(
-                    "INSERT INTO teams (id, name, rate_limit_per_minute, created_at) "
-                    "VALUES (?, ?, ?, ?)",
-                    (team.id, team.name, team.rate_limit_per_minute, team.created_at),
-                )
-            except sqlite3.IntegrityError:
-                raise rules.team_exists(name) from None
-            return self._write_audit(db, audit, team)
-
-        return await self._run(self._tx, insert)
-
-    async def get_team(self, id_or_name: str) -> Team:
-        row = await self._run(
-            lambda: self._db.execute(
-                "SELECT * FROM teams WHERE id = ? OR name = ? ORDER BY id = ? DESC LIMIT 1",
-                (id_or_name, id_or_name, id_or_name),
-            ).fetchone()
-        )
-        if row is None:
-            raise rules.no_team(id_or_name)
-        return model.team(row)
-
-    async def list_teams(self, limit: int, after: str | None) -> list[Team]:
-        rows = await self._run(
-            lambda: self._db.execute(
-                "SELECT * FROM teams WHERE id > ? ORDER BY id LIMIT ?", (after or "", limit)
-            ).fetchall()
-        )
-        return [model.team(r) for r in rows]
-
     async def _insert_key(self, new: NewKey, audit: Audit[ApiKey] | None) -> ApiKey:
         key = ApiKey(
             id=rules.new_id("key"),
@@ -149,7 +108,7 @@ class SqliteKeys(SqliteCore):
                 (key.id, *new.columns(), key.created_at, new.expires_at),
             )
             # A new key may have been looked up (and cached as unknown) before it existed.
-            self._log_change(db, new.key_hash, None)
+            log_key_change(db, new.key_hash, None)
             return self._write_audit(db, audit, key)
 
         return await self._run(self._tx, insert)
@@ -186,53 +145,10 @@ class SqliteKeys(SqliteCore):
                 if db.execute("SELECT 1 FROM api_keys WHERE id = ?", (key_id,)).fetchone():
                     raise rules.key_already_revoked(key_id)
                 raise rules.no_key(key_id)
-            self._log_change(db, row["key_hash"], None)
+            log_key_change(db, row["key_hash"], None)
             return self._write_audit(db, audit, model.api_key(row))
 
         return await self._run(self._tx, revoke)
-
-    async def update_team(
-        self, team_id: str, rate_limit_per_minute: int | None, *, audit: Audit[Team] | None = None
-    ) -> Team:
-        def update(db: sqlite3.Connection) -> Team:
-            old = db.execute(
-                "SELECT rate_limit_per_minute FROM teams WHERE id = ?", (team_id,)
-            ).fetchone()
-            if old is None:
-                raise rules.no_team(team_id)
-            row = db.execute(
-                "UPDATE teams SET rate_limit_per_minute = ? WHERE id = ? RETURNING *",
-                (rate_limit_per_minute, team_id),
-            ).fetchone()
-            if old["rate_limit_per_minute"] != rate_limit_per_minute:
-                self._log_change(db, None, team_id)
-            return self._write_audit(db, audit, model.team(row))
-
-        return await self._run(self._tx, update)
-
-    async def update_team_quotas(
-        self,
-        team_id: str,
-        quota_per_day: int | None,
-        quota_per_month: int | None,
-        *,
-        audit: Audit[Team] | None = None,
-    ) -> Team:
-        def update(db: sqlite3.Connection) -> Team:
-            old = db.execute(
-                "SELECT quota_per_day, quota_per_month FROM teams WHERE id = ?", (team_id,)
-            ).fetchone()
-            if old is None:
-                raise rules.no_team(team_id)
-            row = db.execute(
-                "UPDATE teams SET quota_per_day = ?, quota_per_month = ? WHERE id = ? RETURNING *",
-                (quota_per_day, quota_per_month, team_id),
-            ).fetchone()
-            if tuple(old) != (quota_per_day, quota_per_month):
-                self._log_change(db, None, team_id)
-            return self._write_audit(db, audit, model.team(row))
-
-        return await self._run(self._tx, update)
 
     async def update_key(
         self, key_id: str, changes: Mapping[str, object], *, audit: Audit[ApiKey] | None = None
@@ -262,7 +178,7 @@ class SqliteKeys(SqliteCore):
                 (*values.values(), key_id),
             ).fetchone()
             if any(old[f] != new[f] for f in CACHED_KEY_FIELDS):
-                self._log_change(db, old["key_hash"], None)
+                log_key_change(db, old["key_hash"], None)
             return self._write_audit(db, audit, model.api_key(new))
 
         return await self._run(self._tx, update)
@@ -313,13 +229,13 @@ class SqliteKeys(SqliteCore):
                 ).fetchone()
             except sqlite3.IntegrityError:
                 raise rules.key_hash_exists() from None
-            self._log_change(db, new_hash, None)
+            log_key_change(db, new_hash, None)
             expires = old_expires_at
             if old["expires_at"] is not None:
                 expires = min(old["expires_at"], old_expires_at)
             if expires != old["expires_at"]:
                 db.execute("UPDATE api_keys SET expires_at = ? WHERE id = ?", (expires, key_id))
-                self._log_change(db, old["key_hash"], None)
+                log_key_change(db, old["key_hash"], None)
             return self._write_audit(db, audit, model.api_key(new))
 
         return await self._run(self._tx, rotate)
