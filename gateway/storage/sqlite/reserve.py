@@ -47,29 +47,37 @@ class Spend:
             return ()
         found = self._caps.get((req.key_id, periods))
         if found is None:
-            row = self._db.execute(
-                "SELECT credit_cap_per_day, credit_cap_per_month FROM api_keys WHERE id = ?",
-                (req.key_id,),
-            ).fetchone()
-            counted = []
-            if row is not None and row[0] is not None:
-                counted.append((periods.day, int(row[0])))
-            if row is not None and row[1] is not None:
-                counted.append((periods.month, int(row[1])))
-            found = self._caps[(req.key_id, periods)] = tuple(counted)
+            found = self._read(req.key_id, periods)
+        return found
+
+    def _read(self, key_id: str, periods: CapPeriods) -> tuple[tuple[str, int], ...]:
+        """The key's caps and what it has spent in both periods: one statement."""
+        row = self._db.execute(
+            "SELECT k.credit_cap_per_day, k.credit_cap_per_month, d.spent, m.spent "
+            "FROM api_keys k "
+            "LEFT JOIN key_spend d ON d.key_id = k.id AND d.period_key = ? "
+            "LEFT JOIN key_spend m ON m.key_id = k.id AND m.period_key = ? "
+            "WHERE k.id = ?",
+            (periods.day, periods.month, key_id),
+        ).fetchone()
+        counted = []
+        if row is not None:
+            for cap, spent, period in (
+                (row[0], row[2], periods.day),
+                (row[1], row[3], periods.month),
+            ):
+                if cap is not None:
+                    counted.append((period, int(cap)))
+                    # Already counted in this batch: keep the batch's figure.
+                    self._spent.setdefault((key_id, period), int(spent or 0))
+        found = self._caps[(key_id, periods)] = tuple(counted)
         return found
 
     def left(self, req: ReserveRequest) -> int | None:
         """What the key's caps still allow this period: the least of them (never below 0)."""
         left: int | None = None
         for period, cap in self.caps(req):
-            at = (req.key_id, period)
-            if at not in self._spent:
-                row = self._db.execute(
-                    "SELECT spent FROM key_spend WHERE key_id = ? AND period_key = ?", at
-                ).fetchone()
-                self._spent[at] = 0 if row is None else int(row["spent"])
-            room = max(0, cap - self._spent[at])
+            room = max(0, cap - self._spent[(req.key_id, period)])
             left = room if left is None else min(left, room)
         return left
 
@@ -80,11 +88,11 @@ class Spend:
             self._added[at] = self._added.get(at, 0) + req.amount
 
     def write(self) -> None:
-        for (key_id, period), added in self._added.items():
-            self._db.execute(
+        if self._added:
+            self._db.executemany(
                 "INSERT INTO key_spend (key_id, period_key, spent) VALUES (?, ?, ?) "
                 "ON CONFLICT (key_id, period_key) DO UPDATE SET spent = spent + excluded.spent",
-                (key_id, period, added),
+                [(key_id, period, added) for (key_id, period), added in self._added.items()],
             )
 
 
