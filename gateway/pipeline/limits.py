@@ -14,7 +14,7 @@ from gateway.metrics import Metrics
 from gateway.models import KeyRecord
 from gateway.pipeline.exchange import Exchange
 from gateway.storage import StorageError
-from gateway.storage.quotas import QuotaTake
+from gateway.storage.quotas import QuotaCount, QuotaTake
 
 __all__ = ["RateLimits", "rate_headers"]
 
@@ -94,10 +94,9 @@ class RateLimits:
             if key.limits is not None and key.limits.has_quota
             else []
         )
+        counts = [q.count for q in under]
         try:
-            decision = await self._limiter.check(
-                self.limits(key), key.team_id, [q.count for q in under]
-            )
+            decision = await self._limiter.check(self.limits(key), key.team_id, counts)
         except LimiterUnavailable:
             raise errors.refuse_unavailable() from None
         ex.rate_headers = rate_headers(decision)
@@ -106,7 +105,7 @@ class RateLimits:
         degraded = self._degradable is not None and self._degradable.degraded
         decided_by = "fallback" if degraded else self._kind
         if decision.allowed and under:
-            await self._quotas_taken(ex, key, under, decision.quota, decided_by)
+            await self._quotas_taken(ex, key, under, counts, decision.quota, decided_by)
         if decision.allowed:
             self._metrics.count_decision("allowed", decided_by)
             return
@@ -118,6 +117,7 @@ class RateLimits:
         ex: Exchange,
         key: KeyRecord,
         under: list[Quota],
+        counts: list[QuotaCount],
         taken: QuotaTake | None,
         decided_by: str,
     ) -> None:
@@ -130,7 +130,7 @@ class RateLimits:
             if self._quotas is None:
                 return
             try:
-                taken = await self._quotas.take([q.count for q in under], key.team_id)
+                taken = await self._quotas.take(counts, key.team_id)
             except StorageError:
                 raise errors.refuse_unavailable() from None
         now = self._calendar.now()

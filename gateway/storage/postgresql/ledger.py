@@ -87,42 +87,30 @@ class PostgresLedger(PostgresCore):
         self, requests: Sequence[ReserveRequest], periods: CapPeriods
     ) -> list[ReserveResult]:
         """The function reads each key's caps; rows come back in the order asked."""
-        ids = [r.reservation_id for r in requests]
-        teams = [r.team_id for r in requests]
-        environments = [r.environment for r in requests]
-        keys = [r.key_id for r in requests]
-        amounts = [r.amount for r in requests]
+        args = (
+            [r.reservation_id for r in requests],
+            [r.team_id for r in requests],
+            [r.environment for r in requests],
+            [r.key_id for r in requests],
+            [r.amount for r in requests],
+            self._lease,
+            periods.day,
+            periods.month,
+        )
         claims = [r.idempotency for r in requests]
         if not any(claims):
             # Without claims neither the Idempotency-Key arrays nor the replay columns
             # are sent.
             async with self._reserve_connection() as conn:
-                rows = await conn.fetch(
-                    _RESERVE_CAPPED_PLAIN_SQL,
-                    ids,
-                    teams,
-                    environments,
-                    keys,
-                    amounts,
-                    self._lease,
-                    periods.day,
-                    periods.month,
-                )
+                rows = await conn.fetch(_RESERVE_CAPPED_PLAIN_SQL, *args)
             return [ReserveResult(row[0], row[1]) for row in rows]
         async with self._reserve_connection() as conn:
             rows = await conn.fetch(
                 _RESERVE_CAPPED_SQL,
-                ids,
-                teams,
-                environments,
-                keys,
-                amounts,
-                self._lease,
+                *args,
                 [c.key if c is not None else None for c in claims],
                 [c.method if c is not None else None for c in claims],
                 [c.path if c is not None else None for c in claims],
-                periods.day,
-                periods.month,
             )
         return [ReserveResult(row["granted"], row["available"], _replay(row)) for row in rows]
 
@@ -320,7 +308,7 @@ _RESERVE_ONE_SQL = "SELECT granted, available FROM gateway_reserve_one($1, $2, $
 _RESERVE_CAPPED_SQL = (
     "SELECT granted, available, replay_state, replay_method, replay_path, "
     "replay_body_hash, replay_status, replay_content_type, replay_body, replay_body_stored "
-    "FROM gateway_reserve_capped($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+    "FROM gateway_reserve_capped($1, $2, $3, $4, $5, $6, $9, $10, $11, $7, $8)"
 )
 _RESERVE_CAPPED_PLAIN_SQL = (
     "SELECT granted, available "

@@ -105,15 +105,7 @@ BEGIN
         ORDER BY u.team_id COLLATE "C", u.environment COLLATE "C", u.key_id COLLATE "C", u.ord
     LOOP
         IF v_key_id IS DISTINCT FROM v_req.key_id THEN
-            -- A new key: what the previous one counted is written first.
-            IF v_day_add > 0 OR v_month_add > 0 THEN
-                INSERT INTO key_spend AS s (key_id, period_key, spent)
-                SELECT v_key_id, p.period_key, p.added
-                FROM (VALUES (p_day_key, v_day_add), (p_month_key, v_month_add))
-                    AS p (period_key, added)
-                WHERE p.added > 0
-                ON CONFLICT (key_id, period_key) DO UPDATE SET spent = s.spent + excluded.spent;
-            END IF;
+            -- A new key (each key is one group: rows are sorted by it).
             v_key_id := v_req.key_id;
             v_day_add := 0;
             v_month_add := 0;
@@ -199,16 +191,16 @@ BEGIN
         v_available[v_req.ord] := least(v_have[v_req.account], v_left);
     END LOOP;
 
-    IF v_day_add > 0 OR v_month_add > 0 THEN
-        INSERT INTO key_spend AS s (key_id, period_key, spent)
-        SELECT v_key_id, p.period_key, p.added
-        FROM (VALUES (p_day_key, v_day_add), (p_month_key, v_month_add))
-            AS p (period_key, added)
-        WHERE p.added > 0
-        ON CONFLICT (key_id, period_key) DO UPDATE SET spent = s.spent + excluded.spent;
-    END IF;
-
     IF cardinality(v_new) > 0 THEN
+        -- Each key's spend grows by what its new reservations counted: derived from
+        -- them, one statement for the batch.
+        INSERT INTO key_spend AS s (key_id, period_key, spent)
+        SELECT p_key_ids[o], p.period_key, sum(p_amounts[o])
+        FROM unnest(v_new) AS o
+        CROSS JOIN LATERAL (VALUES (v_cap_day[o]), (v_cap_month[o])) AS p (period_key)
+        WHERE p.period_key IS NOT NULL
+        GROUP BY 1, 2
+        ON CONFLICT (key_id, period_key) DO UPDATE SET spent = s.spent + excluded.spent;
         INSERT INTO reservations
             (id, team_id, environment, key_id, amount, created_at, lease_deadline,
              cap_day, cap_month)
