@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.app import Gateway, create_app
+from gateway.app import Gateway, PublicRunner
 from gateway.config import Settings, parse_listen
 from gateway.status import create_status_app
 
@@ -27,20 +27,17 @@ def parser_is_compiled() -> bool:
     return http_parser.HttpRequestParser.__module__ == "aiohttp._http_parser"
 
 
-async def _site(runner: web.AppRunner, listen: str, reuse_port: bool) -> web.TCPSite:
+async def _site(runner: web.BaseRunner, listen: str, reuse_port: bool) -> web.TCPSite:
     host, port = parse_listen(listen)
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
     await site.start()
     return site
 
 
-def _runners(settings: Settings, gateway: Gateway) -> tuple[list[web.AppRunner], list[str]]:
+def _runners(settings: Settings, gateway: Gateway) -> tuple[list[web.BaseRunner], list[str]]:
     """The listeners' runners and addresses: public first (it drains and flushes first)."""
-    public = create_app(settings, gateway)
     drain = settings.shutdown.drain_seconds
-    runners = [
-        web.AppRunner(public, handler_cancellation=True, access_log=None, shutdown_timeout=drain)
-    ]
+    runners: list[web.BaseRunner] = [PublicRunner(gateway, shutdown_timeout=drain)]
     listens = [settings.listen]
     runners.append(web.AppRunner(create_status_app(gateway), access_log=None, shutdown_timeout=1.0))
     listens.append(settings.status.listen)
@@ -82,7 +79,7 @@ async def serve(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
 
-    started: list[web.AppRunner] = []
+    started: list[web.BaseRunner] = []
     try:
         for runner, listen in zip(runners, listens, strict=True):
             await runner.setup()
@@ -106,7 +103,7 @@ async def serve(
         await asyncio.sleep(settings.shutdown.readiness_delay_seconds)
     finally:
         # The public runner goes first: it stops accepting, drains, and its
-        # cleanup context flushes the ledger before the status listener goes.
+        # gateway flushes the ledger before the status listener goes.
         for runner in started:
             await runner.cleanup()
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 from multidict import CIMultiDict
 
-from gateway.app import GATEWAY, Gateway, create_app
+from gateway.app import Gateway, PublicRunner
 from gateway.config import Settings, settings_from_mapping
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -137,6 +137,17 @@ class Harness:
 MakeGateway = Callable[..., Awaitable[Harness]]
 
 
+class PublicTestServer(BaseTestServer):
+    """The public listener as gateway.server runs it (its runner starts and stops the gateway)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
+        self.gateway = gateway
+
+    async def _make_runner(self, **kwargs: Any) -> PublicRunner:
+        return PublicRunner(self.gateway, **kwargs)
+
+
 @pytest.fixture
 def settings_for(tmp_path: Path, upstream: Upstream) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
@@ -150,10 +161,9 @@ async def make_gateway(
     aiohttp_client: Any, settings_for: Callable[..., Settings], upstream: Upstream
 ) -> MakeGateway:
     async def make(**overrides: Any) -> Harness:
-        app = create_app(settings_for(**overrides))
-        # As in production (gateway.server): a client that goes away cancels its handler.
-        client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
-        return Harness(client, app[GATEWAY], upstream)
+        gateway = Gateway(settings_for(**overrides))
+        client = await aiohttp_client(PublicTestServer(gateway))
+        return Harness(client, gateway, upstream)
 
     return make
 

@@ -98,7 +98,7 @@ class Pipeline:
         self._recorder = Recorder(metrics, usage, anomalies, access_log, request_log)
         self._log_requests = request_log is not None
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         headers = request.headers
         ex = Exchange(request_id(headers.get("X-Request-Id")), request.method, time.monotonic())
         # Made safe text here, at the edge: a forwarded address is client input,
@@ -146,14 +146,16 @@ class Pipeline:
             self._metrics.in_flight.dec()
             self._recorder.record(ex)
 
-    def _refuse(self, request: web.Request, ex: Exchange, refusal: Refusal) -> web.StreamResponse:
+    def _refuse(
+        self, request: web.BaseRequest, ex: Exchange, refusal: Refusal
+    ) -> web.StreamResponse:
         """The one place a refusal becomes the client's answer."""
         response = refusal.render()
         if refusal.unread:
             unread(request, response)
         return ex.reply(response, refusal.outcome)
 
-    async def _balance(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+    async def _balance(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
         """``GET /api/v1/credits``: the key's balance (free; counts against the rate limit)."""
         key = await self._auth.authenticate(request, ex)
         await self._limits.check(ex, key)

@@ -36,7 +36,7 @@ class Admission:
     def __init__(self, router: Router) -> None:
         self._router = router
 
-    def admit(self, request: web.Request, ex: Exchange) -> Admitted:
+    def admit(self, request: web.BaseRequest, ex: Exchange) -> Admitted:
         """The request's route, or a :class:`Refusal` (400, 404, 405, 417, 501)."""
         try:
             raw_path, _, query = request.raw_path.partition("?")
@@ -64,7 +64,7 @@ class Admission:
         return Admitted(route, path, encoded_path, query)
 
 
-def check_declared_size(request: web.Request, route: Route) -> None:
+def check_declared_size(request: web.BaseRequest, route: Route) -> None:
     """Refuse a body whose declared length is over the route's limit (413)."""
     declared = request.content_length
     if declared is not None and declared > route.max_body_bytes:

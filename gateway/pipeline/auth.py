@@ -44,7 +44,7 @@ class Authenticator:
         self._usage = usage
         self._anomalies = anomalies
 
-    async def authenticate(self, request: web.Request, ex: Exchange) -> KeyRecord:
+    async def authenticate(self, request: web.BaseRequest, ex: Exchange) -> KeyRecord:
         """The live key the request carries, or a :class:`Refusal` (401, 429, 503)."""
         header = request.headers.get("Authorization")
         if header is None:

@@ -31,7 +31,7 @@ class RequestBodies:
         self._deadlines = deadlines
 
     async def read(
-        self, request: web.Request, route: Route, end: float, attempt: Attempt | None
+        self, request: web.BaseRequest, route: Route, end: float, attempt: Attempt | None
     ) -> bytes | AsyncIterator[bytes] | None:
         """The request body: small ones whole, others as a stream held to the route's limit."""
         if not request.body_exists:

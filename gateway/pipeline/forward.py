@@ -65,7 +65,7 @@ class Forwarder:
         self._bodies = RequestBodies(deadlines)
 
     async def forward(
-        self, request: web.Request, ex: Exchange, admitted: Admitted, settlement: Settlement
+        self, request: web.BaseRequest, ex: Exchange, admitted: Admitted, settlement: Settlement
     ) -> web.StreamResponse:
         """Send the request upstream and relay the answer; refusals for what went wrong."""
         route = settlement.route
@@ -118,7 +118,7 @@ class Forwarder:
         return self._upstreams[route.upstream]
 
     def _upstream_headers(
-        self, request: web.Request, ex: Exchange, upstream: Upstream
+        self, request: web.BaseRequest, ex: Exchange, upstream: Upstream
     ) -> CIMultiDict[str]:
         key = ex.key
         identity: dict[str, str] = {}
@@ -140,7 +140,7 @@ class Forwarder:
 
     async def _relay(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         ex: Exchange,
         answer: UpstreamAnswer,
         settlement: Settlement,
@@ -188,7 +188,7 @@ class Forwarder:
 
 
 async def _stream(
-    request: web.Request,
+    request: web.BaseRequest,
     ex: Exchange,
     answer: UpstreamAnswer,
     response: web.StreamResponse,
@@ -230,7 +230,7 @@ async def _stream(
 
 
 async def finish(
-    request: web.Request, response: web.StreamResponse, settlement: Settlement
+    request: web.BaseRequest, response: web.StreamResponse, settlement: Settlement
 ) -> web.StreamResponse:
     """End a streamed answer once its settlement is applied: cleanly only if it went out whole.
 

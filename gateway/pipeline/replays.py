@@ -20,7 +20,7 @@ __all__ = ["Replay", "answer", "claim", "record"]
 log = logging.getLogger("gateway.pipeline")
 
 
-def claim(request: web.Request, route: Route, path: str) -> IdempotencyClaim | None:
+def claim(request: web.BaseRequest, route: Route, path: str) -> IdempotencyClaim | None:
     """The request's Idempotency-Key claim (charged routes only), or a 400 for a bad key."""
     value = request.headers.get("Idempotency-Key")
     if value is None or not route.charges(request.method):
@@ -88,7 +88,7 @@ def _not_stored() -> Refusal:
 
 
 async def answer(
-    request: web.Request, route: Route, claim: IdempotencyClaim, record: IdempotencyRecord
+    request: web.BaseRequest, route: Route, claim: IdempotencyClaim, record: IdempotencyRecord
 ) -> Refusal:
     """What to answer a retry under a used key (nothing is forwarded or charged)."""
     if record.state == "in_flight":
@@ -105,7 +105,7 @@ async def answer(
     return Replay(idempotency.replay(record, {}))
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes | None:
+async def _read_body(request: web.BaseRequest, limit: int) -> bytes | None:
     """The whole request body, or None past ``limit`` (bounded: only replays read it)."""
     if not request.body_exists:
         return b""

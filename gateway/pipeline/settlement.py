@@ -55,7 +55,7 @@ class Settlements:
         self._background: set[asyncio.Task[None]] = set()
 
     def open(
-        self, request: web.Request, ex: Exchange, route: Route, key: KeyRecord | None, path: str
+        self, request: web.BaseRequest, ex: Exchange, route: Route, key: KeyRecord | None, path: str
     ) -> Settlement:
         """The settlement of one request, its reservation perhaps already on its way.
 
@@ -143,7 +143,7 @@ class Settlement:
         """The first attempt under an Idempotency-Key (what it sent and got), if any."""
         return self._attempt
 
-    async def reserve(self, request: web.Request) -> None:
+    async def reserve(self, request: web.BaseRequest) -> None:
         """Reserve the cost and claim the Idempotency-Key, in one step.
 
         Raises a :class:`Refusal`: 402, 503, 400 for a bad key, or the answer to
@@ -169,7 +169,7 @@ class Settlement:
             )
 
     async def _reserve_credit(
-        self, request: web.Request, key: KeyRecord, claim: IdempotencyClaim | None
+        self, request: web.BaseRequest, key: KeyRecord, claim: IdempotencyClaim | None
     ) -> None:
         credits = self._owner.credits
         early, self._early = self._early, None

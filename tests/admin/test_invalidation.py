@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.app import GATEWAY, Gateway, create_app
+from gateway.app import Gateway
 from gateway.config import Settings, settings_from_mapping
 from gateway.listeners import create_admin_app
 from tests.storage.conftest import Databases, postgres_admin_dsn, postgres_template
 
-from ..conftest import ADMIN_TOKEN, Upstream, base_config, bearer
+from ..conftest import ADMIN_TOKEN, PublicTestServer, Upstream, base_config, bearer
 from ..console.conftest import ConsoleClient
 
 __all__ = ["postgres_admin_dsn", "postgres_template"]
@@ -88,9 +88,8 @@ async def served(
         overrides["postgres"] = {"pool_min_size": 1, "listen_dsn": await dbs.blank()}
     try:
         settings = settings_from_mapping(base_config(tmp_path, upstream.url, **overrides))
-        app = create_app(_feed_kept_away(settings))
-        public = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
-        gateway = app[GATEWAY]
+        gateway = Gateway(_feed_kept_away(settings))
+        public = await aiohttp_client(PublicTestServer(gateway))
         admin = await aiohttp_client(create_admin_app(gateway))
         # On connecting, the listener forgets the whole cache: let that happen before
         # anything is cached, or it would look like an invalidation.
