@@ -1,6 +1,7 @@
 """Profile the gateway's hot path under wrk load with py-spy; print where the time goes.
 
-    python bench/profile.py [plain|embedded|redis_pg] [--client lean|aiohttp] [--seconds 10] [--out FILE]
+    python bench/profile.py [plain|embedded|redis_pg] [--client lean|aiohttp] [--no-access-log]
+                            [--seconds 10] [--out FILE]
 
 Starts the nginx upstream and one gateway process like bench/run.py, drives it
 with wrk, samples it with py-spy (pip install py-spy; needs ptrace, fine as
@@ -68,6 +69,8 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--client", choices=("lean", "aiohttp"), default="lean",
                         help="the gateway's upstream client (upstreams.<name>.client)")
+    parser.add_argument("--no-access-log", action="store_true",
+                        help="run with the access log off (logging.access_log: false), still at INFO")
     parser.add_argument("--summarize", metavar="STACKS", help="only summarize a saved .stacks file")
     args = parser.parse_args()
     if args.summarize:
@@ -94,6 +97,7 @@ def main() -> None:
             "upstreams": {"assess": {"url": f"http://127.0.0.1:{upstream_port}", "max_connections": 128,
                                      "client": args.client}},
             "routes": [route],
+            **({"logging": {"access_log": False}} if args.no_access_log else {}),
         })
         keys = make_keys(gateway, 1) if args.target != "plain" else []
         gateway.start()

@@ -10,7 +10,8 @@ to be the bottleneck) and measures, one after another under the same load:
   aiohttp_min   the simplest aiohttp pass-through (bench/minimal_proxy.py), uvloop
   plain         the gateway, one worker, on a public ``auth: false`` route
   (every gateway row runs the shipped logging: access log on, INFO, to a file;
-   plain_quiet and redis_pg_quiet are the same with the access log off at WARNING)
+   plain_quiet and redis_pg_quiet are the same with the access log off at WARNING;
+   redis_pg_noaccess only the access log off, still at INFO)
   embedded      the gateway, one worker, full enforcement on SQLite + in-process limiter
   redis_pg      the gateway, one worker, full enforcement on Redis + PostgreSQL
   redis_pg_w2   the same with ``--workers 2``
@@ -518,6 +519,8 @@ def main() -> None:
             enforced: tuple[tuple[str, int, int, dict[str, Any]], ...] = (
                 ("redis_pg", 1, 1, {}),
                 ("redis_pg_quiet", 1, 1, quiet),
+                ("redis_pg_noaccess", 1, 1, {"logging": {"access_log": False}}),
+                ("redis_pg_again", 1, 1, {}),
                 ("redis_pg_nolog", 1, 1, no_request_log),
                 ("redis_pg_nohooks", 1, 1, no_webhooks),
                 ("redis_pg_logfast", 1, 1, {"usage": {"flush_interval_seconds": 0.25}}),
