@@ -30,6 +30,8 @@ _ATOMIC_WRITE = 4096
 _MAX_BUFFER = 256 * 1024
 _JSON_HEAD = b'","level":"info","logger":"gateway.access","msg":"request",'
 _LOGFMT_HEAD = "level=info logger=gateway.access msg=request"
+# A line's milliseconds, ready to append: formatting them was a third of a line's cost.
+_MILLIS = tuple(f".{n:03d}Z".encode() for n in range(1000))
 
 
 class AccessLog:
@@ -44,24 +46,24 @@ class AccessLog:
         self._lines: list[bytes] = []
         self._size = 0
         self._second = -1
-        self._stamp = ""
+        self._stamp = b""
 
-    def _ts(self, now: float) -> str:
+    def _ts(self, now: float) -> bytes:
         second = int(now)
         if second != self._second:  # strftime once a second, not once a line
             self._second = second
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
+        return self._stamp + _MILLIS[int((now - second) * 1000)]
 
     def write(self, fields: dict[str, Any]) -> None:
         """Buffer one request's line (``fields``: the gateway's own values, already safe text)."""
         ts = self._ts(time.time())
         if self._json:
             # The fixed head spliced in front of the fields' object: no dict merge.
-            line = b"".join((b'{"ts":"', ts.encode(), _JSON_HEAD, orjson.dumps(fields)[1:], b"\n"))
+            line = b"".join((b'{"ts":"', ts, _JSON_HEAD, orjson.dumps(fields)[1:], b"\n"))
         else:
             pairs = " ".join(f"{k}={logfmt_value(v)}" for k, v in fields.items())
-            line = f"ts={ts} {_LOGFMT_HEAD} {pairs}\n".encode()
+            line = f"ts={ts.decode()} {_LOGFMT_HEAD} {pairs}\n".encode()
         self._lines.append(line)
         self._size += len(line)
         if self._size > _MAX_BUFFER:
