@@ -87,32 +87,9 @@ class PostgresLedger(PostgresCore):
         self, requests: Sequence[ReserveRequest], periods: CapPeriods
     ) -> list[ReserveResult]:
         """The function reads each key's caps; rows come back in the order asked."""
-        args = (
-            [r.reservation_id for r in requests],
-            [r.team_id for r in requests],
-            [r.environment for r in requests],
-            [r.key_id for r in requests],
-            [r.amount for r in requests],
-            self._lease,
-            periods.day,
-            periods.month,
+        return await self._reserve_batch(
+            requests, _RESERVE_CAPPED_PLAIN_SQL, _RESERVE_CAPPED_SQL, periods.day, periods.month
         )
-        claims = [r.idempotency for r in requests]
-        if not any(claims):
-            # Without claims neither the Idempotency-Key arrays nor the replay columns
-            # are sent.
-            async with self._reserve_connection() as conn:
-                rows = await conn.fetch(_RESERVE_CAPPED_PLAIN_SQL, *args)
-            return [ReserveResult(row[0], row[1]) for row in rows]
-        async with self._reserve_connection() as conn:
-            rows = await conn.fetch(
-                _RESERVE_CAPPED_SQL,
-                *args,
-                [c.key if c is not None else None for c in claims],
-                [c.method if c is not None else None for c in claims],
-                [c.path if c is not None else None for c in claims],
-            )
-        return [ReserveResult(row["granted"], row["available"], _replay(row)) for row in rows]
 
     async def _reserve_uncapped(self, requests: Sequence[ReserveRequest]) -> list[ReserveResult]:
         if len(requests) == 1 and requests[0].idempotency is None:
@@ -129,6 +106,17 @@ class PostgresLedger(PostgresCore):
                 )
             assert row is not None  # the function always returns one row
             return [ReserveResult(row["granted"], row["available"])]
+        return await self._reserve_batch(requests, _RESERVE_SQL, _RESERVE_CLAIMING_SQL)
+
+    async def _reserve_batch(
+        self,
+        requests: Sequence[ReserveRequest],
+        plain_sql: str,
+        claiming_sql: str,
+        *extra: str,
+    ) -> list[ReserveResult]:
+        """One statement for a batch: its columns, the lease, then ``extra``; the
+        Idempotency-Key arrays (and the replay columns back) only when a request has a claim."""
         args = (
             [r.reservation_id for r in requests],
             [r.team_id for r in requests],
@@ -136,16 +124,16 @@ class PostgresLedger(PostgresCore):
             [r.key_id for r in requests],
             [r.amount for r in requests],
             self._lease,
+            *extra,
         )
         claims = [r.idempotency for r in requests]
         if not any(claims):
-            # Without claims the replay columns are not even sent.
             async with self._reserve_connection() as conn:
-                rows = await conn.fetch(_RESERVE_SQL, *args)
-            return [ReserveResult(row["granted"], row["available"]) for row in rows]
+                rows = await conn.fetch(plain_sql, *args)
+            return [ReserveResult(row[0], row[1]) for row in rows]
         async with self._reserve_connection() as conn:
             rows = await conn.fetch(
-                _RESERVE_CLAIMING_SQL,
+                claiming_sql,
                 *args,
                 [c.key if c is not None else None for c in claims],
                 [c.method if c is not None else None for c in claims],
