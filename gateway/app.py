@@ -12,6 +12,7 @@ from aiohttp import web
 
 from gateway.access_log import AccessLog
 from gateway.anomaly import AnomalyDetector
+from gateway.caps import cap_periods_at
 from gateway.config import MAX_BURST, MAX_RATE_PER_MINUTE, Settings
 from gateway.credits import Credits
 from gateway.events.worker import DeliveryWorker
@@ -173,7 +174,12 @@ class Gateway:
                 # Idempotency keys count for 24 h; a margin for clocks and in-flight retries.
                 await self.backend.prune_idempotency(now - 25 * 3600)
                 # Quota counts of ended periods (on the calendar's clock, see gateway/caps.py).
-                await self.backend.prune_quotas(now + self.settings.plans.clock_offset_seconds)
+                calendar = now + self.settings.plans.clock_offset_seconds
+                await self.backend.prune_quotas(calendar)
+                # Capped keys' spend, kept as long as the reservations it counts: a
+                # period older than the roll-up horizon could not be reconciled anyway.
+                horizon = calendar - credits.retention_days * 86_400
+                await self.backend.prune_key_spend(cap_periods_at(horizon))
                 await self.backend.prune_patterns(
                     int(now - usage.ip_retention_days * 86400),
                     int(now - usage.auth_failure_retention_days * 86400),

@@ -29,7 +29,7 @@ from gateway.models import KeyLimits
 from gateway.plans import next_start, period_key, period_start
 from gateway.storage import CapPeriods, QuotaCount
 
-__all__ = ["Calendar", "Periods", "Quota", "cap_periods", "quotas"]
+__all__ = ["Calendar", "Periods", "Quota", "cap_periods", "cap_periods_at", "quotas"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +84,11 @@ def cap_periods(limits: KeyLimits | None, calendar: Calendar) -> CapPeriods | No
     if limits is None or not limits.capped:
         return None
     return calendar.periods().caps
+
+
+def cap_periods_at(at: float) -> CapPeriods:
+    """The day and month containing the moment ``at`` (epoch seconds, the plans' clock)."""
+    return CapPeriods(period_key("day", 1, at), period_key("month", 1, at))
 
 
 # Each quota's policy name in RateLimit-Policy, beside the per-minute "default".

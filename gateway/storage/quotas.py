@@ -6,7 +6,8 @@ that every replica sees one count: ``quota_counts`` holds a row per subject
 quota it is under, all or nothing, in one transaction that locks the rows in
 key order (PostgreSQL: ``gateway_take_quota``; SQLite: one ``BEGIN
 IMMEDIATE`` transaction). Rows of periods that have ended are pruned by the
-retention job.
+retention job; so are capped keys' spends (``key_spend``) once the
+reservations they count have been rolled up.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from gateway.storage.types import CapPeriods
 
 __all__ = ["QuotaCount", "QuotaStore", "QuotaTake"]
 
@@ -57,4 +60,9 @@ class QuotaStore(Protocol):
         self, key_ids: Sequence[str], periods: Sequence[str]
     ) -> dict[tuple[str, str], int]:
         """What capped keys have spent in the given periods (absent: nothing yet)."""
+        ...
+
+    async def prune_key_spend(self, kept: CapPeriods) -> int:
+        """Drop capped keys' spend in the days before ``kept.day`` and the months before
+        ``kept.month``; returns how many rows went."""
         ...

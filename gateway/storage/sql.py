@@ -12,6 +12,7 @@ import re
 from gateway.storage.types import RequestQuery
 
 __all__ = [
+    "KEY_SPEND_PRUNE",
     "KEY_SPEND_RECONCILE",
     "RECONCILE",
     "REQUEST_LOG_COLUMNS",
@@ -163,6 +164,13 @@ LEFT JOIN rolled r USING (team_id, environment)
 # reservations retention may have folded into roll-ups (a roll-up row of the
 # key's account from the period's first day on) cannot be derived: skipped.
 # {period_start} is the dialect's way to read the date out of "day:2026-12-05".
+# Period keys hold ISO dates ("day:2026-12-05", "month:2026-12-01"), so within a
+# kind they sort as the periods do: every earlier day or month compares less.
+KEY_SPEND_PRUNE = (
+    "DELETE FROM key_spend WHERE (period_key LIKE 'day:%' AND period_key < $1) "
+    "OR (period_key LIKE 'month:%' AND period_key < $2)"
+)
+
 KEY_SPEND_RECONCILE = """
 WITH counted AS (
     SELECT key_id, cap_day AS period_key,

@@ -257,3 +257,30 @@ async def test_an_id_twice_in_one_batch_is_reserved_and_counted_once(db: Backend
     assert [(r.granted, r.available) for r in results] == [(True, 4), (True, 4), (True, 0)]
     assert await db.balance(team, "live") == 90
     assert await db.reconcile() == []
+
+
+async def test_spend_of_earlier_periods_is_pruned_and_what_resolves_later_still_does(
+    db: Backend,
+) -> None:
+    team, key = await capped_key(db, balance=1000, per_day=50, per_month=500)
+    periods = [
+        ("old-month", CapPeriods("day:2026-11-30", "month:2026-11-01"), 7),
+        ("yesterday", CapPeriods("day:2026-12-04", MONTH), 5),
+        ("today", CapPeriods(DAY, MONTH), 3),
+    ]
+    for rid, caps, amount in periods:
+        [r] = await db.reserve_batch([ReserveRequest(rid, team, "live", key, amount, None, caps)])
+        assert r.granted
+    assert await db.post_batch([("old-month", 7)]) == 1
+    # Three rows go: the two earlier days and the earlier month.
+    assert await db.prune_key_spend(CapPeriods(DAY, MONTH)) == 3
+    spent = await db.key_spending(
+        [key], ["day:2026-11-30", "day:2026-12-04", DAY, "month:2026-11-01", MONTH]
+    )
+    assert spent == {(key, DAY): 3, (key, MONTH): 8}
+    # A reservation of a pruned day resolves as usual; the kept month gets its part back.
+    assert await db.void_batch(["yesterday"]) == 1
+    assert await db.key_spending([key], [MONTH]) == {(key, MONTH): 3}
+    assert await db.balance(team, "live") == 1000 - 7 - 3
+    assert await db.reconcile() == []
+    assert await db.prune_key_spend(CapPeriods(DAY, MONTH)) == 0

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+from gateway.storage import sql
 from gateway.storage.postgresql.core import PostgresCore
 from gateway.storage.quotas import QuotaCount, QuotaTake
+from gateway.storage.types import CapPeriods
 
 __all__ = ["PostgresQuotas"]
+
+_PRUNE_KEY_SPEND = f"WITH gone AS ({sql.KEY_SPEND_PRUNE} RETURNING 1) SELECT count(*) FROM gone"  # noqa: S608 - constant
 
 
 class PostgresQuotas(PostgresCore):
@@ -46,5 +50,13 @@ class PostgresQuotas(PostgresCore):
             "WITH gone AS (DELETE FROM quota_counts WHERE expires_at < $1 RETURNING 1) "
             "SELECT count(*) FROM gone",
             now,
+        )
+        return int(found)
+
+    async def prune_key_spend(self, kept: CapPeriods) -> int:
+        found = await self._fetchval(
+            _PRUNE_KEY_SPEND,
+            kept.day,
+            kept.month,
         )
         return int(found)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
+from gateway.storage import sql
 from gateway.storage.quotas import QuotaCount, QuotaTake
 from gateway.storage.sqlite.core import SqliteCore
+from gateway.storage.types import CapPeriods
+
+_PRUNE_KEY_SPEND = sql.qmark(sql.KEY_SPEND_PRUNE)
 
 __all__ = ["SqliteQuotas"]
 
@@ -43,6 +47,12 @@ class SqliteQuotas(SqliteCore):
         return await self._run(
             self._tx,
             lambda db: db.execute("DELETE FROM quota_counts WHERE expires_at < ?", (now,)).rowcount,
+        )
+
+    async def prune_key_spend(self, kept: CapPeriods) -> int:
+        return await self._run(
+            self._tx,
+            lambda db: db.execute(_PRUNE_KEY_SPEND, (kept.day, kept.month)).rowcount,
         )
 
 
