@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from key_memory import _create_keys, send_each  # noqa: E402
 
-from gateway.app import create_app  # noqa: E402
+from gateway.app import Gateway, PublicRunner  # noqa: E402
 from gateway.config import settings_from_mapping  # noqa: E402
 
 
@@ -81,9 +81,10 @@ async def measure(count: int, anomalies: bool, top: int) -> None:
                         "cost": 1}],
             "anomalies": {"enabled": anomalies},
         })
-        gateway = TestServer(create_app(settings), host="127.0.0.1")
-        await gateway.start_server()
-        url = str(gateway.make_url("/api/v1/assess"))
+        gateway = PublicRunner(Gateway(settings))
+        await gateway.setup()
+        await web.TCPSite(gateway, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{gateway.addresses[0][1]}/api/v1/assess"
         try:
             await _send_each(url, [keys[0]] * 2000)
             # Half the keys for pymalloc's totals, the other half under tracemalloc
@@ -104,7 +105,7 @@ async def measure(count: int, anomalies: bool, top: int) -> None:
             after = tracemalloc.take_snapshot()
             tracemalloc.stop()
         finally:
-            await gateway.close()
+            await gateway.cleanup()
             await upstream.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import free_port, start_upstream, wait_port  # noqa: E402
 
-from gateway.app import GATEWAY, create_app  # noqa: E402
+from gateway.app import Gateway, PublicRunner  # noqa: E402
 from gateway.config import settings_from_mapping  # noqa: E402
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -94,7 +94,7 @@ async def main() -> None:
     server = await asyncpg.connect(args.dsn)
     await server.execute(f'CREATE DATABASE "{name}"')
     redis.Redis.from_url(args.redis).flushdb()
-    runner: web.AppRunner | None = None
+    runner: PublicRunner | None = None
     try:
         wait_port(upstream_port)
         upstream = f"http://127.0.0.1:{upstream_port}"
@@ -110,14 +110,13 @@ async def main() -> None:
             ],
             "logging": {"access_log": False, "level": "WARNING"},
         })
-        app = create_app(settings)
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        gateway = Gateway(settings)
+        runner = PublicRunner(gateway)
         await runner.setup()
         port = free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()
-        gateway = app[GATEWAY]
         team = await gateway.management.create_team("bench")
-        key = await gateway.management.create_key(team.id, "bench", "live", 10_000_000)
+        key = await gateway.management.create_key(team.id, "bench", "live", 1_000_000)
         await gateway.management.grant(team.id, 10**9, "bench", environment="live")
 
         time_calls(gateway.pipeline._limits, "check", "rate-limit decision")
