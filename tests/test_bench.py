@@ -21,7 +21,7 @@ def test_a_benchmark_script_starts(script: Path) -> None:
         # A helper that takes no options (bench/otlp_sink.py): it must compile.
         py_compile.compile(str(script), doraise=True)
         return
-    done = subprocess.run(  # noqa: S603
+    done = subprocess.run(
         [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr[-2000:]
