@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +21,14 @@ from gateway.batching import Grouper
 from gateway.config import CreditSettings
 from gateway.metrics import Metrics
 from gateway.models import Environment
-from gateway.storage import CapPeriods, IdempotencyClaim, Ledger, ReserveRequest, ReserveResult
+from gateway.storage import (
+    CapPeriods,
+    IdempotencyClaim,
+    Ledger,
+    ReserveRequest,
+    ReserveResult,
+    rules,
+)
 
 __all__ = ["Credits", "PendingReserve"]
 
@@ -116,7 +122,7 @@ class Credits:
 
         The caller must then either :meth:`finish_reserve` or :meth:`abandon` it.
         """
-        reservation_id = "rsv_" + secrets.token_hex(12)
+        reservation_id = rules.new_reservation_id()
         request = ReserveRequest(reservation_id, team_id, environment, key_id, amount, claim, caps)
         return PendingReserve(reservation_id, self._reserves.submit(request))
 

@@ -170,3 +170,19 @@ async def test_upstream_lowers_the_charge(make_gateway: MakeGateway) -> None:
     await gw.settle()
     assert await gw.balance() == 9
     await gw.assert_reconciled()
+
+
+async def test_reservation_ids_sort_in_the_order_requests_were_made(gw: Harness) -> None:
+    """Each reservation lands on the primary key index's right edge (gateway/storage/rules.py)."""
+    key = await gw.key(credits=5)
+    for _ in range(5):
+        assert (await gw.client.post("/api/v1/assess", headers=bearer(key))).status == 200
+        await asyncio.sleep(0.002)  # ids made in one millisecond need not sort
+    await gw.settle()
+    team = await gw.gateway.management.team("acme")
+    entries = await gw.gateway.backend.ledger_entries(team.id, 10, None)
+    made = [e.id for e in reversed(entries) if e.id.startswith("rrsv_")]
+    assert len(made) == 5
+    assert made == sorted(made)
+    # Unlike each other past the time: 80 random bits each.
+    assert len({m[17:] for m in made}) == 5 and all(len(m) == 37 for m in made)
