@@ -87,7 +87,11 @@ async def fill(kind: str, url: str, shape: str, rows: int, slices: int) -> list[
         make_id = SHAPES[shape]
         per_slice = rows // slices // BATCH * BATCH
         for number in range(slices):
-            wal, cpu, wall = await wal_bytes(backend, kind), time.process_time(), time.perf_counter()
+            wal, cpu, wall = (
+                await wal_bytes(backend, kind),
+                time.process_time(),
+                time.perf_counter(),
+            )
             for _ in range(per_slice // BATCH):
                 ids = [make_id() for _ in range(BATCH)]
                 requests = [ReserveRequest(i, team, "live", "key_1", 1) for i in ids]
@@ -116,7 +120,9 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["sqlite", "postgresql"],
                         choices=("sqlite", "postgresql"))  # fmt: skip
     args = parser.parse_args()
-    print(f"{args.rows:,} reservations in batches of {BATCH}, reserved then posted; per reservation:")
+    print(
+        f"{args.rows:,} reservations in batches of {BATCH}, reserved then posted; per reservation:"
+    )
     for kind in args.backends:
         for shape in SHAPES:
             if kind == "sqlite":
