@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -66,8 +67,7 @@ def serve_httptools(port: int) -> None:
 
     class Protocol(asyncio.Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            assert isinstance(transport, asyncio.Transport)
-            self.transport = transport
+            self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
             self.parser = httptools.HttpRequestParser(self)
             self.headers: list[tuple[bytes, bytes]] = []
             self.body: list[bytes] = []
