@@ -59,16 +59,16 @@ class Calendar:
         cached = self._periods
         if cached is not None and at < cached.day_ends and at >= cached.day_ends - 86_400:
             return cached
-        day, month = period_key("day", 1, at), period_key("month", 1, at)
+        caps = cap_periods_at(at)
         found = Periods(
-            day=day,
+            day=caps.day,
             day_ends=next_start("day", 1, at).timestamp(),
-            month=month,
+            month=caps.month,
             month_ends=next_start("month", 1, at).timestamp(),
             month_seconds=round(
                 next_start("month", 1, at).timestamp() - period_start("month", 1, at).timestamp()
             ),
-            caps=CapPeriods(day, month),
+            caps=caps,
         )
         self._periods = found
         return found

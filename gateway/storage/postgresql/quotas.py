@@ -54,9 +54,4 @@ class PostgresQuotas(PostgresCore):
         return int(found)
 
     async def prune_key_spend(self, kept: CapPeriods) -> int:
-        found = await self._fetchval(
-            _PRUNE_KEY_SPEND,
-            kept.day,
-            kept.month,
-        )
-        return int(found)
+        return int(await self._fetchval(_PRUNE_KEY_SPEND, kept.day, kept.month))
