@@ -180,6 +180,7 @@ class Gateway:
                 # period older than the roll-up horizon could not be reconciled anyway.
                 horizon = calendar - credits.retention_days * 86_400
                 await self.backend.prune_key_spend(cap_periods_at(horizon))
+                await self.backend.roll_up_usage(int(now - usage.minute_retention_days * 86400))
                 await self.backend.prune_patterns(
                     int(now - usage.ip_retention_days * 86400),
                     int(now - usage.auth_failure_retention_days * 86400),

@@ -88,6 +88,9 @@ class UsageSettings(_Frozen):
     client_ips: bool = True
     ip_retention_days: int = Field(default=30, ge=1, le=MAX_RETENTION_DAYS)
     auth_failure_retention_days: int = Field(default=30, ge=1, le=MAX_RETENTION_DAYS)
+    # Usage counted per minute is kept per hour after this (totals unchanged): a busy
+    # key writes a row a minute and outcome, some 1,500 a day, forever otherwise.
+    minute_retention_days: int = Field(default=30, ge=1, le=MAX_RETENTION_DAYS)
 
 
 class RequestLogSettings(_Frozen):

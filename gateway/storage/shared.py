@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.models import ApiKey, Environment
+from gateway.models import ApiKey, Environment, Team
 from gateway.storage import KEY_LIMIT_FIELDS, Audit, GrantResult
 
 __all__ = ["KEY_INSERT_COLUMNS", "GrantOrder", "NewKey", "SharedMethods"]
+
+_TEAMS_A_PAGE = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +109,31 @@ class SharedMethods:
         return await self._insert_key(new, audit)
 
     async def _insert_key(self, new: NewKey, audit: Audit[ApiKey] | None) -> ApiKey:
+        raise NotImplementedError
+
+    async def roll_up_usage(self, before: int) -> int:
+        # Team by team (the primary key starts with the team), a day at a time, each
+        # fold its own transaction: a first run over years of minutes stays in small steps.
+        before -= before % 3600
+        folded = 0
+        after: str | None = None
+        while teams := await self.list_teams(_TEAMS_A_PAGE, after):
+            for team in teams:
+                while (first := await self._first_minute_to_fold(team.id, before)) is not None:
+                    day_ends = first - first % 86_400 + 86_400
+                    folded += await self._fold_minutes(team.id, first, min(day_ends, before))
+            after = teams[-1].id
+        return folded
+
+    async def list_teams(self, limit: int, after: str | None) -> list[Team]:
+        raise NotImplementedError
+
+    async def _first_minute_to_fold(self, team_id: str, before: int) -> int | None:
+        raise NotImplementedError
+
+    async def _fold_minutes(self, team_id: str, start: int, end: int) -> int:
+        """Fold the team's minute rows in [start, end) (``end`` a whole hour) into their
+        hours' rows; returns how many went."""
         raise NotImplementedError
 
     async def grant(

@@ -72,6 +72,13 @@ class UsageStore(Protocol):
         """Refusals by key prefix, address and reason over minutes in [start, end), most first."""
         ...
 
+    async def roll_up_usage(self, before: int) -> int:
+        """Fold the per-minute usage of every hour before ``before`` (rounded down to an
+        hour) into one row an hour, at the hour's first second, per team, key, environment
+        and outcome; returns how many minute rows went. Totals never change; a report by
+        minute over those hours sees each hour's count at its start."""
+        ...
+
     async def prune_patterns(self, ip_before: int, failures_before: int) -> int:
         """Delete key-IP days before ``ip_before`` and failure minutes before
         ``failures_before`` (client IPs are personal data); returns rows deleted."""

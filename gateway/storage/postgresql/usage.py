@@ -153,9 +153,39 @@ class PostgresUsage(PostgresCore):
         )
         return [model.auth_failure_count(r) for r in rows]
 
+    async def _first_minute_to_fold(self, team_id: str, before: int) -> int | None:
+        first = await self._fetchval(sql.FIRST_MINUTE_TO_FOLD, team_id, before)
+        return None if first is None else int(first)
+
+    async def _fold_minutes(self, team_id: str, start: int, end: int) -> int:
+        return int(await self._fetchval(_FOLD_MINUTES_SQL, team_id, start, end))
+
     async def prune_patterns(self, ip_before: int, failures_before: int) -> int:
         return int(await self._fetchval(_PRUNE_PATTERNS_SQL, ip_before, failures_before))
 
+
+# One statement: the minute rows are deleted (and so locked) as they are read, so a
+# replica folding the same team at once finds them gone instead of counting them twice.
+_FOLD_MINUTES_SQL = """
+WITH moved AS (
+    DELETE FROM usage_minutes
+    WHERE team_id = $1 AND minute >= $2 AND minute < $3 AND minute % 3600 <> 0
+    RETURNING team_id, minute - minute % 3600 AS hour, key_id, environment, outcome,
+              requests, credits
+), hours AS (
+    SELECT team_id, hour, key_id, environment, outcome, sum(requests) AS requests,
+           sum(credits) AS credits, count(*) AS folded
+    FROM moved GROUP BY team_id, hour, key_id, environment, outcome
+), written AS (
+    INSERT INTO usage_minutes AS u
+        (team_id, minute, key_id, environment, outcome, requests, credits)
+    SELECT team_id, hour, key_id, environment, outcome, requests, credits FROM hours
+    ORDER BY team_id, hour, key_id, environment, outcome
+    ON CONFLICT (team_id, minute, key_id, environment, outcome) DO UPDATE
+    SET requests = u.requests + excluded.requests, credits = u.credits + excluded.credits
+)
+SELECT coalesce(sum(folded), 0) FROM hours
+"""
 
 # Rows arrive summed and in key order (_summed), and are inserted in that order.
 _ADD_USAGE_SQL = """

@@ -21,6 +21,21 @@ from gateway.storage.sqlite.core import REFUSED_VALUES, SqliteCore
 
 __all__ = ["SqliteUsage"]
 
+_FIRST_MINUTE_TO_FOLD = sql.qmark(sql.FIRST_MINUTE_TO_FOLD)
+# Read and written in one BEGIN IMMEDIATE transaction: no other writer in between.
+_FOLD_INSERT = """
+INSERT INTO usage_minutes AS u (team_id, minute, key_id, environment, outcome, requests, credits)
+SELECT team_id, minute - minute % 3600, key_id, environment, outcome, sum(requests), sum(credits)
+FROM usage_minutes WHERE team_id = ?1 AND minute >= ?2 AND minute < ?3 AND minute % 3600 <> 0
+GROUP BY team_id, minute - minute % 3600, key_id, environment, outcome
+ON CONFLICT (team_id, minute, key_id, environment, outcome) DO UPDATE
+SET requests = u.requests + excluded.requests, credits = u.credits + excluded.credits
+"""
+_FOLD_DELETE = (
+    "DELETE FROM usage_minutes "
+    "WHERE team_id = ?1 AND minute >= ?2 AND minute < ?3 AND minute % 3600 <> 0"
+)
+
 
 class SqliteUsage(SqliteCore):
     """UsageStore on SQLite: each batch one transaction."""
@@ -60,6 +75,19 @@ class SqliteUsage(SqliteCore):
             "WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)",
             params,
         )
+
+    async def _first_minute_to_fold(self, team_id: str, before: int) -> int | None:
+        row = await self._run(
+            lambda: self._db.execute(_FIRST_MINUTE_TO_FOLD, (team_id, before)).fetchone()
+        )
+        return None if row[0] is None else int(row[0])
+
+    async def _fold_minutes(self, team_id: str, start: int, end: int) -> int:
+        def fold(db: sqlite3.Connection) -> int:
+            db.execute(_FOLD_INSERT, (team_id, start, end))
+            return int(db.execute(_FOLD_DELETE, (team_id, start, end)).rowcount)
+
+        return await self._run(self._tx, fold)
 
     async def usage_buckets(
         self, team_id: str, start: int, end: float, step: int, key_id: str | None
