@@ -111,24 +111,31 @@ class SharedMethods:
     async def _insert_key(self, new: NewKey, audit: Audit[ApiKey] | None) -> ApiKey:
         raise NotImplementedError
 
+    # Where this process's last whole pass of roll_up_usage ended: the next pass starts
+    # there, not at the table's first hour (usage is only ever written for the present).
+    _usage_folded_before = 0
+
     async def roll_up_usage(self, before: int) -> int:
         # Team by team (the primary key starts with the team), a day at a time, each
         # fold its own transaction: a first run over years of minutes stays in small steps.
         before -= before % 3600
+        since = min(self._usage_folded_before, before)
         folded = 0
         after: str | None = None
         while teams := await self.list_teams(_TEAMS_A_PAGE, after):
             for team in teams:
-                while (first := await self._first_minute_to_fold(team.id, before)) is not None:
+                # (A minute to fold is never 0: minute 0 is an hour's own row.)
+                while first := await self._first_minute_to_fold(team.id, before, since):
                     day_ends = first - first % 86_400 + 86_400
                     folded += await self._fold_minutes(team.id, first, min(day_ends, before))
             after = teams[-1].id
+        self._usage_folded_before = before
         return folded
 
     async def list_teams(self, limit: int, after: str | None) -> list[Team]:
         raise NotImplementedError
 
-    async def _first_minute_to_fold(self, team_id: str, before: int) -> int | None:
+    async def _first_minute_to_fold(self, team_id: str, before: int, since: int) -> int | None:
         raise NotImplementedError
 
     async def _fold_minutes(self, team_id: str, start: int, end: int) -> int:

@@ -165,11 +165,11 @@ LEFT JOIN rolled r USING (team_id, environment)
 # reservations retention may have folded into roll-ups (a roll-up row of the
 # key's account from the period's first day on) cannot be derived: skipped.
 # {period_start} is the dialect's way to read the date out of "day:2026-12-05".
-# Per-minute usage rows of a team before $2 that are not an hour's own row (minute
+# Per-minute usage rows of a team in [$3, $2) that are not an hour's own row (minute
 # % 3600 = 0): the first such minute, where :meth:`UsageStore.roll_up_usage` goes on.
 FIRST_MINUTE_TO_FOLD = (
     "SELECT min(minute) FROM usage_minutes "
-    "WHERE team_id = $1 AND minute < $2 AND minute % 3600 <> 0"
+    "WHERE team_id = $1 AND minute < $2 AND minute >= $3 AND minute % 3600 <> 0"
 )
 
 # Period keys hold ISO dates ("day:2026-12-05", "month:2026-12-01"), so within a

@@ -46,6 +46,11 @@ async def test_minutes_before_the_horizon_fold_into_their_hours(db: Backend) -> 
     assert await db.usage_buckets(team, H, H + 3 * DAY, 3600, "k1") == hours
     assert await db.usage_buckets(other, H, H + DAY, 60, None) == [UsageBucket(H, "ok", 9, 9)]
     assert await db.roll_up_usage(H + 2 * DAY) == 0
+    # A later pass folds what crossed the horizon since.
+    assert await db.roll_up_usage(H + 3 * DAY) == 1
+    assert await db.usage_buckets(team, H + 2 * DAY, H + 3 * DAY, 60, None) == [
+        UsageBucket(H + 2 * DAY, "ok", 8, 8)
+    ]
 
 
 async def test_two_replicas_folding_at_once_count_every_request_once(backends: Backends) -> None:

@@ -153,8 +153,8 @@ class PostgresUsage(PostgresCore):
         )
         return [model.auth_failure_count(r) for r in rows]
 
-    async def _first_minute_to_fold(self, team_id: str, before: int) -> int | None:
-        first = await self._fetchval(sql.FIRST_MINUTE_TO_FOLD, team_id, before)
+    async def _first_minute_to_fold(self, team_id: str, before: int, since: int) -> int | None:
+        first = await self._fetchval(sql.FIRST_MINUTE_TO_FOLD, team_id, before, since)
         return None if first is None else int(first)
 
     async def _fold_minutes(self, team_id: str, start: int, end: int) -> int:

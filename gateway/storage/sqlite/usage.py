@@ -76,9 +76,9 @@ class SqliteUsage(SqliteCore):
             params,
         )
 
-    async def _first_minute_to_fold(self, team_id: str, before: int) -> int | None:
+    async def _first_minute_to_fold(self, team_id: str, before: int, since: int) -> int | None:
         row = await self._run(
-            lambda: self._db.execute(_FIRST_MINUTE_TO_FOLD, (team_id, before)).fetchone()
+            lambda: self._db.execute(_FIRST_MINUTE_TO_FOLD, (team_id, before, since)).fetchone()
         )
         return None if row[0] is None else int(row[0])
 
