@@ -15,9 +15,11 @@ __all__ = [
     "FIRST_MINUTE_TO_FOLD",
     "KEY_SPEND_PRUNE",
     "KEY_SPEND_RECONCILE",
+    "MINUTES_TO_FOLD",
     "RECONCILE",
     "REQUEST_LOG_COLUMNS",
     "REQUEST_LOG_INSERT_COLUMNS",
+    "USAGE_UPSERT",
     "key_ips",
     "qmark",
     "request_search",
@@ -165,8 +167,17 @@ LEFT JOIN rolled r USING (team_id, environment)
 # reservations retention may have folded into roll-ups (a roll-up row of the
 # key's account from the period's first day on) cannot be derived: skipped.
 # {period_start} is the dialect's way to read the date out of "day:2026-12-05".
-# Per-minute usage rows of a team in [$3, $2) that are not an hour's own row (minute
-# % 3600 = 0): the first such minute, where :meth:`UsageStore.roll_up_usage` goes on.
+# Adding to a usage counter that exists (the table aliased ``u``): flushes and folds.
+USAGE_UPSERT = (
+    "ON CONFLICT (team_id, minute, key_id, environment, outcome) DO UPDATE "
+    "SET requests = u.requests + excluded.requests, credits = u.credits + excluded.credits"
+)
+
+# The per-minute usage rows of team $1 in [$2, $3) that are not an hour's own row
+# (minute % 3600 = 0): what :meth:`UsageStore.roll_up_usage` folds.
+MINUTES_TO_FOLD = "team_id = $1 AND minute >= $2 AND minute < $3 AND minute % 3600 <> 0"
+
+# The first of them in [$3, $2), where the fold goes on.
 FIRST_MINUTE_TO_FOLD = (
     "SELECT min(minute) FROM usage_minutes "
     "WHERE team_id = $1 AND minute < $2 AND minute >= $3 AND minute % 3600 <> 0"

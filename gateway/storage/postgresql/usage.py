@@ -166,10 +166,9 @@ class PostgresUsage(PostgresCore):
 
 # One statement: the minute rows are deleted (and so locked) as they are read, so a
 # replica folding the same team at once finds them gone instead of counting them twice.
-_FOLD_MINUTES_SQL = """
+_FOLD_MINUTES_SQL = f"""
 WITH moved AS (
-    DELETE FROM usage_minutes
-    WHERE team_id = $1 AND minute >= $2 AND minute < $3 AND minute % 3600 <> 0
+    DELETE FROM usage_minutes WHERE {sql.MINUTES_TO_FOLD}
     RETURNING team_id, minute - minute % 3600 AS hour, key_id, environment, outcome,
               requests, credits
 ), hours AS (
@@ -181,14 +180,13 @@ WITH moved AS (
         (team_id, minute, key_id, environment, outcome, requests, credits)
     SELECT team_id, hour, key_id, environment, outcome, requests, credits FROM hours
     ORDER BY team_id, hour, key_id, environment, outcome
-    ON CONFLICT (team_id, minute, key_id, environment, outcome) DO UPDATE
-    SET requests = u.requests + excluded.requests, credits = u.credits + excluded.credits
+    {sql.USAGE_UPSERT}
 )
 SELECT coalesce(sum(folded), 0) FROM hours
-"""
+"""  # noqa: S608 - constant
 
 # Rows arrive summed and in key order (_summed), and are inserted in that order.
-_ADD_USAGE_SQL = """
+_ADD_USAGE_SQL = f"""
 INSERT INTO usage_minutes AS u
     (team_id, minute, key_id, environment, outcome, requests, credits)
 SELECT n.team_id, n.minute, n.key_id, n.environment, n.outcome, n.requests, n.credits
@@ -196,9 +194,8 @@ FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::bi
             $7::bigint[])
     WITH ORDINALITY AS n (team_id, minute, key_id, environment, outcome, requests, credits, o)
 ORDER BY n.o
-ON CONFLICT (team_id, minute, key_id, environment, outcome) DO UPDATE
-SET requests = u.requests + excluded.requests, credits = u.credits + excluded.credits
-"""
+{sql.USAGE_UPSERT}
+"""  # noqa: S608 - constant
 
 _ADD_KEY_IPS_SQL = """
 INSERT INTO key_ip_days AS k (team_id, key_id, day, client_ip, requests)

@@ -23,18 +23,14 @@ __all__ = ["SqliteUsage"]
 
 _FIRST_MINUTE_TO_FOLD = sql.qmark(sql.FIRST_MINUTE_TO_FOLD)
 # Read and written in one BEGIN IMMEDIATE transaction: no other writer in between.
-_FOLD_INSERT = """
+_FOLD_INSERT = sql.qmark(f"""
 INSERT INTO usage_minutes AS u (team_id, minute, key_id, environment, outcome, requests, credits)
 SELECT team_id, minute - minute % 3600, key_id, environment, outcome, sum(requests), sum(credits)
-FROM usage_minutes WHERE team_id = ?1 AND minute >= ?2 AND minute < ?3 AND minute % 3600 <> 0
+FROM usage_minutes WHERE {sql.MINUTES_TO_FOLD}
 GROUP BY team_id, minute - minute % 3600, key_id, environment, outcome
-ON CONFLICT (team_id, minute, key_id, environment, outcome) DO UPDATE
-SET requests = u.requests + excluded.requests, credits = u.credits + excluded.credits
-"""
-_FOLD_DELETE = (
-    "DELETE FROM usage_minutes "
-    "WHERE team_id = ?1 AND minute >= ?2 AND minute < ?3 AND minute % 3600 <> 0"
-)
+{sql.USAGE_UPSERT}
+""")  # noqa: S608 - constant
+_FOLD_DELETE = sql.qmark(f"DELETE FROM usage_minutes WHERE {sql.MINUTES_TO_FOLD}")  # noqa: S608 - constant
 
 
 class SqliteUsage(SqliteCore):
@@ -50,11 +46,9 @@ class SqliteUsage(SqliteCore):
             for r in rows
         ]
         await self._write_batch(
-            "INSERT INTO usage_minutes "
+            "INSERT INTO usage_minutes AS u "
             "(team_id, minute, key_id, environment, outcome, requests, credits) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (team_id, minute, key_id, environment, outcome) DO UPDATE SET "
-            "requests = requests + excluded.requests, credits = credits + excluded.credits",
+            "VALUES (?, ?, ?, ?, ?, ?, ?) " + sql.USAGE_UPSERT,
             params,
         )
 
